@@ -1,0 +1,198 @@
+"""Backbone features: the runtime that computes them and the on-disk cache that keeps them.
+
+With a frozen backbone and horizontal flips as the only augmentation, every training image has
+exactly two possible backbone outputs, its own and its mirror image's. They are computed once and
+stored under a key made of everything that determines them: the backbone's weight values, the input
+size and resize method, the runtime, and the file's content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import keras
+import numpy as np
+from tqdm.auto import tqdm
+
+from lungxray.data.images import ImageError, read_image
+from lungxray.io import atomic_path, write_json
+from lungxray.model import weights_fingerprint
+from lungxray.parallel import bounded_map
+
+CACHE_ENV = "LUNGXRAY_CACHE"
+FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
+VIEWS = ("orig", "flip")
+SHARD_SIZE = 2048
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lungxray"))
+
+
+def litert_available() -> bool:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class BackboneRuntime:
+    """Runs the frozen backbone on uint8 RGB batches. `keras` is the reference; `litert` (LiteRT
+    with XNNPACK) computes the same function ~4x faster on CPU, within ~1e-4 (tests check)."""
+
+    def __init__(self, backbone: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
+        if runtime == "auto":
+            runtime = "litert" if litert_available() else "keras"
+        self.backbone, self.name = backbone, runtime
+        self.fingerprint = weights_fingerprint(backbone)
+        self.input_shape = tuple(backbone.input_shape[1:])
+        if runtime == "litert":
+            self._interpreter = self._litert_interpreter(Path(cache_dir or default_cache_dir()))
+            self._lock = threading.Lock()
+
+    def _litert_interpreter(self, cache_dir: Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        model_path = cache_dir / "litert" / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
+        if not model_path.is_file():
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
+            with atomic_path(model_path) as temporary:
+                self.backbone.export(str(temporary), format="litert", verbose=False)
+        interpreter = Interpreter(model_path=str(model_path), num_threads=os.cpu_count())
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if self.name == "keras":
+            return np.asarray(self.backbone(images, training=False), dtype=np.float32)
+        # Batch 1 is XNNPACK's fastest path here, and avoids re-allocating tensors per batch size.
+        interpreter = self._interpreter
+        (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
+        outputs = []
+        with self._lock:
+            for image in images:
+                interpreter.set_tensor(input_detail["index"], image[None])
+                interpreter.invoke()
+                outputs.append(interpreter.get_tensor(output_detail["index"])[0].copy())
+        return np.stack(outputs) if outputs else np.zeros((0, self.backbone.output_shape[-1]), np.float32)
+
+
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FeatureCache:
+    """Features on disk, one folder per key, written in shards that are each moved into place whole.
+
+    Two runs sharing a folder at worst compute the same features twice; an interrupted extraction
+    keeps every finished shard. A shard that does not belong to the key or cannot be read is
+    deleted and recomputed, never trusted.
+    """
+
+    def __init__(self, root: Path, runtime: BackboneRuntime, interpolation: str):
+        self.meta = {
+            "format": FORMAT_VERSION,
+            "backbone_fingerprint": runtime.fingerprint,
+            "input_shape": list(runtime.input_shape),
+            "interpolation": interpolation,
+            "runtime": runtime.name,
+        }
+        self.key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:24]
+        self.folder = Path(root) / "features" / self.key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            write_json(meta_path, self.meta)
+        self.entries: dict[tuple[str, str], np.ndarray] = {}
+        self._load()
+
+    def _load(self) -> None:
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as stored:
+                    if str(stored["key"]) != self.key:
+                        raise ValueError("written for another key")
+                    for name, view, vector in zip(stored["hashes"], stored["views"], stored["features"]):
+                        self.entries[(str(name), str(view))] = vector
+            except Exception:
+                shard.unlink(missing_ok=True)
+
+    def get(self, content_hash: str, view: str) -> np.ndarray | None:
+        return self.entries.get((content_hash, view))
+
+    def add(self, items: list[tuple[str, str, np.ndarray]]) -> None:
+        if not items:
+            return
+        with atomic_path(self.folder / f"shard-{uuid.uuid4().hex}.npz") as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, key=np.array(self.key), hashes=np.array([i[0] for i in items]),
+                         views=np.array([i[1] for i in items]), features=np.stack([i[2] for i in items]))
+        for content_hash, view, vector in items:
+            self.entries[(content_hash, view)] = vector
+
+
+class FeatureExtractor:
+    """Features for lists of image files, through the cache; files are read, hashed and decoded in
+    threads ahead of the backbone."""
+
+    def __init__(self, backbone: keras.Model, image_size: int, interpolation: str = "nearest",
+                 runtime: str = "auto", cache_dir: Path | None = None, workers: int | None = None):
+        cache_dir = Path(cache_dir or default_cache_dir())
+        self.runtime = BackboneRuntime(backbone, runtime, cache_dir)
+        self.cache = FeatureCache(cache_dir, self.runtime, interpolation)
+        self.image_size, self.interpolation = image_size, interpolation
+        self.workers = workers
+        self.feature_dim = backbone.output_shape[-1]
+
+    def extract(self, paths: list[Path], flips: bool = False, desc: str = "features"):
+        """Return ({view: array (n, dim)}, list of ImageError). Views are "orig", and "flip" (the
+        mirror image's features) when `flips`. Rows of unreadable files are NaN."""
+        views = VIEWS if flips else VIEWS[:1]
+        out = {v: np.full((len(paths), self.feature_dim), np.nan, np.float32) for v in views}
+        errors: list[ImageError] = []
+        pending: list[tuple[str, str, np.ndarray]] = []
+        computed = 0
+
+        def prepare(i: int):
+            """(i, hash, cached vectors or None, decoded image or None, error or None)."""
+            try:
+                data = Path(paths[i]).read_bytes()
+            except OSError as error:
+                return i, None, None, None, ImageError(paths[i], f"cannot read file ({error.strerror or error})")
+            content_hash = file_hash(data)
+            cached = [self.cache.get(content_hash, v) for v in views]
+            if all(c is not None for c in cached):
+                return i, content_hash, cached, None, None
+            try:
+                image = read_image(data, self.image_size, self.interpolation, name=str(paths[i]))
+            except ImageError as error:
+                return i, content_hash, None, None, error
+            return i, content_hash, None, image, None
+
+        items = bounded_map(prepare, range(len(paths)), self.workers)
+        for i, content_hash, cached, image, error in tqdm(items, total=len(paths), desc=desc, unit="img"):
+            if error is not None:
+                errors.append(error)
+                continue
+            if cached is None:
+                batch = np.stack([image, image[:, ::-1]]) if flips else image[None]
+                cached = list(self.runtime(batch))
+                pending += [(content_hash, v, vector) for v, vector in zip(views, cached)]
+                computed += 1
+            for v, vector in zip(views, cached):
+                out[v][i] = vector
+            if len(pending) >= SHARD_SIZE:
+                self.cache.add(pending)
+                pending = []
+        self.cache.add(pending)
+        self.last_computed = computed
+        return out, errors

@@ -1,0 +1,102 @@
+"""The network: a frozen MobileNetV3Small backbone and the reference's small head.
+
+The full model is `inputs -> backbone -> head`, with `backbone` and `head` as named sub-models, so
+that the cached-feature engine can train `head` alone on backbone outputs and still save the same
+`model.keras` as the end-to-end engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import keras
+import numpy as np
+
+FEATURE_DIMS = {"MobileNetV3Small": 576}
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max") -> keras.Model:
+    """MobileNetV3Small without its top, frozen. It takes RGB in [0, 255] (it rescales itself).
+
+    `weights`: "imagenet" (Keras' download), "none" (random initialisation) or a weights file.
+    """
+    shape = (image_size, image_size, 3)
+    if weights == "imagenet":
+        try:
+            backbone = keras.applications.MobileNetV3Small(input_shape=shape, include_top=False,
+                                                           weights="imagenet", pooling=pooling)
+        except Exception as error:  # urllib, socket and HTTP errors all end up here
+            raise WeightsError(
+                f"could not download the ImageNet weights for MobileNetV3Small ({type(error).__name__}: "
+                f"{error}). Without internet, pass a weights file with --weights PATH or set "
+                "LUNGXRAY_WEIGHTS=PATH (e.g. ../shared/weights/mobilenet_v3_small_imagenet_tv_no_top.weights.h5)"
+            ) from None
+    else:
+        backbone = keras.applications.MobileNetV3Small(input_shape=shape, include_top=False,
+                                                       weights=None, pooling=pooling)
+        if weights != "none":
+            path = Path(weights)
+            if not path.is_file():
+                raise WeightsError(f"weights file {path} does not exist; use imagenet, none or a file path")
+            try:
+                backbone.load_weights(str(path))
+            except Exception as error:
+                raise WeightsError(f"{path} is not a MobileNetV3Small (no top) weights file: {error}") from None
+    backbone.trainable = False
+    return keras.Model(backbone.inputs, backbone.outputs, name="backbone")
+
+
+def build_head(feature_dim: int, num_classes: int, dense_units: int = 256, dropout: float = 0.2,
+               seed: int = 21) -> keras.Model:
+    """Dense(relu) -> BatchNormalization -> Dropout -> Dense(softmax), seeded so both engines
+    start from the same weights and draw the same dropout masks."""
+    return keras.Sequential(
+        [
+            keras.Input((feature_dim,)),
+            keras.layers.Dense(dense_units, activation="relu",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(dropout, seed=seed),
+            keras.layers.Dense(num_classes, activation="softmax",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1)),
+        ],
+        name="head",
+    )
+
+
+def build_model(backbone: keras.Model, head: keras.Model) -> keras.Model:
+    inputs = keras.Input(backbone.input_shape[1:], name="image")
+    return keras.Model(inputs, head(backbone(inputs)), name="lungxray")
+
+
+def compile_for_training(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution)
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A hash of a model's weight values: two backbones with the same fingerprint compute the same features."""
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a `.keras` file in safe mode, with an error that says what to give instead."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise WeightsError(f"no model at {path}; give a run folder (with model.keras) or a .keras file")
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:
+        raise WeightsError(f"{path} is not a loadable Keras model ({type(error).__name__}: {error})") from None

@@ -1,0 +1,275 @@
+"""Training: the reference recipe, on one of two engines that train exactly the same head.
+
+- `keras`: end to end, images through the frozen backbone at every step (the reference's way).
+- `cached`: every training image's backbone output, and its mirror image's, computed once (and
+  cached on disk); the head then trains on 576-number vectors. Same batches, same flips, same
+  optimiser, same checkpoint and early-stopping rules: the same training, much faster.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lungxray.config import Config
+from lungxray.data.images import ImageError
+from lungxray.data.pipeline import EpochPlan, batches, image_loader, scan_images
+from lungxray.data.records import DataError, Dataset, Record, assign_splits, load_dataset, write_manifest
+from lungxray.evaluate import evaluate
+from lungxray.evaluate.plots import plot_history
+from lungxray.features import FeatureExtractor
+from lungxray.io import atomic_path, write_json, write_text
+from lungxray.model import build_backbone, build_head, build_model, compile_for_training
+from lungxray.predict import MODEL_FILE, Predictor, save_model
+
+log = logging.getLogger("lungxray")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    engine: str
+    history: dict[str, list[float]]
+    test_metrics: dict | None
+    timings: dict[str, float]
+
+
+def choose_engine(config: Config) -> tuple[str, str]:
+    """The engine to use and why."""
+    if config.engine != "auto":
+        return config.engine, f"--engine {config.engine} was asked for"
+    return "cached", ("the backbone is frozen during head training and the only augmentation is a "
+                      "horizontal flip, so each image has exactly two possible backbone outputs")
+
+
+class FollowEpoch(keras.callbacks.Callback):
+    """Tell the batch plan which epoch Keras is starting, before it draws that epoch's batches."""
+
+    def __init__(self, plan: EpochPlan):
+        super().__init__()
+        self.plan = plan
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.plan.epoch = epoch
+
+
+class SaveBest(keras.callbacks.Callback):
+    """Save the weights whenever `monitor` improves, atomically (an interruption keeps the last best)."""
+
+    def __init__(self, path: Path, monitor: str):
+        super().__init__()
+        self.path, self.monitor = Path(path), monitor
+        self.best = -np.inf if monitor.endswith("accuracy") else np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        improved = value is not None and (value > self.best if self.monitor.endswith("accuracy") else value < self.best)
+        if improved:
+            self.best = value
+            with atomic_path(self.path) as temporary:
+                self.model.save_weights(temporary)
+
+
+def train(data, out: str | Path | None = None, config: Config | None = None,
+          cache_dir: Path | None = None) -> TrainResult:
+    """Train the recipe on `data` (any layout `load_dataset` reads) into the run folder `out`."""
+    config = config or Config()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+
+    dataset = assign_splits(load_dataset(data), config.split_ratios, config.seed)
+    run_dir = _run_folder(out)
+    config.save(run_dir / "config.json")
+    write_manifest(dataset, run_dir / "data.csv")
+    _log_counts(dataset)
+
+    engine, reason = choose_engine(config)
+    log.info("engine: %s (%s)", engine, reason)
+    backbone = build_backbone(config.weights, config.image_size, config.pooling)
+    head = build_head(backbone.output_shape[-1], len(dataset.classes), config.dense_units, config.dropout, config.seed)
+    model = build_model(backbone, head)
+    timings["setup"] = time.perf_counter() - started
+
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    tick = time.perf_counter()
+    extractor = None
+    if engine == "cached":
+        extractor = FeatureExtractor(backbone, config.image_size, config.interpolation, config.feature_runtime, cache_dir)
+        train_features, train_errors = extractor.extract([r.path for r in train_records], flips=True,
+                                                         desc="train features")
+        val_features, val_errors = extractor.extract([r.path for r in val_records], desc="val features")
+        errors = train_errors + val_errors
+    else:
+        _, errors = scan_images(train_records + val_records, config.image_size, config.interpolation)
+    timings["prepare"] = time.perf_counter() - tick
+    unreadable = {e.path for e in errors}
+    _check_unreadable(errors, dataset, train_records + val_records, config, run_dir)
+    train_keep = np.array([str(r.path) not in unreadable for r in train_records], bool)
+    val_keep = np.array([str(r.path) not in unreadable for r in val_records], bool)
+    train_records = [r for r, k in zip(train_records, train_keep) if k]
+    val_records = [r for r, k in zip(val_records, val_keep) if k]
+
+    if engine == "cached":
+        stacked = np.stack([train_features["orig"][train_keep], train_features["flip"][train_keep]], axis=1)
+        train_load = lambda idx, flips: stacked[idx, flips.astype(np.int64)]  # noqa: E731
+        val_vectors = val_features["orig"][val_keep]
+        val_load = lambda idx, flips: val_vectors[idx]  # noqa: E731
+        fit_model, input_shape, steps_per_execution = head, (backbone.output_shape[-1],), 32
+    else:
+        train_load = image_loader(train_records, config.image_size, config.interpolation)
+        val_load = image_loader(val_records, config.image_size, config.interpolation)
+        fit_model, input_shape, steps_per_execution = model, backbone.input_shape[1:], 1
+
+    tick = time.perf_counter()
+    history = _fit(fit_model, dataset, train_records, val_records, train_load, val_load, input_shape,
+                   config, run_dir, steps_per_execution, config.learning_rate, config.epochs)
+    timings["head_training"] = time.perf_counter() - tick
+
+    if config.fine_tune_epochs > 0:
+        tick = time.perf_counter()
+        history = _fine_tune(model, dataset, train_records, val_records, config, run_dir, history)
+        timings["fine_tuning"] = time.perf_counter() - tick
+
+    save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
+               {"engine": engine, "trained": datetime.datetime.now().isoformat(timespec="seconds"),
+                "data": dataset.source, "counts": dataset.counts()})
+    _plot_history(history, run_dir)
+
+    tick = time.perf_counter()
+    test_metrics = None
+    if dataset.split("test"):
+        predictor = Predictor(model, dataset.classes, config.image_size, config.interpolation,
+                              config.feature_runtime, cache_dir, features=extractor)
+        test_metrics = evaluate(predictor, dataset, run_dir / "evaluation", split="test")
+    timings["evaluation"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    write_json(run_dir / "timings.json", timings)
+    result = TrainResult(run_dir, engine, history, test_metrics, timings)
+    write_report(result, dataset, config, reason)
+    return result
+
+
+def _run_folder(out) -> Path:
+    if out is None:
+        out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out)
+    if (out / MODEL_FILE).exists():
+        raise DataError(f"{out} already holds a trained model; choose another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _log_counts(dataset: Dataset) -> None:
+    for split, row in dataset.counts().items():
+        log.info("%-5s %s", split, "  ".join(f"{c}: {n}" for c, n in row.items()))
+
+
+def _check_unreadable(errors: list[ImageError], dataset: Dataset, records: list[Record], config: Config,
+                      run_dir: Path) -> None:
+    """Report unreadable images by path; refuse to train only if a class would be empty or too
+    large a share of the images is unreadable."""
+    if not errors:
+        return
+    with atomic_path(run_dir / "unreadable.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason"])
+        writer.writerows([e.path, e.reason] for e in errors)
+    log.warning("%d unreadable image(s) left out (listed in %s):", len(errors), run_dir / "unreadable.csv")
+    for error in errors[:20]:
+        log.warning("  %s", error)
+    share = len(errors) / max(1, len(records))
+    if share > config.max_unreadable_fraction:
+        raise DataError(f"{len(errors)} of {len(records)} images ({share:.1%}) are unreadable, more than "
+                        f"max_unreadable_fraction={config.max_unreadable_fraction}; see {run_dir / 'unreadable.csv'}")
+    unreadable = {e.path for e in errors}
+    for split in ("train", "val"):
+        for name in dataset.classes:
+            if not any(r.split == split and r.label == name and str(r.path) not in unreadable for r in records):
+                raise DataError(f"class '{name}' has no readable images in the {split} split; "
+                                f"see {run_dir / 'unreadable.csv'}")
+
+
+def _fit(fit_model, dataset, train_records, val_records, train_load, val_load, input_shape, config, run_dir,
+         steps_per_execution, learning_rate, epochs, initial_epoch=0) -> dict[str, list[float]]:
+    num_classes = len(dataset.classes)
+    plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
+    val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
+    train_data = batches(plan, train_load, dataset.labels(train_records), num_classes, input_shape)
+    val_data = batches(val_plan, val_load, dataset.labels(val_records), num_classes, input_shape)
+    steps = -(-len(train_records) // config.batch_size)
+    compile_for_training(fit_model, learning_rate, min(steps_per_execution, steps))
+    mode = "max" if config.monitor.endswith("accuracy") else "min"
+    callbacks = [
+        FollowEpoch(plan),
+        SaveBest(run_dir / "checkpoint.weights.h5", config.monitor),
+        keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
+                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=initial_epoch > 0),
+    ]
+    history = fit_model.fit(train_data, validation_data=val_data, epochs=initial_epoch + epochs,
+                            initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False, verbose="auto")
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
+
+
+def _fine_tune(model, dataset, train_records, val_records, config, run_dir, history):
+    """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end."""
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    for layer in backbone.layers[:-config.fine_tune_layers]:
+        layer.trainable = False
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    more = _fit(model, dataset, train_records, val_records,
+                image_loader(train_records, config.image_size, config.interpolation),
+                image_loader(val_records, config.image_size, config.interpolation),
+                backbone.input_shape[1:], config, run_dir, 1, config.fine_tune_learning_rate,
+                config.fine_tune_epochs, initial_epoch=len(history["loss"]))
+    return {k: history.get(k, []) + more.get(k, []) for k in history}
+
+
+def _plot_history(history: dict[str, list[float]], run_dir: Path) -> None:
+    plot_history(history, "loss", run_dir / "loss.png")
+    plot_history(history, "accuracy", run_dir / "accuracy.png")
+
+
+def write_report(result: TrainResult, dataset: Dataset, config: Config, engine_reason: str) -> None:
+    """A short report.md linking every artefact of the run."""
+    history = result.history
+    best = int(np.argmax(history["val_accuracy"]))
+    lines = [
+        "# lungxray run report", "",
+        f"- Data: `{dataset.source}` ({dataset.layout} layout), classes: {', '.join(dataset.classes)}",
+        f"- Engine: **{result.engine}** ({engine_reason})",
+        f"- Backbone weights: `{config.weights}`; configuration: [config.json](config.json); "
+        f"data and splits: [data.csv](data.csv)",
+        f"- Epochs run: {len(history['loss'])}; best val_accuracy {history['val_accuracy'][best]:.4f} "
+        f"at epoch {best + 1} (weights restored from it)",
+        f"- Wall time: {result.timings['total']:.1f} s ([timings.json](timings.json))", "",
+        "| split | " + " | ".join(dataset.classes) + " |", "|---|" + "---|" * len(dataset.classes),
+    ]
+    for split, row in dataset.counts().items():
+        lines.append(f"| {split} | " + " | ".join(str(row[c]) for c in dataset.classes) + " |")
+    lines += ["", "## Training curves", "", "![loss](loss.png) ![accuracy](accuracy.png)", "",
+              "Per-epoch values: [history.csv](history.csv). Model: [model.keras](model.keras).", ""]
+    if result.test_metrics:
+        m = result.test_metrics
+        lines += ["## Test evaluation", "",
+                  f"Accuracy **{m['accuracy']:.4f}**, macro F1 {m['macro_f1']:.4f} on {m['n']} images "
+                  "([metrics.json](evaluation/metrics.json), "
+                  "[classification report](evaluation/classification_report.txt), "
+                  "[predictions](evaluation/predictions.csv)).", "",
+                  "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                  for c, v in m["per_class"].items()]
+        lines += ["", "![confusion matrix](evaluation/confusion_matrix.png) "
+                  "![normalised confusion matrix](evaluation/confusion_matrix_normalized.png)", ""]
+    write_text(result.run_dir / "report.md", "\n".join(lines))
