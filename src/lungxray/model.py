@@ -48,7 +48,7 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
             except Exception as error:
                 raise WeightsError(f"{path} is not a MobileNetV3Small (no top) weights file: {error}") from None
     backbone.trainable = False
-    return keras.Model(backbone.inputs, backbone.outputs, name="backbone")
+    return keras.Model(backbone.input, backbone.output, name="backbone")
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int = 256, dropout: float = 0.2,
