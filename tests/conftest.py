@@ -1,0 +1,74 @@
+import csv
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CXR = Path(os.environ.get("LUNGXRAY_DATA", SHARED / "cxr"))
+WEIGHTS = SHARED / "weights" / "mobilenet_v3_small_imagenet_tv_no_top.weights.h5"
+CLASSES = ("covid", "normal", "pneumonia")
+TINY = 32  # the smallest input MobileNetV3Small accepts: keeps unit tests fast
+
+
+def synthetic_image(label_index: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A grey image whose bright blob sits left, centre or right by class, plus noise."""
+    image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    centre = int(size * (0.2 + 0.3 * label_index))
+    image[size // 3: 2 * size // 3, max(0, centre - 4): centre + 4] = 230
+    return image
+
+
+def write_class_folders(root: Path, per_class: int, seed: int = 0, splits=None) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in splits or [None]:
+        for index, name in enumerate(CLASSES):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(synthetic_image(index, rng)).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    return write_class_folders(tmp_path / "classes", per_class=10)
+
+
+@pytest.fixture
+def split_folders(tmp_path) -> Path:
+    return write_class_folders(tmp_path / "dataset", per_class=6, splits=["train", "val", "test"])
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def require_shared():
+    if not CXR.is_dir() or not WEIGHTS.is_file():
+        pytest.fail(f"integration tests need {CXR} and {WEIGHTS} (the project's ../shared folder)")
+
+
+@pytest.fixture(scope="session")
+def cxr_subset(tmp_path_factory) -> Path:
+    """A manifest CSV of a small, class-balanced subset of ../shared/cxr with its extra columns."""
+    require_shared()
+    rows = list(csv.DictReader(open(CXR / "manifest.csv")))
+    rng = random.Random(0)
+    chosen = []
+    for split, n in (("train", 40), ("val", 15), ("test", 15)):
+        for label in CLASSES:
+            pool = [r for r in rows if r["split"] == split and r["label"] == label]
+            chosen += rng.sample(pool, n)
+    path = tmp_path_factory.mktemp("cxr") / "subset.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "split", "source", "age_group"])
+        writer.writerows([str(CXR / r["file"]), r["label"], r["split"], r["source"], r["age_group"]] for r in chosen)
+    return path

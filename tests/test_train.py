@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from lungxray import Config, Predictor, train
+from lungxray.data.records import DataError
+from tests.conftest import TINY
+
+
+def tiny_config(**overrides) -> Config:
+    values = dict(weights="none", image_size=TINY, epochs=3, batch_size=8, dense_units=16, feature_runtime="keras")
+    values.update(overrides)
+    return Config(**values)
+
+
+def test_engines_train_the_same_head(split_folders, tmp_path, cache_dir):
+    """Same seed, same batches, same flips: both engines give the same model.
+
+    Tolerance: 1e-4 on probabilities. The cached engine computes backbone features once, the
+    Keras engine at each step; the same float32 operations in a different batch grouping differ
+    only by rounding (~1e-6 here)."""
+    runs = {engine: train(split_folders, tmp_path / engine, tiny_config(engine=engine), cache_dir=cache_dir)
+            for engine in ("keras", "cached")}
+    np.testing.assert_allclose(runs["keras"].history["loss"], runs["cached"].history["loss"], atol=1e-4)
+    np.testing.assert_allclose(runs["keras"].history["val_loss"], runs["cached"].history["val_loss"], atol=1e-4)
+    files = sorted(split_folders.rglob("*.png"))
+    probabilities = {e: Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files)[0]
+                     for e, r in runs.items()}
+    np.testing.assert_allclose(probabilities["keras"], probabilities["cached"], atol=1e-4)
+    np.testing.assert_allclose(probabilities["cached"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_different_seed_trains_differently(split_folders, tmp_path, cache_dir):
+    a = train(split_folders, tmp_path / "a", tiny_config(seed=1), cache_dir=cache_dir)
+    b = train(split_folders, tmp_path / "b", tiny_config(seed=2), cache_dir=cache_dir)
+    assert a.history["loss"] != b.history["loss"]
+
+
+def test_run_folder_holds_every_artefact_and_reruns_from_config(split_folders, tmp_path, cache_dir):
+    result = train(split_folders, tmp_path / "run", tiny_config(), cache_dir=cache_dir)
+    run = result.run_dir
+    for name in ["config.json", "data.csv", "model.keras", "model.json", "history.csv", "loss.png", "accuracy.png",
+                 "report.md", "evaluation/metrics.json", "evaluation/confusion_matrix.png",
+                 "evaluation/confusion_matrix_normalized.png", "evaluation/classification_report.txt"]:
+        assert (run / name).is_file(), name
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 1 + 3
+    metrics = json.loads((run / "evaluation/metrics.json").read_text())
+    assert metrics["classes"] == ["covid", "normal", "pneumonia"]
+    assert np.array(metrics["confusion_matrix"]).sum() == 18
+    assert set(metrics["per_class"]["covid"]) == {"precision", "recall", "f1", "support"}
+    report = (run / "report.md").read_text()
+    assert "evaluation/metrics.json" in report and "loss.png" in report
+    rerun = train(split_folders, tmp_path / "rerun", Config.load(run / "config.json"), cache_dir=cache_dir)
+    assert rerun.history["loss"] == pytest.approx(result.history["loss"], abs=1e-6)
+
+
+def test_refuses_to_overwrite_a_run(split_folders, tmp_path, cache_dir):
+    train(split_folders, tmp_path / "run", tiny_config(epochs=1), cache_dir=cache_dir)
+    with pytest.raises(DataError, match="already holds a trained model"):
+        train(split_folders, tmp_path / "run", tiny_config(epochs=1), cache_dir=cache_dir)
+
+
+def test_unreadable_images_are_reported_and_left_out(split_folders, tmp_path, cache_dir):
+    bad = split_folders / "train" / "covid" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    (split_folders / "train" / "normal" / "empty.png").write_bytes(b"")
+    config = tiny_config(epochs=1, max_unreadable_fraction=0.1)
+    result = train(split_folders, tmp_path / "run", config, cache_dir=cache_dir)
+    listed = (result.run_dir / "unreadable.csv").read_text()
+    assert "broken.png" in listed and "empty.png" in listed
+    with pytest.raises(DataError, match="unreadable, more than max_unreadable_fraction"):
+        train(split_folders, tmp_path / "strict", tiny_config(epochs=1, max_unreadable_fraction=0.01),
+              cache_dir=cache_dir)
+
+
+def test_class_with_no_readable_image_stops_training(split_folders, tmp_path, cache_dir):
+    for path in (split_folders / "val" / "covid").iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="class 'covid' has no readable images in the val split"):
+        train(split_folders, tmp_path / "run", tiny_config(epochs=1, max_unreadable_fraction=1.0), cache_dir=cache_dir)
