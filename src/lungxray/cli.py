@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="download and unpack the reference Dataset.zip")
     fetch.add_argument("--url", help="archive URL (default: the reference Dropbox link)")
     fetch.add_argument("--dest", help="destination folder (default ~/.cache/lungxray/datasets)")
+    fetch.add_argument("--print-path", action="store_true", help="print only the unpacked dataset's folder")
     fetch.set_defaults(run=run_fetch)
     return parser
 
@@ -147,10 +148,10 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
 
 
 def run_fetch(args) -> int:
-    from lungxray.data.fetch import DEFAULT_URL, fetch_dataset
+    from lungxray.data.fetch import DEFAULT_URL, describe, fetch_dataset
 
     layout = fetch_dataset(args.url or DEFAULT_URL, Path(args.dest) if args.dest else None)
-    print(layout)
+    print(layout if args.print_path else describe(layout))
     return 0
 
 

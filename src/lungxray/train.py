@@ -86,16 +86,15 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     keras.utils.set_random_seed(config.seed)
 
     dataset = assign_splits(load_dataset(data), config.split_ratios, config.seed)
+    backbone = build_backbone(config.weights, config.image_size, config.pooling)
+    head = build_head(backbone.output_shape[-1], len(dataset.classes), config.dense_units, config.dropout, config.seed)
+    model = build_model(backbone, head)
     run_dir = _run_folder(out)
     config.save(run_dir / "config.json")
     write_manifest(dataset, run_dir / "data.csv")
     _log_counts(dataset)
-
     engine, reason = choose_engine(config)
     log.info("engine: %s (%s)", engine, reason)
-    backbone = build_backbone(config.weights, config.image_size, config.pooling)
-    head = build_head(backbone.output_shape[-1], len(dataset.classes), config.dense_units, config.dropout, config.seed)
-    model = build_model(backbone, head)
     timings["setup"] = time.perf_counter() - started
 
     train_records, val_records = dataset.split("train"), dataset.split("val")

@@ -88,6 +88,7 @@ def safe_extract(path: Path, dest: Path) -> None:
 
 def find_layout(root: Path) -> Path:
     """The folder holding train/val/test (the archive may wrap it in a top folder)."""
+    root = root.resolve()
     for candidate in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
         if all((candidate / s).is_dir() for s in SPLITS):
             return candidate
@@ -103,8 +104,8 @@ def describe(layout: Path) -> str:
     return "\n".join(lines)
 
 
-def fetch_dataset(url: str = DEFAULT_URL, dest: Path | None = None) -> str:
-    """Download, verify and unpack the archive at `url` into `dest`; return a description of the layout."""
+def fetch_dataset(url: str = DEFAULT_URL, dest: Path | None = None) -> Path:
+    """Download, verify and unpack the archive at `url` into `dest`; return the folder holding train/val/test."""
     dest = Path(dest or default_dest())
     archive = dest / "Dataset.zip"
     if not archive.exists():
@@ -116,4 +117,4 @@ def fetch_dataset(url: str = DEFAULT_URL, dest: Path | None = None) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         safe_extract(archive, staging)
         os.replace(staging, unpacked)
-    return describe(find_layout(unpacked))
+    return find_layout(unpacked)

@@ -1,0 +1,24 @@
+# The README's two commands: `make reference` (set up, train, evaluate, report) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN = $(VENV)/bin
+RUN ?= runs/reference
+
+.PHONY: setup reference test
+
+$(BIN)/lungxray: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/lungxray
+
+# Data: $LUNGXRAY_DATA if set (e.g. ../shared/cxr), else the reference Dataset.zip, downloaded once.
+# Weights: $LUNGXRAY_WEIGHTS if set (a weights file, for machines without internet), else ImageNet.
+reference: setup
+	data="$${LUNGXRAY_DATA:-$$($(BIN)/lungxray data fetch --print-path)}" && \
+	$(BIN)/lungxray train --data "$$data" --out $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest -q

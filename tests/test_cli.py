@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from lungxray.cli import main
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tests.conftest import write_class_folders
+
+    root = tmp_path_factory.mktemp("cli")
+    data = write_class_folders(root / "data", per_class=6, splits=["train", "val", "test"])
+    cache = root / "cache"
+    code = main(["train", "--data", str(data), "--out", str(root / "run"), "--weights", "none", "--epochs", "2",
+                 "--batch-size", "8", "--image-size", str(TINY), "--cache", str(cache)])
+    assert code == 0
+    return root / "run", data, cache
+
+
+def test_predict_json_with_an_unreadable_file(trained_run, capsys, tmp_path):
+    run, data, cache = trained_run
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    good = sorted((data / "test" / "covid").iterdir())[:2]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--cache", str(cache), "--format", "json", *map(str, good), str(bad)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in rows] == [*map(str, good), str(bad)]
+    for row in rows[:2]:
+        assert row["predicted"] in {"covid", "normal", "pneumonia"}
+        assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
+    assert "error" in rows[2] and "not a recognised image" in rows[2]["error"]
+
+
+def test_predict_table_and_csv_on_a_folder(trained_run, capsys):
+    run, data, cache = trained_run
+    capsys.readouterr()
+    main(["predict", "--model", str(run), "--cache", str(cache), "--format", "csv", str(data / "test")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "file,predicted,covid,normal,pneumonia,error" and len(lines) == 1 + 18
+    main(["predict", "--model", str(run), "--cache", str(cache), str(data / "test" / "normal")])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 6
+
+
+def test_evaluate_class_folders_and_split(trained_run, tmp_path):
+    run, data, cache = trained_run
+    assert main(["evaluate", "--model", str(run), "--data", str(data / "val"), "--out", str(tmp_path / "a"),
+                 "--cache", str(cache)]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["n"] == 18 and sum(map(sum, metrics["confusion_matrix"])) == 18
+    assert main(["evaluate", "--model", str(run), "--data", str(data), "--split", "train", "--out", str(tmp_path / "b"),
+                 "--cache", str(cache)]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["data"]["split"] == "train"
+    assert (tmp_path / "b" / "confusion_matrix_normalized.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "/nonexistent/data", "--weights", "none"], "does not exist"),
+    (["train", "--data", "{data}", "--weights", "/nonexistent/w.h5"], "weights file /nonexistent/w.h5 does not exist"),
+    (["train", "--data", "{data}", "--epochs", "0"], "epochs must be at least 1"),
+    (["evaluate", "--model", "/nonexistent/run", "--data", "{data}"], "no model at"),
+])
+def test_bad_input_gives_one_line_error(argv, message, capsys, trained_run, tmp_path):
+    data = trained_run[1]
+    argv = [a.format(data=data) for a in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_file_that_is_not_a_model(tmp_path, capsys):
+    fake = tmp_path / "model.keras"
+    fake.write_text("hello")
+    assert main(["predict", "--model", str(fake), str(fake)]) == 2
+    assert "is not a loadable Keras model" in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_an_error(tmp_path, capsys):
+    from tests.conftest import write_class_folders
+
+    data = write_class_folders(tmp_path / "d", per_class=3)
+    (data / "empty").mkdir()
+    assert main(["train", "--data", str(data), "--weights", "none", "--out", str(tmp_path / "r")]) == 2
+    assert "holds no images" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+from lungxray.features import FeatureExtractor
+from lungxray.model import build_backbone
+from tests.conftest import TINY, WEIGHTS, require_shared
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("none", TINY)
+
+
+def files_of(folder):
+    return sorted(folder.rglob("*.png"))
+
+
+def test_litert_matches_keras(tmp_path, split_folders):
+    """LiteRT/XNNPACK computes the Keras backbone's function: within 1e-3 absolute on features
+    of magnitude ~1-10 (measured ~1e-4 with the real weights)."""
+    require_shared()
+    backbone = build_backbone(str(WEIGHTS), 64)
+    files = files_of(split_folders)[:12]
+    keras_features, _ = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True)
+    litert = FeatureExtractor(backbone, 64, runtime="litert", cache_dir=tmp_path)
+    assert litert.runtime.name == "litert"
+    litert_features, _ = litert.extract(files, flips=True)
+    for view in ("orig", "flip"):
+        np.testing.assert_allclose(litert_features[view], keras_features[view], atol=1e-3, rtol=1e-4)
+    assert not np.allclose(keras_features["orig"], keras_features["flip"])
+
+
+def test_second_pass_reads_the_cache(backbone, split_folders, cache_dir):
+    files = files_of(split_folders)
+    first = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    features, errors = first.extract(files, flips=True)
+    assert first.last_computed == len(files) and not errors
+    again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    cached, _ = again.extract(files, flips=True)
+    assert again.last_computed == 0
+    np.testing.assert_array_equal(cached["flip"], features["flip"])
+
+
+def test_cache_key_follows_the_weights(split_folders, cache_dir):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    one = FeatureExtractor(build_backbone("none", TINY), TINY, runtime="keras", cache_dir=cache_dir)
+    keras.utils.set_random_seed(2)
+    two = FeatureExtractor(build_backbone("none", TINY), TINY, runtime="keras", cache_dir=cache_dir)
+    assert one.cache.key != two.cache.key
+    files = files_of(split_folders)[:3]
+    one.extract(files)
+    two.extract(files)
+    assert two.last_computed == 3
+
+
+def test_same_content_under_another_name_is_a_cache_hit(backbone, split_folders, cache_dir, tmp_path):
+    files = files_of(split_folders)[:2]
+    FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir).extract(files)
+    copy = tmp_path / "renamed.png"
+    copy.write_bytes(files[0].read_bytes())
+    again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    again.extract([copy])
+    assert again.last_computed == 0
+
+
+def test_unreadable_images_never_enter_the_cache(backbone, split_folders, cache_dir):
+    bad = split_folders / "bad.png"
+    bad.write_bytes(b"not an image")
+    extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    features, errors = extractor.extract([bad, *files_of(split_folders / "train")[:2]])
+    assert [e.path for e in errors] == [str(bad)] and "not a recognised image" in errors[0].reason
+    assert np.isnan(features["orig"][0]).all() and not np.isnan(features["orig"][1:]).any()
+    assert len(extractor.cache.entries) == 2
+
+
+def test_corrupt_or_foreign_shards_are_discarded(backbone, split_folders, cache_dir):
+    files = files_of(split_folders)[:4]
+    extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    extractor.extract(files)
+    (shard,) = extractor.cache.folder.glob("shard-*.npz")
+    shard.write_bytes(b"half a shard")
+    foreign = extractor.cache.folder / "shard-foreign.npz"
+    np.savez(foreign, key=np.array("another-key"), hashes=np.array(["x"]), views=np.array(["orig"]),
+             features=np.zeros((1, 576), np.float32))
+    again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    assert not again.cache.entries and not shard.exists() and not foreign.exists()
+    again.extract(files)
+    assert again.last_computed == 4
+
+
+def test_interrupted_extraction_keeps_finished_shards(backbone, split_folders, cache_dir, monkeypatch):
+    import lungxray.features as features
+
+    monkeypatch.setattr(features, "SHARD_SIZE", 4)
+    files = files_of(split_folders)
+    extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    calls = {"n": 0}
+    real = extractor.runtime.__class__.__call__
+
+    def failing(self, images):
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(extractor.runtime.__class__, "__call__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extractor.extract(files)
+    monkeypatch.setattr(extractor.runtime.__class__, "__call__", real)
+    again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    assert len(again.cache.entries) == 8  # two full shards of 4 survived
+    again.extract(files)
+    assert again.last_computed == len(files) - 8
