@@ -21,10 +21,10 @@ def test_litert_matches_keras(tmp_path, split_folders):
     require_shared()
     backbone = build_backbone(str(WEIGHTS), 64)
     files = files_of(split_folders)[:12]
-    keras_features, _ = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True)
+    keras_features = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True).features
     litert = FeatureExtractor(backbone, 64, runtime="litert", cache_dir=tmp_path)
     assert litert.runtime.name == "litert"
-    litert_features, _ = litert.extract(files, flips=True)
+    litert_features = litert.extract(files, flips=True).features
     for view in ("orig", "flip"):
         np.testing.assert_allclose(litert_features[view], keras_features[view], atol=1e-3, rtol=1e-4)
     assert not np.allclose(keras_features["orig"], keras_features["flip"])
@@ -33,12 +33,13 @@ def test_litert_matches_keras(tmp_path, split_folders):
 def test_second_pass_reads_the_cache(backbone, split_folders, cache_dir):
     files = files_of(split_folders)
     first = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    features, errors = first.extract(files, flips=True)
-    assert first.last_computed == len(files) and not errors
+    first_pass = first.extract(files, flips=True)
+    assert first_pass.computed == len(files) and not first_pass.errors
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    cached, _ = again.extract(files, flips=True)
-    assert again.last_computed == 0
-    np.testing.assert_array_equal(cached["flip"], features["flip"])
+    second_pass = again.extract(files, flips=True)
+    assert second_pass.computed == 0
+    np.testing.assert_array_equal(second_pass.features["flip"], first_pass.features["flip"])
+    assert second_pass.hashes == first_pass.hashes and len(set(first_pass.hashes)) == len(files)
 
 
 def test_cache_key_follows_the_weights(split_folders, cache_dir):
@@ -51,8 +52,7 @@ def test_cache_key_follows_the_weights(split_folders, cache_dir):
     assert one.cache.key != two.cache.key
     files = files_of(split_folders)[:3]
     one.extract(files)
-    two.extract(files)
-    assert two.last_computed == 3
+    assert two.extract(files).computed == 3
 
 
 def test_same_content_under_another_name_is_a_cache_hit(backbone, split_folders, cache_dir, tmp_path):
@@ -61,17 +61,17 @@ def test_same_content_under_another_name_is_a_cache_hit(backbone, split_folders,
     copy = tmp_path / "renamed.png"
     copy.write_bytes(files[0].read_bytes())
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    again.extract([copy])
-    assert again.last_computed == 0
+    assert again.extract([copy]).computed == 0
 
 
 def test_unreadable_images_never_enter_the_cache(backbone, split_folders, cache_dir):
     bad = split_folders / "bad.png"
     bad.write_bytes(b"not an image")
     extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    features, errors = extractor.extract([bad, *files_of(split_folders / "train")[:2]])
-    assert [e.path for e in errors] == [str(bad)] and "not a recognised image" in errors[0].reason
-    assert np.isnan(features["orig"][0]).all() and not np.isnan(features["orig"][1:]).any()
+    result = extractor.extract([bad, *files_of(split_folders / "train")[:2]])
+    assert [e.path for e in result.errors] == [str(bad)] and "not a recognised image" in result.errors[0].reason
+    features = result.features["orig"]
+    assert np.isnan(features[0]).all() and not np.isnan(features[1:]).any()
     assert len(extractor.cache.entries) == 2
 
 
@@ -86,8 +86,7 @@ def test_corrupt_or_foreign_shards_are_discarded(backbone, split_folders, cache_
              features=np.zeros((1, 576), np.float32))
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     assert not again.cache.entries and not shard.exists() and not foreign.exists()
-    again.extract(files)
-    assert again.last_computed == 4
+    assert again.extract(files).computed == 4
 
 
 def test_interrupted_extraction_keeps_finished_shards(backbone, split_folders, cache_dir, monkeypatch):
@@ -111,5 +110,4 @@ def test_interrupted_extraction_keeps_finished_shards(backbone, split_folders, c
     monkeypatch.setattr(extractor.runtime.__class__, "__call__", real)
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     assert len(again.cache.entries) == 8  # two full shards of 4 survived
-    again.extract(files)
-    assert again.last_computed == len(files) - 8
+    assert again.extract(files).computed == len(files) - 8

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungxray.data.pipeline import EpochPlan, batches, image_loader
+from lungxray.data.pipeline import EpochPlan, image_batches, image_loader
 from lungxray.data.records import load_dataset
 
 
@@ -40,7 +40,7 @@ def test_evaluation_batches_keep_order_and_labels(split_folders):
     test = dataset.split("test")
     labels = dataset.labels(test)
     plan = EpochPlan(len(test), 5, seed=0, flip=False, shuffle=False)
-    data = batches(plan, image_loader(test, 40), labels, len(dataset.classes), (40, 40, 3))
+    data = image_batches(plan, image_loader(test, 40), labels, len(dataset.classes), (40, 40, 3))
     seen_labels, seen_images = [], []
     for x, y in data:
         seen_labels += list(np.argmax(y.numpy(), axis=1))

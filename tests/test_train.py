@@ -25,7 +25,7 @@ def test_engines_train_the_same_head(split_folders, tmp_path, cache_dir):
     np.testing.assert_allclose(runs["keras"].history["loss"], runs["cached"].history["loss"], atol=1e-4)
     np.testing.assert_allclose(runs["keras"].history["val_loss"], runs["cached"].history["val_loss"], atol=1e-4)
     files = sorted(split_folders.rglob("*.png"))
-    probabilities = {e: Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files)[0]
+    probabilities = {e: Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).probabilities
                      for e, r in runs.items()}
     np.testing.assert_allclose(probabilities["keras"], probabilities["cached"], atol=1e-4)
     np.testing.assert_allclose(probabilities["cached"].sum(axis=1), 1.0, atol=1e-5)

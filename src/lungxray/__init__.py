@@ -3,7 +3,7 @@
     from lungxray import Config, train, Predictor
     result = train("data/", "runs/first", Config(epochs=30))
     predictor = Predictor.load(result.run_dir)
-    probabilities, errors = predictor.predict_files(["xray.png"])
+    predictions = predictor.predict_files(["xray.png"])  # .probabilities, .errors
 """
 
 import os

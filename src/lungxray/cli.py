@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--engine", choices=["auto", "cached", "keras"])
     train.add_argument("--fine-tune-epochs", type=int, help="end-to-end epochs with the top of the backbone unfrozen")
+    train.add_argument("--holdout-source", help="leave this manifest 'source' out of training and test on it")
     train.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
     train.add_argument("--cache", help="feature cache folder (default $LUNGXRAY_CACHE or ~/.cache/lungxray)")
     train.set_defaults(run=run_train)
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="reference layout folder, class folders or manifest CSV")
     evaluate.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate")
     evaluate.add_argument("--out", help="output folder (default: <model run>/evaluation-<data name>)")
+    evaluate.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                          help="also report every metric per value of this manifest column (repeatable)")
     evaluate.add_argument("--cache", help="feature cache folder")
     evaluate.set_defaults(run=run_evaluate)
 
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
+
+    compare = commands.add_parser("compare", help="compare evaluated runs on the same images (paired bootstrap)")
+    compare.add_argument("runs", nargs="+", help="run folders (their evaluation/) or evaluation folders")
+    compare.add_argument("--resamples", type=int, default=1000)
+    compare.set_defaults(run=run_compare)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="download and unpack the reference Dataset.zip")
@@ -82,12 +90,15 @@ def run_train(args) -> int:
 
     config = Config.load(args.config) if args.config else Config()
     config = config.replace(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                            engine=args.engine, fine_tune_epochs=args.fine_tune_epochs, image_size=args.image_size)
+                            engine=args.engine, fine_tune_epochs=args.fine_tune_epochs, image_size=args.image_size,
+                            holdout_source=args.holdout_source)
     config.validate()
     result = train(args.data, args.out, config, cache_dir=_cache(args))
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:
         print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
+    if result.external_metrics:
+        print(f"external ({config.holdout_source}) accuracy {result.external_metrics['accuracy']:.4f}")
     print(f"report: {result.run_dir / 'report.md'}")
     return 0
 
@@ -99,9 +110,12 @@ def run_evaluate(args) -> int:
     predictor = Predictor.load(args.model, cache_dir=_cache(args))
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out = Path(args.out) if args.out else model_dir / f"evaluation-{Path(args.data).stem}"
-    metrics = evaluate(predictor, args.data, out, split=args.split)
+    metrics = evaluate(predictor, args.data, out, split=args.split, by=args.by)
     print((out / "classification_report.txt").read_text())
-    print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; written to {out}")
+    overlap = metrics["overlap_with_training"]
+    if overlap.get("known") and overlap["images"]:
+        print(f"warning: {overlap['images']} evaluated images are identical to training images")
+    print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; report: {out / 'report.html'}")
     return 0
 
 
@@ -116,10 +130,11 @@ def run_predict(args) -> int:
         else:
             files.append(item)
     predictor = Predictor.load(args.model, cache_dir=_cache(args))
-    probabilities, errors = predictor.predict_files(files)
+    predictions = predictor.predict_files(files)
+    errors = predictions.errors
     reasons = {e.path: e.reason for e in errors}
     rows = []
-    for path, row in zip(files, probabilities):
+    for path, row in zip(files, predictions.probabilities):
         if str(path) in reasons:
             rows.append({"file": str(path), "error": reasons[str(path)]})
         else:
@@ -145,6 +160,13 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
         return buffer.getvalue().rstrip("\n")
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])
+
+
+def run_compare(args) -> int:
+    from lungxray.evaluate.compare import compare_runs, format_comparison
+
+    print(format_comparison(compare_runs([Path(r) for r in args.runs], resamples=args.resamples)))
+    return 0
 
 
 def run_fetch(args) -> int:

@@ -38,6 +38,7 @@ class Config:
     # Data.
     split_ratios: tuple[float, float, float] = (0.7, 0.2, 0.1)
     max_unreadable_fraction: float = 0.05
+    holdout_source: str | None = None  # leave this manifest `source` out of training; test on it
     # Engine: "auto" picks "cached" when the backbone is frozen and the only augmentation is a flip.
     engine: str = "auto"
     feature_runtime: str = "auto"

@@ -8,6 +8,7 @@ size and resize method, the runtime, and the file's content hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -90,6 +91,18 @@ def file_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_hashes(paths: list[Path]) -> list[str | None]:
+    """Content hash of each file (None where it cannot be read), read in threads."""
+
+    def one(path: Path) -> str | None:
+        try:
+            return file_hash(Path(path).read_bytes())
+        except OSError:
+            return None
+
+    return list(bounded_map(one, paths))
+
+
 class FeatureCache:
     """Features on disk, one folder per key, written in shards that are each moved into place whole.
 
@@ -140,6 +153,17 @@ class FeatureCache:
             self.entries[(content_hash, view)] = vector
 
 
+@dataclasses.dataclass
+class Extraction:
+    """What `FeatureExtractor.extract` found: features per view ("orig", and "flip" for the mirror
+    image), rows NaN for unreadable files; the errors; each file's content hash; how many were computed."""
+
+    features: dict[str, np.ndarray]
+    errors: list[ImageError]
+    hashes: list[str | None]
+    computed: int
+
+
 class FeatureExtractor:
     """Features for lists of image files, through the cache; files are read, hashed and decoded in
     threads ahead of the backbone."""
@@ -153,12 +177,12 @@ class FeatureExtractor:
         self.workers = workers
         self.feature_dim = backbone.output_shape[-1]
 
-    def extract(self, paths: list[Path], flips: bool = False, desc: str = "features"):
-        """Return ({view: array (n, dim)}, list of ImageError). Views are "orig", and "flip" (the
-        mirror image's features) when `flips`. Rows of unreadable files are NaN."""
+    def extract(self, paths: list[Path], flips: bool = False, desc: str = "features") -> Extraction:
+        """Features of each file, and of its mirror image when `flips`."""
         views = VIEWS if flips else VIEWS[:1]
         out = {v: np.full((len(paths), self.feature_dim), np.nan, np.float32) for v in views}
         errors: list[ImageError] = []
+        hashes: list[str | None] = [None] * len(paths)
         pending: list[tuple[str, str, np.ndarray]] = []
         computed = 0
 
@@ -180,6 +204,7 @@ class FeatureExtractor:
 
         items = bounded_map(prepare, range(len(paths)), self.workers)
         for i, content_hash, cached, image, error in tqdm(items, total=len(paths), desc=desc, unit="img"):
+            hashes[i] = content_hash
             if error is not None:
                 errors.append(error)
                 continue
@@ -194,5 +219,4 @@ class FeatureExtractor:
                 self.cache.add(pending)
                 pending = []
         self.cache.add(pending)
-        self.last_computed = computed
-        return out, errors
+        return Extraction(out, errors, hashes, computed)

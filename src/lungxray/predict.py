@@ -1,22 +1,25 @@
 """A trained model ready to use: load a run folder (or a .keras file), predict files or arrays.
 
-The CLI, the evaluation code and (later) the server all go through `Predictor`.
+The CLI, the evaluation code and the Python API all go through `Predictor`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from lungxray.calibration import apply_temperature
 from lungxray.data.images import ImageError, read_image
 from lungxray.features import FeatureExtractor
-from lungxray.io import write_json
+from lungxray.io import atomic_path, write_json
 from lungxray.model import WeightsError, load_model
 
 MODEL_FILE = "model.keras"
+TRAIN_HASHES = "train_hashes.txt"  # content hashes of the training images, to detect overlap
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -25,19 +28,29 @@ def sidecar_path(model_path: Path) -> Path:
 
 def save_model(model: keras.Model, path: Path, classes: list[str], image_size: int, interpolation: str,
                extra: dict | None = None) -> None:
-    """Save `model` and, beside it, what is needed to use it: class names and input handling."""
-    from lungxray.io import atomic_path
-
+    """Save `model` and, beside it, what is needed to use it: class names, input handling, temperature."""
     with atomic_path(path) as temporary:
         model.save(temporary)
     write_json(sidecar_path(path), {"classes": classes, "image_size": image_size,
                                     "interpolation": interpolation, **(extra or {})})
 
 
+@dataclasses.dataclass
+class Predictions:
+    """Per file: calibrated `probabilities` (what users see), `raw` softmax outputs, content hash;
+    rows of unreadable files are NaN and their errors are listed."""
+
+    probabilities: np.ndarray
+    raw: np.ndarray
+    errors: list[ImageError]
+    hashes: list[str | None]
+
+
 class Predictor:
     def __init__(self, model: keras.Model, classes: list[str], image_size: int, interpolation: str = "nearest",
                  runtime: str = "auto", cache_dir: Path | None = None, info: dict | None = None,
-                 features: FeatureExtractor | None = None):
+                 features: FeatureExtractor | None = None, temperature: float = 1.0,
+                 train_hashes: set[str] | None = None):
         try:
             self.backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         except ValueError:
@@ -47,7 +60,7 @@ class Predictor:
             raise WeightsError(f"the model has {self.head.output_shape[-1]} outputs but {len(classes)} class names")
         self.model, self.classes = model, list(classes)
         self.image_size, self.interpolation = image_size, interpolation
-        self.info = info or {}
+        self.info, self.temperature, self.train_hashes = info or {}, temperature, train_hashes
         self.features = features or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir)
 
     @classmethod
@@ -59,23 +72,25 @@ class Predictor:
         if not sidecar.is_file():
             raise WeightsError(f"{sidecar} is missing: it holds the class names that go with {model_path}")
         info = json.loads(sidecar.read_text())
-        return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"),
-                   runtime, cache_dir, info)
+        hashes_file = model_path.parent / TRAIN_HASHES
+        train_hashes = set(hashes_file.read_text().split()) if hashes_file.is_file() else None
+        return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"), runtime,
+                   cache_dir, info, temperature=float(info.get("temperature", 1.0)), train_hashes=train_hashes)
 
-    def predict_files(self, paths: list[Path], desc: str = "predicting") -> tuple[np.ndarray, list[ImageError]]:
-        """Class probabilities (n, classes) per file; rows of unreadable files are NaN."""
-        features, errors = self.features.extract([Path(p) for p in paths], desc=desc)
-        return self.predict_features(features["orig"]), errors
+    def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
+        extraction = self.features.extract([Path(p) for p in paths], desc=desc)
+        raw = self.predict_features(extraction.features["orig"], calibrated=False)
+        return Predictions(apply_temperature(raw, self.temperature), raw, extraction.errors, extraction.hashes)
 
-    def predict_features(self, features: np.ndarray) -> np.ndarray:
+    def predict_features(self, features: np.ndarray, calibrated: bool = True) -> np.ndarray:
         probabilities = np.full((len(features), len(self.classes)), np.nan, np.float32)
         ok = ~np.isnan(features).any(axis=1)
         if ok.any():
             probabilities[ok] = self.head.predict(features[ok], batch_size=1024, verbose=0)
-        return probabilities
+        return apply_temperature(probabilities, self.temperature) if calibrated else probabilities
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 RGB images already at the model's input size."""
+        """Calibrated probabilities for uint8 RGB images already at the model's input size."""
         return self.predict_features(self.features.runtime(images))
 
     def read(self, source, name: str | None = None) -> np.ndarray:

@@ -20,14 +20,15 @@ import numpy as np
 
 from lungxray.config import Config
 from lungxray.data.images import ImageError
-from lungxray.data.pipeline import EpochPlan, batches, image_loader, scan_images
+from lungxray.calibration import fit_temperature
+from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
 from lungxray.data.records import DataError, Dataset, Record, assign_splits, load_dataset, write_manifest
 from lungxray.evaluate import evaluate
 from lungxray.evaluate.plots import plot_history
-from lungxray.features import FeatureExtractor
+from lungxray.features import FeatureExtractor, file_hashes
 from lungxray.io import atomic_path, write_json, write_text
 from lungxray.model import build_backbone, build_head, build_model, compile_for_training
-from lungxray.predict import MODEL_FILE, Predictor, save_model
+from lungxray.predict import MODEL_FILE, TRAIN_HASHES, Predictor, save_model
 
 log = logging.getLogger("lungxray")
 
@@ -39,6 +40,7 @@ class TrainResult:
     history: dict[str, list[float]]
     test_metrics: dict | None
     timings: dict[str, float]
+    external_metrics: dict | None = None
 
 
 def choose_engine(config: Config) -> tuple[str, str]:
@@ -86,6 +88,7 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     keras.utils.set_random_seed(config.seed)
 
     dataset = assign_splits(load_dataset(data), config.split_ratios, config.seed)
+    dataset, external = split_off_source(dataset, config.holdout_source)
     backbone = build_backbone(config.weights, config.image_size, config.pooling)
     head = build_head(backbone.output_shape[-1], len(dataset.classes), config.dense_units, config.dropout, config.seed)
     model = build_model(backbone, head)
@@ -102,58 +105,98 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     extractor = None
     if engine == "cached":
         extractor = FeatureExtractor(backbone, config.image_size, config.interpolation, config.feature_runtime, cache_dir)
-        train_features, train_errors = extractor.extract([r.path for r in train_records], flips=True,
-                                                         desc="train features")
-        val_features, val_errors = extractor.extract([r.path for r in val_records], desc="val features")
-        errors = train_errors + val_errors
+        train_pass = extractor.extract([r.path for r in train_records], flips=True, desc="train features")
+        # Test features go into the cache now, so that evaluation finds them there.
+        held_out = val_records + dataset.split("test")
+        held_out_pass = extractor.extract([r.path for r in held_out], desc="val+test features")
+        val_paths = {str(r.path) for r in val_records}
+        errors = train_pass.errors + [e for e in held_out_pass.errors if e.path in val_paths]
+        train_hashes = train_pass.hashes
     else:
         _, errors = scan_images(train_records + val_records, config.image_size, config.interpolation)
+        train_hashes = file_hashes([r.path for r in train_records])
     timings["prepare"] = time.perf_counter() - tick
-    unreadable = {e.path for e in errors}
     _check_unreadable(errors, dataset, train_records + val_records, config, run_dir)
+    unreadable = {e.path for e in errors}
     train_keep = np.array([str(r.path) not in unreadable for r in train_records], bool)
     val_keep = np.array([str(r.path) not in unreadable for r in val_records], bool)
     train_records = [r for r, k in zip(train_records, train_keep) if k]
     val_records = [r for r, k in zip(val_records, val_keep) if k]
+    write_text(run_dir / TRAIN_HASHES, "".join(f"{h}\n" for h, k in zip(train_hashes, train_keep) if k and h))
 
+    plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
+    val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
+    train_labels, val_labels = dataset.labels(train_records), dataset.labels(val_records)
+    classes = len(dataset.classes)
     if engine == "cached":
-        stacked = np.stack([train_features["orig"][train_keep], train_features["flip"][train_keep]], axis=1)
-        train_load = lambda idx, flips: stacked[idx, flips.astype(np.int64)]  # noqa: E731
-        val_vectors = val_features["orig"][val_keep]
-        val_load = lambda idx, flips: val_vectors[idx]  # noqa: E731
-        fit_model, input_shape, steps_per_execution = head, (backbone.output_shape[-1],), 32
+        table = np.stack([train_pass.features["orig"], train_pass.features["flip"]], axis=1)[train_keep]
+        val_table = held_out_pass.features["orig"][: len(val_keep)][val_keep][:, None]
+        train_data = feature_batches(plan, table, train_labels, classes)
+        val_data = feature_batches(val_plan, val_table, val_labels, classes)
+        fit_model, steps_per_execution = head, 32
     else:
-        train_load = image_loader(train_records, config.image_size, config.interpolation)
-        val_load = image_loader(val_records, config.image_size, config.interpolation)
-        fit_model, input_shape, steps_per_execution = model, backbone.input_shape[1:], 1
+        shape = backbone.input_shape[1:]
+        train_data = image_batches(plan, image_loader(train_records, config.image_size, config.interpolation),
+                                   train_labels, classes, shape)
+        val_data = image_batches(val_plan, image_loader(val_records, config.image_size, config.interpolation),
+                                 val_labels, classes, shape)
+        fit_model, steps_per_execution = model, 1
 
     tick = time.perf_counter()
-    history = _fit(fit_model, dataset, train_records, val_records, train_load, val_load, input_shape,
-                   config, run_dir, steps_per_execution, config.learning_rate, config.epochs)
+    history = _fit(fit_model, plan, train_data, val_data, config, run_dir, steps_per_execution,
+                   config.learning_rate, config.epochs)
     timings["head_training"] = time.perf_counter() - tick
 
     if config.fine_tune_epochs > 0:
         tick = time.perf_counter()
         history = _fine_tune(model, dataset, train_records, val_records, config, run_dir, history)
         timings["fine_tuning"] = time.perf_counter() - tick
-
-    save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
-               {"engine": engine, "trained": datetime.datetime.now().isoformat(timespec="seconds"),
-                "data": dataset.source, "counts": dataset.counts()})
-    _plot_history(history, run_dir)
+        extractor = None  # the backbone changed: its features are new
 
     tick = time.perf_counter()
-    test_metrics = None
+    predictor = Predictor(model, dataset.classes, config.image_size, config.interpolation, config.feature_runtime,
+                          cache_dir, features=extractor, train_hashes=set(train_hashes))
+    val_predictions = predictor.predict_files([r.path for r in val_records], desc="calibrating")
+    predictor.temperature = fit_temperature(val_predictions.raw, val_labels)
+    log.info("temperature scaling, fitted on validation: T = %.3f", predictor.temperature)
+    save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
+               {"engine": engine, "temperature": predictor.temperature,
+                "trained": datetime.datetime.now().isoformat(timespec="seconds"),
+                "data": dataset.source, "counts": dataset.counts(), "holdout_source": config.holdout_source,
+                "validation": {"accuracy": float(np.mean(val_predictions.raw.argmax(axis=1) == val_labels))}})
+    _plot_history(history, run_dir)
+    timings["saving"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    test_metrics = external_metrics = None
+    by = [c for c in ("source", "age_group") if any(c in r.extra for r in dataset.records)]
     if dataset.split("test"):
-        predictor = Predictor(model, dataset.classes, config.image_size, config.interpolation,
-                              config.feature_runtime, cache_dir, features=extractor)
-        test_metrics = evaluate(predictor, dataset, run_dir / "evaluation", split="test")
+        test_metrics = evaluate(predictor, dataset, run_dir / "evaluation", split="test", by=by,
+                                title="Internal test split")
+    if external is not None:
+        external_metrics = evaluate(predictor, external, run_dir / "evaluation-external", by=by,
+                                    title=f"External test: source '{config.holdout_source}', never seen in training")
     timings["evaluation"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     write_json(run_dir / "timings.json", timings)
-    result = TrainResult(run_dir, engine, history, test_metrics, timings)
+    result = TrainResult(run_dir, engine, history, test_metrics, timings, external_metrics)
     write_report(result, dataset, config, reason)
     return result
+
+
+def split_off_source(dataset: Dataset, source: str | None) -> tuple[Dataset, Dataset | None]:
+    """Leave-one-source-out: every image of `source` leaves training and becomes an external test set."""
+    if not source:
+        return dataset, None
+    if not any("source" in r.extra for r in dataset.records):
+        raise DataError("--holdout-source needs a manifest CSV with a 'source' column")
+    sources = sorted({r.extra.get("source", "") for r in dataset.records})
+    if source not in sources:
+        raise DataError(f"source '{source}' is not in the data; its sources are {sources}")
+    kept = [r for r in dataset.records if r.extra.get("source") != source]
+    held = [dataclasses.replace(r, split="test") for r in dataset.records if r.extra.get("source") == source]
+    return (dataclasses.replace(dataset, records=kept),
+            dataclasses.replace(dataset, records=held, source=f"{dataset.source} (source={source})"))
 
 
 def _run_folder(out) -> Path:
@@ -196,15 +239,9 @@ def _check_unreadable(errors: list[ImageError], dataset: Dataset, records: list[
                                 f"see {run_dir / 'unreadable.csv'}")
 
 
-def _fit(fit_model, dataset, train_records, val_records, train_load, val_load, input_shape, config, run_dir,
-         steps_per_execution, learning_rate, epochs, initial_epoch=0) -> dict[str, list[float]]:
-    num_classes = len(dataset.classes)
-    plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
-    val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
-    train_data = batches(plan, train_load, dataset.labels(train_records), num_classes, input_shape)
-    val_data = batches(val_plan, val_load, dataset.labels(val_records), num_classes, input_shape)
-    steps = -(-len(train_records) // config.batch_size)
-    compile_for_training(fit_model, learning_rate, min(steps_per_execution, steps))
+def _fit(fit_model, plan, train_data, val_data, config, run_dir, steps_per_execution, learning_rate, epochs,
+         initial_epoch=0) -> dict[str, list[float]]:
+    compile_for_training(fit_model, learning_rate, min(steps_per_execution, plan.steps))
     mode = "max" if config.monitor.endswith("accuracy") else "min"
     callbacks = [
         FollowEpoch(plan),
@@ -219,7 +256,7 @@ def _fit(fit_model, dataset, train_records, val_records, train_load, val_load, i
 
 
 def _fine_tune(model, dataset, train_records, val_records, config, run_dir, history):
-    """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end."""
+    """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end on images."""
     backbone = model.get_layer("backbone")
     backbone.trainable = True
     for layer in backbone.layers[:-config.fine_tune_layers]:
@@ -227,10 +264,14 @@ def _fine_tune(model, dataset, train_records, val_records, config, run_dir, hist
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    more = _fit(model, dataset, train_records, val_records,
-                image_loader(train_records, config.image_size, config.interpolation),
-                image_loader(val_records, config.image_size, config.interpolation),
-                backbone.input_shape[1:], config, run_dir, 1, config.fine_tune_learning_rate,
+    shape, classes = backbone.input_shape[1:], len(dataset.classes)
+    plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
+    val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
+    train_data = image_batches(plan, image_loader(train_records, config.image_size, config.interpolation),
+                               dataset.labels(train_records), classes, shape)
+    val_data = image_batches(val_plan, image_loader(val_records, config.image_size, config.interpolation),
+                             dataset.labels(val_records), classes, shape)
+    more = _fit(model, plan, train_data, val_data, config, run_dir, 1, config.fine_tune_learning_rate,
                 config.fine_tune_epochs, initial_epoch=len(history["loss"]))
     return {k: history.get(k, []) + more.get(k, []) for k in history}
 
@@ -259,16 +300,36 @@ def write_report(result: TrainResult, dataset: Dataset, config: Config, engine_r
         lines.append(f"| {split} | " + " | ".join(str(row[c]) for c in dataset.classes) + " |")
     lines += ["", "## Training curves", "", "![loss](loss.png) ![accuracy](accuracy.png)", "",
               "Per-epoch values: [history.csv](history.csv). Model: [model.keras](model.keras).", ""]
-    if result.test_metrics:
-        m = result.test_metrics
+    evaluations = [("Internal test split", "evaluation", result.test_metrics)]
+    if result.external_metrics:
+        evaluations.append((f"External test: source `{config.holdout_source}` (never seen in training)",
+                            "evaluation-external", result.external_metrics))
+    evaluations = [e for e in evaluations if e[2]]
+    if evaluations:
         lines += ["## Test evaluation", "",
-                  f"Accuracy **{m['accuracy']:.4f}**, macro F1 {m['macro_f1']:.4f} on {m['n']} images "
-                  "([metrics.json](evaluation/metrics.json), "
-                  "[classification report](evaluation/classification_report.txt), "
-                  "[predictions](evaluation/predictions.csv)).", "",
-                  "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-                  for c, v in m["per_class"].items()]
-        lines += ["", "![confusion matrix](evaluation/confusion_matrix.png) "
-                  "![normalised confusion matrix](evaluation/confusion_matrix_normalized.png)", ""]
+                  "| | " + " | ".join(name for name, _, _ in evaluations) + " |", "|---|" + "---|" * len(evaluations)]
+
+        def cell(metrics, key):
+            entry = metrics.get("intervals", {}).get(key)
+            if not entry or entry["value"] is None:
+                return "n/a"
+            low, high = entry["ci95"] or (float("nan"), float("nan"))
+            return f"{entry['value']:.3f} ({low:.3f}–{high:.3f})"
+
+        rows = [("images", lambda m: str(m["n"])), ("accuracy (95% CI)", lambda m: cell(m, "accuracy")),
+                ("macro F1", lambda m: cell(m, "macro_f1")), ("macro AUROC", lambda m: cell(m, "macro_auroc"))]
+        rows += [(f"sensitivity {c}", lambda m, c=c: cell(m, f"sensitivity/{c}")) for c in dataset.classes]
+        rows += [("ECE after temperature scaling", lambda m: f"{m['calibration']['ece']:.3f}")]
+        for label, value in rows:
+            lines.append(f"| {label} | " + " | ".join(value(m) for _, _, m in evaluations) + " |")
+        for name, folder, m in evaluations:
+            lines += ["", f"### {name}", "",
+                      f"[report.html]({folder}/report.html) (curves, calibration, subgroups, model card), "
+                      f"[metrics.json]({folder}/metrics.json), [classification report]({folder}/classification_report.txt), "
+                      f"[predictions]({folder}/predictions.csv).", "",
+                      "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+            lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                      for c, v in m["per_class"].items()]
+            lines += ["", f"![confusion matrix]({folder}/confusion_matrix.png) "
+                      f"![normalised confusion matrix]({folder}/confusion_matrix_normalized.png)"]
     write_text(result.run_dir / "report.md", "\n".join(lines))

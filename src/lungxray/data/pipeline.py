@@ -20,11 +20,10 @@ from lungxray.parallel import bounded_map
 
 
 class EpochPlan:
-    """Shuffled order and per-sample flips for each epoch; each call yields one epoch's batches.
+    """Shuffled order and per-sample flips for each epoch, from `default_rng([seed, epoch])`.
 
-    Keras iterates a dataset afresh at every epoch, which calls this generator again; the training
-    loop sets `epoch` first (see `lungxray.train.FollowEpoch`), so a resumed run draws the same
-    batches as an uninterrupted one.
+    The training loop sets `epoch` before Keras draws that epoch's batches (see
+    `lungxray.train.FollowEpoch`), so a resumed run draws the same batches as an uninterrupted one.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, flip: bool, shuffle: bool = True):
@@ -32,24 +31,39 @@ class EpochPlan:
         self.flip, self.shuffle = flip, shuffle
         self.epoch = 0
 
+    @property
+    def steps(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
     def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
         flips = rng.random(self.num_samples) < 0.5 if self.flip else np.zeros(self.num_samples, bool)
-        return order, flips
+        return order.astype(np.int64), flips
 
     def __call__(self):
+        """This epoch's (indices, flips) batches, as NumPy arrays."""
         order, flips = self.epoch_arrays(self.epoch)
         for start in range(0, self.num_samples, self.batch_size):
             yield order[start:start + self.batch_size], flips[start:start + self.batch_size]
+
+    def dataset(self) -> tf.data.Dataset:
+        """The same batches as a tf.data pipeline; each pass over it asks for the plan once."""
+        plan = tf.data.Dataset.range(1).map(
+            lambda _: tuple(tf.numpy_function(lambda: self.epoch_arrays(self.epoch), [], [tf.int64, tf.bool],
+                                              stateful=True)))
+        batched = plan.flat_map(lambda order, flips: tf.data.Dataset.from_tensor_slices(
+            (tf.ensure_shape(order, (self.num_samples,)), tf.ensure_shape(flips, (self.num_samples,)))
+        ).batch(self.batch_size))
+        return batched.apply(tf.data.experimental.assert_cardinality(self.steps))
 
 
 BatchLoader = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_classes: int,
-            input_shape: tuple[int, ...]) -> tf.data.Dataset:
-    """(inputs, one-hot labels) batches following `plan`; `load(indices, flips)` makes the inputs."""
+def image_batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_classes: int,
+                  input_shape: tuple[int, ...]) -> tf.data.Dataset:
+    """(images, one-hot labels) batches following `plan`; `load(indices, flips)` decodes the images."""
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
 
     def load_batch(indices, flips):
@@ -57,15 +71,24 @@ def batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_classes:
 
     def to_tensors(indices, flips):
         x, y = tf.numpy_function(load_batch, [indices, flips], [tf.float32, tf.float32], stateful=False)
-        x.set_shape((None, *input_shape))
-        y.set_shape((None, num_classes))
-        return x, y
+        return tf.ensure_shape(x, (None, *input_shape)), tf.ensure_shape(y, (None, num_classes))
 
-    spec = (tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.bool))
-    steps = -(-plan.num_samples // plan.batch_size)
-    dataset = tf.data.Dataset.from_generator(plan, output_signature=spec)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
-    return dataset.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+    return plan.dataset().map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+
+
+def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_classes: int) -> tf.data.Dataset:
+    """(features, one-hot labels) batches following `plan`, looked up in the graph.
+
+    `table` is (samples, views, dim): view 0 is the image's features, view 1 its mirror image's.
+    """
+    table = tf.constant(table, tf.float32)
+    one_hot = tf.constant(np.eye(num_classes, dtype=np.float32)[labels])
+
+    def lookup(indices, flips):
+        view = tf.cast(flips, tf.int64) if table.shape[1] > 1 else tf.zeros_like(indices)
+        return tf.gather_nd(table, tf.stack([indices, view], axis=1)), tf.gather(one_hot, indices)
+
+    return plan.dataset().map(lookup).prefetch(2)
 
 
 def image_loader(records: list[Record], image_size: int, interpolation: str = "nearest") -> BatchLoader:

@@ -1,4 +1,4 @@
-"""Evaluate a trained model on labelled data and write metrics, plots and the classification report."""
+"""Evaluate a trained model on labelled data: metrics.json, plots, predictions and report.html."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.data.records import DataError, Dataset, Record, load_dataset
-from lungxray.evaluate.metrics import classification_metrics, report_text
-from lungxray.evaluate.plots import plot_confusion_matrix
+from lungxray.evaluate.metrics import calibration_metrics, classification_metrics, report_text
+from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves)
+from lungxray.evaluate.report import write_html_report
 from lungxray.io import atomic_path, write_json, write_text
 from lungxray.predict import Predictor
+
+MIN_GROUP_SIZE = 30  # below this a subgroup's numbers are flagged as too small to mean much
 
 
 def select_records(dataset: Dataset, split: str | None) -> list[Record]:
@@ -29,28 +32,68 @@ def select_records(dataset: Dataset, split: str | None) -> list[Record]:
     return records
 
 
-def evaluate(predictor: Predictor, data, out: Path, split: str | None = None) -> dict:
-    """Predict `data` (a path or a Dataset) and write metrics.json, predictions.csv, the
-    classification report and the two confusion matrices into `out`."""
+def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by: list[str] = (),
+             title: str | None = None, resamples: int = 1000) -> dict:
+    """Predict `data` (a path or a Dataset), score it, and write everything into `out`."""
     dataset = data if isinstance(data, Dataset) else load_dataset(data, classes=predictor.classes)
     records = select_records(dataset, split)
-    probabilities, errors = predictor.predict_files([r.path for r in records], desc="evaluating")
-    ok = ~np.isnan(probabilities).any(axis=1)
+    missing = [c for c in by if not any(c in r.extra for r in records)]
+    if missing:
+        available = sorted({k for r in records for k in r.extra})
+        raise DataError(f"--by {missing[0]}: no such column in {dataset.source}; available: {available or 'none'}")
+    predictions = predictor.predict_files([r.path for r in records], desc="evaluating")
+    ok = ~np.isnan(predictions.probabilities).any(axis=1)
     if not ok.any():
         raise DataError(f"none of the {len(records)} images in {dataset.source} could be read")
-    labels = dataset.labels(records)
-    metrics = classification_metrics(labels[ok], probabilities[ok], predictor.classes)
-    metrics["data"] = {"source": dataset.source, "split": split, "images": len(records),
-                       "unreadable": [{"file": e.path, "reason": e.reason} for e in errors]}
+    labels, classes = dataset.labels(records), predictor.classes
+    y, p, raw = labels[ok], predictions.probabilities[ok], predictions.raw[ok]
+
+    metrics = classification_metrics(y, p, classes, resamples=resamples)
+    metrics["calibration"]["temperature"] = predictor.temperature
+    metrics["calibration_before_scaling"] = calibration_metrics(y, raw)
+    metrics["data"] = {"source": dataset.source, "split": split, "images": len(records), "scored": int(ok.sum()),
+                       "counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+                       "unreadable": [{"file": e.path, "reason": e.reason} for e in predictions.errors]}
+    metrics["overlap_with_training"] = training_overlap(predictor, records, predictions.hashes)
+    metrics["subgroups"] = {column: subgroup_metrics([r for r, k in zip(records, ok) if k], y, p, classes, column,
+                                                     resamples)
+                            for column in by}
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.csv", records, probabilities, predictor.classes)
+    write_predictions(out / "predictions.csv", records, predictions.probabilities, classes)
     write_json(out / "metrics.json", metrics)
-    write_text(out / "classification_report.txt", report_text(labels[ok], probabilities[ok], predictor.classes))
-    plot_confusion_matrix(metrics["confusion_matrix"], predictor.classes, out / "confusion_matrix.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], predictor.classes, out / "confusion_matrix_normalized.png",
-                          normalized=True)
+    write_text(out / "classification_report.txt", report_text(y, p, classes))
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix_normalized.png", normalized=True)
+    plot_roc_curves(y, p, classes, out / "roc_curves.png")
+    plot_pr_curves(y, p, classes, out / "pr_curves.png")
+    plot_reliability({"before temperature scaling": metrics["calibration_before_scaling"],
+                      f"after (T = {predictor.temperature:.2f})": metrics["calibration"]}, out / "reliability.png")
+    write_html_report(out / "report.html", metrics, predictor.info, title or f"Evaluation on {dataset.source}")
     return metrics
+
+
+def training_overlap(predictor: Predictor, records: list[Record], hashes: list[str | None]) -> dict:
+    """How many evaluated images are byte-identical to a training image (by content hash)."""
+    if predictor.train_hashes is None:
+        return {"known": False, "note": "the model's training images are not recorded (no train_hashes.txt)"}
+    shared = [r.file or str(r.path) for r, h in zip(records, hashes) if h and h in predictor.train_hashes]
+    return {"known": True, "images": len(shared), "share": len(shared) / max(1, len(records)), "files": shared[:50],
+            "method": "SHA-256 of file contents; re-encoded or resized copies are not caught (see `lungxray data audit`)"}
+
+
+def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classes: list[str], column: str,
+                     resamples: int) -> dict:
+    groups: dict[str, dict] = {}
+    values = np.array([r.extra.get(column, "") for r in records])
+    for value in sorted(set(values)):
+        members = values == value
+        group = classification_metrics(y[members], p[members], classes, resamples=resamples)
+        group["counts"] = {c: int((y[members] == i).sum()) for i, c in enumerate(classes)}
+        group["too_small"] = bool(members.sum() < MIN_GROUP_SIZE)
+        groups[value or "(empty)"] = group
+    return groups
 
 
 def write_predictions(path: Path, records: list[Record], probabilities: np.ndarray, classes: list[str]) -> None:
@@ -62,5 +105,5 @@ def write_predictions(path: Path, records: list[Record], probabilities: np.ndarr
         for record, row in zip(records, probabilities):
             predicted = "" if np.isnan(row).any() else classes[int(row.argmax())]
             writer.writerow([record.file or str(record.path), record.label, predicted,
-                             *["" if np.isnan(p) else f"{p:.6f}" for p in row],
+                             *["" if np.isnan(v) else f"{v:.6f}" for v in row],
                              *[record.extra.get(k, "") for k in extra_columns]])

@@ -50,3 +50,47 @@ def plot_history(history: dict[str, list[float]], metric: str, path: Path) -> No
     axis.grid(alpha=0.3)
     axis.legend()
     _save(figure, path)
+
+
+def plot_roc_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
+    """One-vs-rest ROC curve per class, AUROC in the legend."""
+    from sklearn.metrics import RocCurveDisplay
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for i, name in enumerate(classes):
+        if 0 < (y_true == i).sum() < len(y_true):
+            RocCurveDisplay.from_predictions(y_true == i, probabilities[:, i], name=name, ax=axis)
+    axis.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    axis.set_title("ROC curves (one class vs the rest)")
+    axis.legend(loc="lower right")
+    _save(figure, path)
+
+
+def plot_pr_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
+    """Precision-recall curve per class, average precision in the legend."""
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for i, name in enumerate(classes):
+        if (y_true == i).any():
+            PrecisionRecallDisplay.from_predictions(y_true == i, probabilities[:, i], name=name, ax=axis)
+    axis.set_title("Precision-recall curves (one class vs the rest)")
+    axis.legend(loc="lower left")
+    _save(figure, path)
+
+
+def plot_reliability(calibrations: dict[str, dict], path: Path) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, for each named calibration."""
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    for label, calibration in calibrations.items():
+        bins = calibration["reliability"]
+        axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                  label=f"{label} (ECE {calibration['ece']:.3f})")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("mean confidence of the predicted class")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"Reliability diagram ({calibrations[next(iter(calibrations))]['ece_bins']} equal-width bins)")
+    axis.legend(loc="upper left")
+    _save(figure, path)
