@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output folder (default: <model run>/evaluation-<data name>)")
     evaluate.add_argument("--by", action="append", default=[], metavar="COLUMN",
                           help="also report every metric per value of this manifest column (repeatable)")
+    evaluate.add_argument("--occlude-lungs", action="store_true",
+                          help="also measure accuracy with the central chest region blacked out")
     evaluate.add_argument("--cache", help="feature cache folder")
     evaluate.set_defaults(run=run_evaluate)
 
@@ -77,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dest", help="destination folder (default ~/.cache/lungxray/datasets)")
     fetch.add_argument("--print-path", action="store_true", help="print only the unpacked dataset's folder")
     fetch.set_defaults(run=run_fetch)
+    audit = data.add_parser("audit", help="counts, unreadable files, duplicates, leakage and format shortcuts")
+    audit.add_argument("data", help="any layout train accepts")
+    audit.add_argument("--out", help="folder for audit.json and audit.md (default: audit/)", default="audit")
+    audit.add_argument("--threshold", type=int, help="near-duplicate Hamming distance (default 10 of 256 bits)")
+    audit.set_defaults(run=run_audit)
+    split = data.add_parser("split", help="a leakage-free train/val/test manifest")
+    split.add_argument("data", help="any layout train accepts")
+    split.add_argument("--out", required=True, help="a .csv path, or a folder for split.csv")
+    split.add_argument("--group-by", help="a manifest column (e.g. patient_id) whose groups never cross splits")
+    split.add_argument("--dedupe", action="store_true", help="keep one image per near-duplicate cluster")
+    split.add_argument("--ratios", default="0.7,0.2,0.1", help="train,val,test shares (default 0.7,0.2,0.1)")
+    split.add_argument("--seed", type=int, default=21)
+    split.set_defaults(run=run_split)
+    probe = data.add_parser("probe", help="can backbone features predict a nuisance column within a class?")
+    probe.add_argument("data", help="a manifest CSV with the column")
+    probe.add_argument("--by", required=True, help="the nuisance column, e.g. source or age_group")
+    probe.add_argument("--weights", help="imagenet | none | PATH (default: $LUNGXRAY_WEIGHTS or imagenet)")
+    probe.add_argument("--out", help="write probe.json here")
+    probe.add_argument("--cache", help="feature cache folder")
+    probe.set_defaults(run=run_probe)
     return parser
 
 
@@ -110,11 +132,15 @@ def run_evaluate(args) -> int:
     predictor = Predictor.load(args.model, cache_dir=_cache(args))
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out = Path(args.out) if args.out else model_dir / f"evaluation-{Path(args.data).stem}"
-    metrics = evaluate(predictor, args.data, out, split=args.split, by=args.by)
+    metrics = evaluate(predictor, args.data, out, split=args.split, by=args.by, occlude_lungs=args.occlude_lungs)
     print((out / "classification_report.txt").read_text())
     overlap = metrics["overlap_with_training"]
     if overlap.get("known") and overlap["images"]:
         print(f"warning: {overlap['images']} evaluated images are identical to training images")
+    if "occlusion" in metrics:
+        o = metrics["occlusion"]
+        print(f"with the lungs blacked out: accuracy {o['accuracy_occluded']:.4f} "
+              f"(majority class alone: {o['majority_class_accuracy']:.4f})")
     print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; report: {out / 'report.html'}")
     return 0
 
@@ -166,6 +192,51 @@ def run_compare(args) -> int:
     from lungxray.evaluate.compare import compare_runs, format_comparison
 
     print(format_comparison(compare_runs([Path(r) for r in args.runs], resamples=args.resamples)))
+    return 0
+
+
+def run_audit(args) -> int:
+    from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, audit, format_summary, write_audit
+    from lungxray.data.records import load_dataset
+
+    report = audit(load_dataset(args.data), args.threshold or NEAR_DUPLICATE_DISTANCE)
+    write_audit(report, Path(args.out))
+    print(format_summary(report))
+    print(f"written: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'audit.md'}")
+    return 0
+
+
+def run_split(args) -> int:
+    from lungxray.data.records import check_ratios, load_dataset, write_manifest
+    from lungxray.data.split import leakage_free_split
+
+    try:
+        ratios = check_ratios(args.ratios.split(","))
+    except ValueError:
+        raise ValueError(f"--ratios {args.ratios}: give three numbers summing to 1, such as 0.7,0.2,0.1") from None
+    dataset = leakage_free_split(load_dataset(args.data), ratios, args.seed, args.group_by, args.dedupe)
+    out = Path(args.out)
+    out = out if out.suffix.lower() == ".csv" else out / "split.csv"
+    write_manifest(dataset, out)
+    for split, row in dataset.counts().items():
+        print(f"{split:5s} " + "  ".join(f"{c}: {n}" for c, n in row.items()))
+    print(f"written: {out} (use it as lungxray train --data {out})")
+    return 0
+
+
+def run_probe(args) -> int:
+    from lungxray.config import default_weights
+    from lungxray.data.probe import format_probe, probe
+    from lungxray.data.records import load_dataset
+    from lungxray.features import FeatureExtractor
+    from lungxray.io import write_json
+    from lungxray.model import build_backbone
+
+    backbone = build_backbone(args.weights or default_weights())
+    result = probe(load_dataset(args.data), args.by, FeatureExtractor(backbone, 224, cache_dir=_cache(args)))
+    print(format_probe(result))
+    if args.out:
+        write_json(Path(args.out) / "probe.json", result)
     return 0
 
 

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from lungxray.data.records import check_ratios
+
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 
 
@@ -63,9 +65,6 @@ class Config:
             (self.engine in ("auto", "cached", "keras"), "engine must be auto, cached or keras"),
             (self.feature_runtime in ("auto", "keras", "litert"),
              "feature_runtime must be auto, keras or litert"),
-            (len(self.split_ratios) == 3 and all(r >= 0 for r in self.split_ratios)
-             and abs(sum(self.split_ratios) - 1.0) < 1e-6,
-             "split_ratios must be three non-negative numbers summing to 1, e.g. 0.7,0.2,0.1"),
             (0.0 <= self.max_unreadable_fraction <= 1.0, "max_unreadable_fraction must be in [0, 1]"),
             (self.fine_tune_epochs >= 0, "fine_tune_epochs must be 0 or more"),
             (self.monitor in ("val_accuracy", "val_loss"), "monitor must be val_accuracy or val_loss"),
@@ -73,6 +72,7 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid configuration: {message}")
+        check_ratios(self.split_ratios)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -134,10 +134,18 @@ def _records_from_csv(csv_path: Path) -> list[Record]:
     return records
 
 
+def check_ratios(ratios) -> tuple[float, float, float]:
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ValueError(f"split ratios {ratios} must be three non-negative numbers summing to 1, e.g. 0.7,0.2,0.1")
+    return ratios
+
+
 def assign_splits(dataset: Dataset, ratios=(0.7, 0.2, 0.1), seed: int = 21) -> Dataset:
     """Give records without a split a stratified, seeded train/val/test split."""
     if all(r.split for r in dataset.records):
         return dataset
+    ratios = check_ratios(ratios)
     from sklearn.model_selection import train_test_split
 
     records = [r for r in dataset.records]

@@ -6,15 +6,21 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lungxray.data.records import DataError, Dataset, Record, load_dataset
 from lungxray.evaluate.metrics import calibration_metrics, classification_metrics, report_text
 from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves)
 from lungxray.evaluate.report import write_html_report
 from lungxray.io import atomic_path, write_json, write_text
+from lungxray.parallel import bounded_map
 from lungxray.predict import Predictor
 
 MIN_GROUP_SIZE = 30  # below this a subgroup's numbers are flagged as too small to mean much
+# The region blacked out by the lung-occlusion test, as fractions of (top, left, bottom, right):
+# on a PA chest film it covers both lung fields and the heart, and leaves the borders, corners and
+# any burned-in text at the edges visible.
+OCCLUDED_BOX = (0.10, 0.15, 0.90, 0.85)
 
 
 def select_records(dataset: Dataset, split: str | None) -> list[Record]:
@@ -33,7 +39,7 @@ def select_records(dataset: Dataset, split: str | None) -> list[Record]:
 
 
 def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by: list[str] = (),
-             title: str | None = None, resamples: int = 1000) -> dict:
+             title: str | None = None, resamples: int = 1000, occlude_lungs: bool = False) -> dict:
     """Predict `data` (a path or a Dataset), score it, and write everything into `out`."""
     dataset = data if isinstance(data, Dataset) else load_dataset(data, classes=predictor.classes)
     records = select_records(dataset, split)
@@ -58,6 +64,8 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
     metrics["subgroups"] = {column: subgroup_metrics([r for r, k in zip(records, ok) if k], y, p, classes, column,
                                                      resamples)
                             for column in by}
+    if occlude_lungs:
+        metrics["occlusion"] = occlusion_test(predictor, [r for r, k in zip(records, ok) if k], y, metrics["accuracy"])
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +80,30 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
                       f"after (T = {predictor.temperature:.2f})": metrics["calibration"]}, out / "reliability.png")
     write_html_report(out / "report.html", metrics, predictor.info, title or f"Evaluation on {dataset.source}")
     return metrics
+
+
+def occlude(images: np.ndarray, box=OCCLUDED_BOX) -> np.ndarray:
+    """Black out the central chest region of a batch of (N, H, W, 3) images."""
+    height, width = images.shape[1:3]
+    top, left, bottom, right = box
+    occluded = images.copy()
+    occluded[:, int(top * height):int(bottom * height), int(left * width):int(right * width)] = 0
+    return occluded
+
+
+def occlusion_test(predictor: Predictor, records: list[Record], y: np.ndarray, accuracy: float,
+                   batch_size: int = 64) -> dict:
+    """Accuracy when the lungs are hidden. A model that still scores well without seeing the lungs
+    is reading something else: text, markers, borders, the patient's size."""
+    predicted = []
+    images = bounded_map(lambda r: predictor.read(r.path), records)
+    for start in tqdm(range(0, len(records), batch_size), desc="occluded", unit="batch"):
+        batch = np.stack([next(images) for _ in range(min(batch_size, len(records) - start))])
+        predicted.append(predictor.predict_images(occlude(batch)).argmax(axis=1))
+    occluded_accuracy = float(np.mean(np.concatenate(predicted) == y))
+    chance = float(np.bincount(y).max() / len(y))
+    return {"box": list(OCCLUDED_BOX), "accuracy": accuracy, "accuracy_occluded": occluded_accuracy,
+            "majority_class_accuracy": chance, "share_retained": occluded_accuracy / accuracy if accuracy else None}
 
 
 def training_overlap(predictor: Predictor, records: list[Record], hashes: list[str | None]) -> dict:

@@ -1,0 +1,81 @@
+"""Leakage-free splits: near-duplicate clusters (and, with a manifest, any grouping column such as
+the patient) never cross splits; stratified by class; seeded."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm.auto import tqdm
+
+from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, hamming_pairs, image_facts
+from lungxray.data.records import DataError, Dataset
+from lungxray.parallel import bounded_map
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+def duplicate_groups(dataset: Dataset, group_by: str | None = None,
+                     threshold: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+    """A group id per record: records linked by near-duplicate pairs or a shared `group_by` value share it."""
+    records = dataset.records
+    if group_by and not any(group_by in r.extra for r in records):
+        raise DataError(f"--group-by {group_by}: no such column in {dataset.source}")
+    facts = list(tqdm(bounded_map(image_facts, records), total=len(records), desc="hashing", unit="img"))
+    readable = [i for i, f in enumerate(facts) if f.dhash is not None]
+    groups = _UnionFind(len(records))
+    if readable:
+        hashes = np.stack([facts[i].dhash for i in readable])
+        mirrors = np.stack([facts[i].dhash_mirror for i in readable])
+        for a, b, _ in hamming_pairs(hashes, mirrors, threshold):
+            groups.union(readable[a], readable[b])
+    if group_by:
+        first: dict[str, int] = {}
+        for i, record in enumerate(records):
+            value = record.extra.get(group_by, "")
+            if value:
+                groups.union(i, first.setdefault(value, i))
+    return np.array([groups.find(i) for i in range(len(records))])
+
+
+def _folds_for(ratios) -> tuple[int, list[int]]:
+    """The fewest folds that express `ratios` exactly (at most 100), and the folds per split."""
+    for folds in range(2, 101):
+        counts = [Fraction(r).limit_denominator(1000) * folds for r in ratios]
+        if all(c.denominator == 1 for c in counts):
+            return folds, [int(c) for c in counts]
+    return 100, [round(r * 100) for r in ratios]
+
+
+def leakage_free_split(dataset: Dataset, ratios=(0.7, 0.2, 0.1), seed: int = 21, group_by: str | None = None,
+                       dedupe: bool = False) -> Dataset:
+    groups = duplicate_groups(dataset, group_by)
+    records = dataset.records
+    if dedupe:
+        keep = sorted({g: i for i, g in reversed(list(enumerate(groups)))}.values())
+        records, groups = [records[i] for i in keep], groups[keep]
+    folds, per_split = _folds_for(ratios)
+    labels = [r.label for r in records]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of = np.empty(len(records), int)
+    for fold, (_, members) in enumerate(splitter.split(np.zeros(len(records)), labels, groups)):
+        fold_of[members] = fold
+    bounds = np.cumsum(per_split)
+    names = np.array(["train", "val", "test"])[np.searchsorted(bounds, fold_of, side="right")]
+    records = [dataclasses.replace(r, split=str(s), extra={**r.extra, "group": str(g)})
+               for r, s, g in zip(records, names, groups)]
+    return dataclasses.replace(dataset, records=records)
