@@ -123,3 +123,12 @@ def test_compare_refuses_runs_without_shared_images(runs, tmp_path, capsys):
                                               "x.png,covid,covid,0.9,0.05,0.05\n")
     assert main(["compare", str(plain.run_dir), str(tmp_path)]) == 2
     assert "share no evaluated images" in capsys.readouterr().err
+
+
+def test_lung_occlusion_is_reported(runs, manifest, tmp_path, capsys):
+    plain, _, cache = runs
+    assert main(["evaluate", "--model", str(plain.run_dir), "--data", str(manifest), "--split", "test",
+                 "--occlude-lungs", "--out", str(tmp_path), "--cache", str(cache)]) == 0
+    occlusion = json.loads((tmp_path / "metrics.json").read_text())["occlusion"]
+    assert 0 <= occlusion["accuracy_occluded"] <= 1 and occlusion["box"] == [0.10, 0.15, 0.90, 0.85]
+    assert "with the lungs blacked out" in capsys.readouterr().out
