@@ -1,4 +1,4 @@
-"""Pixels: the one place where a file becomes the array the model sees.
+"""Pixels: the one place where a file (JPEG, PNG of any mode, DICOM...) becomes the array the model sees.
 
 The reference pipeline was Keras' `load_img(path, color_mode="rgb", target_size=(224, 224),
 interpolation="nearest")`: Pillow decodes, `convert("RGB")`, `resize(NEAREST)`, float32 in
@@ -45,7 +45,7 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     data = _read_bytes(source, name)
     if not data:
         raise ImageError(name, "file is empty (0 bytes)")
-    image = _open(data, name)
+    image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
     if size is not None:
         image = image.resize((size, size), RESAMPLING[interpolation])
     return np.asarray(image, dtype=np.uint8)
@@ -85,6 +85,43 @@ def _open(data: bytes, name: str) -> Image.Image:
     return _to_rgb(image)
 
 
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _open_dicom(data: bytes, name: str) -> Image.Image:
+    """A DICOM image as a radiologist's viewer shows it: modality LUT (rescale slope/intercept),
+    VOI LUT or window centre/width, MONOCHROME1 inverted, then scaled to 8 bits."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for broken or unsupported files
+        raise ImageError(name, f"unreadable DICOM ({type(error).__name__}: {error})") from None
+    if getattr(dataset, "NumberOfFrames", 1) not in (None, 1, "1") and pixels.ndim >= 3 and pixels.shape[0] > 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3:  # colour: pydicom already converted YBR to RGB
+        return Image.fromarray(_scale_to_uint8(pixels.astype(np.float64))).convert("RGB")
+    if pixels.shape[0] * pixels.shape[1] > MAX_PIXELS:
+        raise ImageError(name, f"image too large ({pixels.shape[1]}x{pixels.shape[0]} pixels)")
+    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+    gray = _scale_to_uint8(values)
+    if photometric == "MONOCHROME1":  # low values are bright
+        gray = 255 - gray
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, scaling high-bit-depth images instead of clipping them."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -93,10 +130,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.clip(pixels, 0, 65535) / 65535.0 * 255.0
         image = Image.fromarray(np.round(pixels).astype(np.uint8), mode="L")
     elif image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = np.nanmin(pixels), np.nanmax(pixels)
-        scaled = (pixels - low) / (high - low) * 255.0 if high > low else np.zeros_like(pixels)
-        image = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        image = Image.fromarray(_scale_to_uint8(np.asarray(image, dtype=np.float64)), mode="L")
     if image.mode == "RGB":
         return image
     # As Keras' load_img: convert("RGB"); alpha is dropped, palettes and CMYK are expanded.
