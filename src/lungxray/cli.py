@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="run folder or .keras file")
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
@@ -167,6 +168,11 @@ def run_predict(args) -> int:
             rows.append({"file": str(path), "predicted": predictor.classes[int(row.argmax())],
                          "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, row)}})
     print(format_predictions(rows, predictor.classes, args.format))
+    if args.explain:
+        from lungxray.explain import explain_files
+
+        written = explain_files(predictor, files, predictions.probabilities, Path(args.explain))
+        print(f"{len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
     return 1 if errors and len(errors) == len(files) else 0
 
 
