@@ -45,3 +45,41 @@ def test_evaluate_keeps_manifest_columns(cached_run, cxr_subset, tmp_path):
     evaluate(predictor, cxr_subset, tmp_path, split="val")
     header = (tmp_path / "predictions.csv").read_text().splitlines()[0]
     assert header == "file,label,predicted,p_covid,p_normal,p_pneumonia,age_group,source"
+
+
+def non_xray_images(folder):
+    """Photographs shipped with scikit-image, a text document, noise and a colour gradient."""
+    from PIL import Image, ImageDraw
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "horse", "hubble_deep_field"):
+        image = getattr(data, name)()
+        image = (image * 255).astype(np.uint8) if image.dtype == bool else image
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(image).save(paths[-1])
+    document = Image.new("RGB", (600, 800), "white")
+    draw = ImageDraw.Draw(document)
+    for line in range(30):
+        draw.text((40, 20 + 25 * line), "Invoice 2026-11 total due: 1,234.56 EUR " * 2, fill="black")
+    paths.append(folder / "document.png")
+    document.save(paths[-1])
+    rng = np.random.default_rng(0)
+    paths.append(folder / "noise.png")
+    Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(paths[-1])
+    gradient = np.dstack([*np.meshgrid(np.linspace(0, 255, 256), np.linspace(255, 0, 256)), np.full((256, 256), 128)])
+    paths.append(folder / "gradient.png")
+    Image.fromarray(gradient.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_ood_gate_flags_non_xrays_and_few_xrays(cached_run, tmp_path):
+    result, cache = cached_run
+    predictor = Predictor.load(result.run_dir, cache_dir=cache)
+    assert predictor.ood is not None
+    others = predictor.predict_files(non_xray_images(tmp_path / "others"))
+    detection = others.ood.mean()
+    false_alarms = result.test_metrics["ood"]["flag_rate"]
+    assert detection >= 0.9, f"flagged {others.ood.sum()} of {len(others.ood)} non-X-ray images"
+    assert false_alarms <= 0.15

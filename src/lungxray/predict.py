@@ -17,9 +17,11 @@ from lungxray.data.images import ImageError, read_image
 from lungxray.features import FeatureExtractor
 from lungxray.io import atomic_path, write_json
 from lungxray.model import WeightsError, load_model
+from lungxray.ood import OutOfDistribution
 
 MODEL_FILE = "model.keras"
 TRAIN_HASHES = "train_hashes.txt"  # content hashes of the training images, to detect overlap
+OOD_FILE = "ood.npz"
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -37,11 +39,15 @@ def save_model(model: keras.Model, path: Path, classes: list[str], image_size: i
 
 @dataclasses.dataclass
 class Predictions:
-    """Per file: calibrated `probabilities` (what users see), `raw` softmax outputs, content hash;
-    rows of unreadable files are NaN and their errors are listed."""
+    """Per file: calibrated `probabilities` (what users see), `raw` softmax outputs, backbone
+    `features`, out-of-distribution score and flag (when the model has a gate), content hash.
+    Rows of unreadable files are NaN and their errors are listed."""
 
     probabilities: np.ndarray
     raw: np.ndarray
+    features: np.ndarray
+    ood_score: np.ndarray | None
+    ood: np.ndarray | None
     errors: list[ImageError]
     hashes: list[str | None]
 
@@ -50,7 +56,7 @@ class Predictor:
     def __init__(self, model: keras.Model, classes: list[str], image_size: int, interpolation: str = "nearest",
                  runtime: str = "auto", cache_dir: Path | None = None, info: dict | None = None,
                  features: FeatureExtractor | None = None, temperature: float = 1.0,
-                 train_hashes: set[str] | None = None):
+                 train_hashes: set[str] | None = None, ood: OutOfDistribution | None = None):
         try:
             self.backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         except ValueError:
@@ -60,7 +66,7 @@ class Predictor:
             raise WeightsError(f"the model has {self.head.output_shape[-1]} outputs but {len(classes)} class names")
         self.model, self.classes = model, list(classes)
         self.image_size, self.interpolation = image_size, interpolation
-        self.info, self.temperature, self.train_hashes = info or {}, temperature, train_hashes
+        self.info, self.temperature, self.train_hashes, self.ood = info or {}, temperature, train_hashes, ood
         self.features = features or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir)
 
     @classmethod
@@ -72,26 +78,36 @@ class Predictor:
         if not sidecar.is_file():
             raise WeightsError(f"{sidecar} is missing: it holds the class names that go with {model_path}")
         info = json.loads(sidecar.read_text())
-        hashes_file = model_path.parent / TRAIN_HASHES
+        hashes_file, ood_file = model_path.parent / TRAIN_HASHES, model_path.parent / OOD_FILE
         train_hashes = set(hashes_file.read_text().split()) if hashes_file.is_file() else None
+        ood = OutOfDistribution.load(ood_file) if ood_file.is_file() else None
         return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"), runtime,
-                   cache_dir, info, temperature=float(info.get("temperature", 1.0)), train_hashes=train_hashes)
+                   cache_dir, info, temperature=float(info.get("temperature", 1.0)), train_hashes=train_hashes,
+                   ood=ood)
 
     def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
         extraction = self.features.extract([Path(p) for p in paths], desc=desc)
-        raw = self.predict_features(extraction.features["orig"], calibrated=False)
-        return Predictions(apply_temperature(raw, self.temperature), raw, extraction.errors, extraction.hashes)
+        return self._predictions(extraction.features["orig"], extraction.errors, extraction.hashes)
+
+    def predict_images(self, images: np.ndarray) -> Predictions:
+        """Predictions for uint8 RGB images already at the model's input size."""
+        return self._predictions(self.features.runtime(images), [], [None] * len(images))
+
+    def _predictions(self, features: np.ndarray, errors, hashes) -> Predictions:
+        raw = self.predict_features(features, calibrated=False)
+        scores = self.ood.score(features) if self.ood else None
+        flags = scores > self.ood.threshold if self.ood else None
+        return Predictions(apply_temperature(raw, self.temperature), raw, features, scores, flags, errors, hashes)
 
     def predict_features(self, features: np.ndarray, calibrated: bool = True) -> np.ndarray:
         probabilities = np.full((len(features), len(self.classes)), np.nan, np.float32)
         ok = ~np.isnan(features).any(axis=1)
         if ok.any():
-            probabilities[ok] = self.head.predict(features[ok], batch_size=1024, verbose=0)
+            # A direct call: Model.predict costs tens of milliseconds of set-up per call.
+            for start in range(0, int(ok.sum()), 1024):
+                rows = np.flatnonzero(ok)[start:start + 1024]
+                probabilities[rows] = np.asarray(self.head(features[rows], training=False))
         return apply_temperature(probabilities, self.temperature) if calibrated else probabilities
-
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities for uint8 RGB images already at the model's input size."""
-        return self.predict_features(self.features.runtime(images))
 
     def read(self, source, name: str | None = None) -> np.ndarray:
         return read_image(source, self.image_size, self.interpolation, name=name)

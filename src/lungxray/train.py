@@ -28,7 +28,8 @@ from lungxray.evaluate.plots import plot_history
 from lungxray.features import FeatureExtractor, file_hashes
 from lungxray.io import atomic_path, write_json, write_text
 from lungxray.model import build_backbone, build_head, build_model, compile_for_training
-from lungxray.predict import MODEL_FILE, TRAIN_HASHES, Predictor, save_model
+from lungxray.ood import OutOfDistribution
+from lungxray.predict import MODEL_FILE, OOD_FILE, TRAIN_HASHES, Predictor, save_model
 
 log = logging.getLogger("lungxray")
 
@@ -159,6 +160,10 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     val_predictions = predictor.predict_files([r.path for r in val_records], desc="calibrating")
     predictor.temperature = fit_temperature(val_predictions.raw, val_labels)
     log.info("temperature scaling, fitted on validation: T = %.3f", predictor.temperature)
+    train_features = (train_pass.features["orig"][train_keep] if extractor is not None else
+                      predictor.features.extract([r.path for r in train_records], desc="OOD features").features["orig"])
+    predictor.ood = OutOfDistribution.fit(train_features, val_predictions.features)
+    predictor.ood.save(run_dir / OOD_FILE)
     save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
                {"engine": engine, "temperature": predictor.temperature,
                 "trained": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -61,6 +61,11 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
                        "counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
                        "unreadable": [{"file": e.path, "reason": e.reason} for e in predictions.errors]}
     metrics["overlap_with_training"] = training_overlap(predictor, records, predictions.hashes)
+    if predictions.ood is not None:
+        metrics["ood"] = {"flagged": int(predictions.ood[ok].sum()), "flag_rate": float(predictions.ood[ok].mean()),
+                          "threshold": predictor.ood.threshold,
+                          "note": "share of these images the out-of-distribution gate flags; on data like the "
+                                  "training data this is the false-alarm rate (about 1% by construction)"}
     metrics["subgroups"] = {column: subgroup_metrics([r for r, k in zip(records, ok) if k], y, p, classes, column,
                                                      resamples)
                             for column in by}
@@ -99,7 +104,7 @@ def occlusion_test(predictor: Predictor, records: list[Record], y: np.ndarray, a
     images = bounded_map(lambda r: predictor.read(r.path), records)
     for start in tqdm(range(0, len(records), batch_size), desc="occluded", unit="batch"):
         batch = np.stack([next(images) for _ in range(min(batch_size, len(records) - start))])
-        predicted.append(predictor.predict_images(occlude(batch)).argmax(axis=1))
+        predicted.append(predictor.predict_images(occlude(batch)).probabilities.argmax(axis=1))
     occluded_accuracy = float(np.mean(np.concatenate(predicted) == y))
     chance = float(np.bincount(y).max() / len(y))
     return {"box": list(OCCLUDED_BOX), "accuracy": accuracy, "accuracy_occluded": occluded_accuracy,

@@ -1,0 +1,58 @@
+"""Out-of-distribution gate: flag images unlike the training data instead of classifying them
+confidently. Mahalanobis distance of log-scaled backbone features to the training features (shrunk
+covariance, Ledoit-Wolf); the threshold is the validation split's 99th percentile, so about 1% of
+in-distribution images raise a false alarm.
+
+Why log1p: max-pooled activations are heavy-tailed. On raw features, measured on 2,000 training
+images of ../shared/cxr, a scanned page, a text document and noise scored below the threshold
+(detection 9 of 13 non-X-ray images); on log1p features all 13 scored at least 1.5x the
+threshold, with 0.3% false alarms on 300 test X-rays."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+
+from lungxray.io import atomic_path
+
+VALIDATION_QUANTILE = 0.99
+
+
+def _scaled(features: np.ndarray) -> np.ndarray:
+    # hard-swish outputs are >= -0.375, so log1p is defined
+    return np.log1p(np.maximum(features.astype(np.float64), -0.5))
+
+
+@dataclasses.dataclass
+class OutOfDistribution:
+    mean: np.ndarray
+    precision: np.ndarray
+    threshold: float
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, val_features: np.ndarray,
+            quantile: float = VALIDATION_QUANTILE) -> "OutOfDistribution":
+        covariance = LedoitWolf().fit(_scaled(train_features))
+        gate = cls(covariance.location_, covariance.precision_, np.inf)
+        gate.threshold = float(np.quantile(gate.score(val_features), quantile))
+        return gate
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row to the training features (NaN rows stay NaN)."""
+        centred = _scaled(features) - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0.0))
+
+    def flag(self, features: np.ndarray) -> np.ndarray:
+        return self.score(features) > self.threshold
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, mean=self.mean, precision=self.precision, threshold=self.threshold)
+
+    @classmethod
+    def load(cls, path: Path) -> "OutOfDistribution":
+        with np.load(path, allow_pickle=False) as stored:
+            return cls(stored["mean"], stored["precision"], float(stored["threshold"]))
