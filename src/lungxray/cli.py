@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
+    serve = commands.add_parser("serve", help="REST API and web page for a trained model")
+    serve.add_argument("--model", required=True, help="run folder or .keras file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0)
+    serve.add_argument("--cache", help="feature cache folder")
+    serve.set_defaults(run=run_serve)
+
     compare = commands.add_parser("compare", help="compare evaluated runs on the same images (paired bootstrap)")
     compare.add_argument("runs", nargs="+", help="run folders (their evaluation/) or evaluation folders")
     compare.add_argument("--resamples", type=int, default=1000)
@@ -192,6 +200,14 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
         return buffer.getvalue().rstrip("\n")
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])
+
+
+def run_serve(args) -> int:
+    from lungxray.serve import serve
+
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args))
+    return 0
 
 
 def run_compare(args) -> int:

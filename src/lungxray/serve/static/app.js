@@ -1,0 +1,61 @@
+// One page, no build step, no external requests: upload, show, explain.
+const $ = (id) => document.getElementById(id);
+
+async function classify(file) {
+  $("status").textContent = `Analysing ${file.name}…`;
+  $("status").className = "";
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const response = await fetch("/api/predict?explain=true", { method: "POST", body: form });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || response.statusText);
+    show(file, answer);
+    $("status").textContent = "";
+  } catch (error) {
+    $("status").textContent = `Could not analyse ${file.name}: ${error.message}`;
+    $("status").className = "error";
+    $("result").hidden = true;
+  }
+}
+
+function show(file, answer) {
+  const isImage = file.type.startsWith("image/") && !file.name.toLowerCase().endsWith(".dcm");
+  $("preview").src = isImage ? URL.createObjectURL(file) : answer.gradcam;
+  $("heatmap").src = answer.gradcam;
+  $("predicted").textContent = answer.predicted;
+  $("model").textContent = answer.model;
+  const bars = $("bars");
+  bars.innerHTML = "";
+  for (const [name, p] of Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1])) {
+    const bar = document.createElement("div");
+    bar.className = "bar" + (name === answer.predicted ? " top" : "");
+    bar.dataset.class = name;
+    bar.innerHTML = `<span>${name}: ${(100 * p).toFixed(1)}%</span>
+      <div class="track"><div class="fill" style="width:${(100 * p).toFixed(1)}%"></div></div>`;
+    bars.appendChild(bar);
+  }
+  const ood = answer.ood && answer.ood.flag;
+  $("ood").hidden = !ood;
+  $("ood").textContent = ood ? "This image does not look like the chest X-rays the model was trained on. " +
+    "Its prediction is not meaningful." : "";
+  $("result").hidden = false;
+  toggle();
+}
+
+function toggle() {
+  const on = $("toggle").checked;
+  $("heatmap").hidden = !on;
+  $("preview").hidden = on;
+}
+
+$("file").addEventListener("change", (event) => event.target.files[0] && classify(event.target.files[0]));
+$("toggle").addEventListener("change", toggle);
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  if (event.dataTransfer.files[0]) classify(event.dataTransfer.files[0]);
+});

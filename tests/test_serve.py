@@ -1,0 +1,100 @@
+"""The REST API with FastAPI's test client: good images, DICOM, garbage, empty, huge, wrong type."""
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lungxray import Config, Predictor, train
+from lungxray.serve import create_app
+from tests.conftest import TINY, write_class_folders
+from tests.test_dicom import make_dicom
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = write_class_folders(root / "data", per_class=8, splits=["train", "val", "test"])
+    config = Config(weights="none", image_size=TINY, epochs=2, batch_size=8, dense_units=16)
+    result = train(data, root / "run", config, cache_dir=root / "cache")
+    return result.run_dir, data, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    run_dir, _, cache = run
+    predictor = Predictor.load(run_dir, cache_dir=cache)
+    return TestClient(create_app(predictor, run_dir / "model.keras", max_upload_mb=1))
+
+
+def png_bytes(size=64, value=128) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_and_model(client):
+    assert client.get("/api/health").json()["status"] == "ok"
+    model = client.get("/api/model").json()
+    assert model["classes"] == ["covid", "normal", "pneumonia"] and len(model["sha256"]) == 64
+    assert model["test_metrics"]["n"] == 24 and model["ood_threshold"] > 0
+
+
+def test_predict_png_with_explanation(client, run):
+    image = sorted((run[1] / "test" / "covid").iterdir())[0].read_bytes()
+    response = client.post("/api/predict?explain=true", files={"file": ("x.png", image, "image/png")})
+    assert response.status_code == 200
+    answer = response.json()
+    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
+    assert answer["predicted"] == max(answer["probabilities"], key=answer["probabilities"].get)
+    assert set(answer["ood"]) == {"flag", "score", "threshold"} and answer["gradcam"].startswith("data:image/png")
+    assert "not a diagnosis" in answer["notice"]
+
+
+def test_predict_dicom_and_sniffing(client, tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    dicom = make_dicom(tmp_path / "a.dcm", ramp).read_bytes()
+    assert client.post("/api/predict", files={"file": ("scan.dcm", dicom, "application/dicom")}).status_code == 200
+    # a PNG named .jpg with a wrong content type is still a PNG
+    assert client.post("/api/predict", files={"file": ("x.jpg", png_bytes(), "text/plain")}).status_code == 200
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty"),
+    (b"\x00\x01garbage bytes that are no image" * 10, "not a recognised image format"),
+    (png_bytes()[:60], "corrupt or truncated"),
+])
+def test_bad_uploads_get_one_json_error(client, content, message):
+    response = client.post("/api/predict", files={"file": ("bad.png", content, "image/png")})
+    assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_huge_upload_is_refused_with_413(client):
+    huge = b"\x89PNG" + b"\x00" * (2 << 20)
+    response = client.post("/api/predict", files={"file": ("huge.png", huge, "image/png")})
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_wrong_content_type_and_missing_file(client):
+    response = client.post("/api/predict", json={"image": "x"})
+    assert response.status_code == 422 and "multipart/form-data" in response.json()["error"]
+    assert client.post("/api/predict", files={"other": ("x.png", png_bytes(), "image/png")}).status_code == 422
+
+
+def test_batch_mixes_results_and_errors(client):
+    files = [("files", ("a.png", png_bytes(), "image/png")), ("files", ("b.png", b"junk", "image/png")),
+             ("files", ("c.png", png_bytes(value=10), "image/png"))]
+    results = client.post("/api/predict/batch", files=files).json()["results"]
+    assert [r["file"] for r in results] == ["a.png", "b.png", "c.png"]
+    assert "predicted" in results[0] and "error" in results[1] and "predicted" in results[2]
+
+
+def test_page_and_docs_are_served_without_external_requests(client):
+    page = client.get("/").text
+    assert "not a diagnosis" in page and "http://" not in page and "https://" not in page
+    for asset in ("/static/app.js", "/static/style.css"):
+        body = client.get(asset).text
+        assert client.get(asset).status_code == 200 and "http" not in body
+    assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
