@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import threading
+import queue
 import uuid
 from pathlib import Path
 
@@ -44,8 +44,12 @@ def litert_available() -> bool:
 
 
 class BackboneRuntime:
-    """Runs the frozen backbone on uint8 RGB batches. `keras` is the reference; `litert` (LiteRT
-    with XNNPACK) computes the same function ~4x faster on CPU, within ~1e-4 (tests check)."""
+    """Runs the frozen backbone on RGB images in [0, 255]. `keras` is the reference; `litert`
+    (LiteRT with XNNPACK) computes the same function ~4x faster on CPU, within ~1e-4 (tests check).
+
+    LiteRT runs a pool of single-threaded interpreters, one per core, that any thread may borrow:
+    measured here, two such interpreters in two threads give 1,160 images/s against 1,010 for one
+    interpreter with two threads, and they do not stall when decoding threads take a core."""
 
     def __init__(self, backbone: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
         if runtime == "auto":
@@ -54,12 +58,13 @@ class BackboneRuntime:
         self.fingerprint = weights_fingerprint(backbone)
         self.input_shape = tuple(backbone.input_shape[1:])
         if runtime == "litert":
-            self._interpreter = self._litert_interpreter(Path(cache_dir or default_cache_dir()))
-            self._lock = threading.Lock()
+            model_path = self._litert_model(Path(cache_dir or default_cache_dir()))
+            self._interpreters: queue.Queue = queue.Queue()
+            for _ in range(os.cpu_count() or 1):
+                self._interpreters.put(_interpreter(model_path))
 
-    def _litert_interpreter(self, cache_dir: Path):
-        from ai_edge_litert.interpreter import Interpreter
-
+    def _litert_model(self, cache_dir: Path) -> Path:
+        """The backbone converted to LiteRT once per weights fingerprint and input size (~7 s)."""
         model_path = cache_dir / "litert" / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
         if not model_path.is_file():
             import tensorflow as tf
@@ -67,24 +72,32 @@ class BackboneRuntime:
             tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
             with atomic_path(model_path) as temporary:
                 self.backbone.export(str(temporary), format="litert", verbose=False)
-        interpreter = Interpreter(model_path=str(model_path), num_threads=os.cpu_count())
-        interpreter.allocate_tensors()
-        return interpreter
+        return model_path
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, dtype=np.float32)
+    def __call__(self, images) -> np.ndarray:
+        """Features (n, dim) of images: an (n, H, W, 3) array or a sequence of (H, W, 3) arrays."""
         if self.name == "keras":
-            return np.asarray(self.backbone(images, training=False), dtype=np.float32)
-        # Batch 1 is XNNPACK's fastest path here, and avoids re-allocating tensors per batch size.
-        interpreter = self._interpreter
-        (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
-        outputs = []
-        with self._lock:
-            for image in images:
-                interpreter.set_tensor(input_detail["index"], image[None])
+            batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
+            return np.asarray(self.backbone(batch, training=False), dtype=np.float32)
+        interpreter = self._interpreters.get()
+        try:
+            (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
+            outputs = np.empty((len(images), self.backbone.output_shape[-1]), np.float32)
+            for row, image in enumerate(images):
+                interpreter.set_tensor(input_detail["index"], np.asarray(image, np.float32)[None])
                 interpreter.invoke()
-                outputs.append(interpreter.get_tensor(output_detail["index"])[0].copy())
-        return np.stack(outputs) if outputs else np.zeros((0, self.backbone.output_shape[-1]), np.float32)
+                outputs[row] = interpreter.get_tensor(output_detail["index"])[0]
+            return outputs
+        finally:
+            self._interpreters.put(interpreter)
+
+
+def _interpreter(model_path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path), num_threads=1)
+    interpreter.allocate_tensors()
+    return interpreter
 
 
 def file_hash(data: bytes) -> str:
@@ -187,34 +200,33 @@ class FeatureExtractor:
         computed = 0
 
         def prepare(i: int):
-            """(i, hash, cached vectors or None, decoded image or None, error or None)."""
+            """(i, content hash, vectors per view, whether they were computed now, error)."""
             try:
                 data = Path(paths[i]).read_bytes()
             except OSError as error:
-                return i, None, None, None, ImageError(paths[i], f"cannot read file ({error.strerror or error})")
+                return i, None, None, False, ImageError(paths[i], f"cannot read file ({error.strerror or error})")
             content_hash = file_hash(data)
             cached = [self.cache.get(content_hash, v) for v in views]
             if all(c is not None for c in cached):
-                return i, content_hash, cached, None, None
+                return i, content_hash, cached, False, None
             try:
                 image = read_image(data, self.image_size, self.interpolation, name=str(paths[i]))
             except ImageError as error:
-                return i, content_hash, None, None, error
-            return i, content_hash, None, image, None
+                return i, content_hash, None, False, error
+            # Each worker thread runs the backbone itself, on an interpreter it borrows from the pool.
+            return i, content_hash, self.runtime([image, image[:, ::-1]] if flips else [image]), True, None
 
         items = bounded_map(prepare, range(len(paths)), self.workers)
-        for i, content_hash, cached, image, error in tqdm(items, total=len(paths), desc=desc, unit="img"):
+        for i, content_hash, vectors, fresh, error in tqdm(items, total=len(paths), desc=desc, unit="img"):
             hashes[i] = content_hash
             if error is not None:
                 errors.append(error)
                 continue
-            if cached is None:
-                batch = np.stack([image, image[:, ::-1]]) if flips else image[None]
-                cached = list(self.runtime(batch))
-                pending += [(content_hash, v, vector) for v, vector in zip(views, cached)]
-                computed += 1
-            for v, vector in zip(views, cached):
+            for v, vector in zip(views, vectors):
                 out[v][i] = vector
+            if fresh:
+                pending += [(content_hash, v, vector) for v, vector in zip(views, vectors)]
+                computed += 1
             if len(pending) >= SHARD_SIZE:
                 self.cache.add(pending)
                 pending = []

@@ -134,7 +134,8 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
         val_table = held_out_pass.features["orig"][: len(val_keep)][val_keep][:, None]
         train_data = feature_batches(plan, table, train_labels, classes)
         val_data = feature_batches(val_plan, val_table, val_labels, classes)
-        fit_model, steps_per_execution = head, 32
+        # One execution per epoch: the fewest Python round trips, the same steps.
+        fit_model, steps_per_execution = head, plan.steps
     else:
         shape = backbone.input_shape[1:]
         train_data = image_batches(plan, image_loader(train_records, config.image_size, config.interpolation),
