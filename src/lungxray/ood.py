@@ -43,7 +43,7 @@ class OutOfDistribution:
     def score(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row to the training features (NaN rows stay NaN)."""
         centred = _scaled(features) - self.mean
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0.0))
+        return np.sqrt(np.maximum(((centred @ self.precision) * centred).sum(axis=1), 0.0))
 
     def flag(self, features: np.ndarray) -> np.ndarray:
         return self.score(features) > self.threshold
