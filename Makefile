@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
-RUN ?= runs/reference
+RUN ?= runs/reference-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup reference test
 

@@ -4,7 +4,6 @@ import csv
 import json
 from html.parser import HTMLParser
 
-import numpy as np
 import pytest
 
 from lungxray import Config, Predictor, train

@@ -19,7 +19,7 @@ def test_epoch_plan_is_seeded_and_changes_per_epoch():
 def test_only_training_images_are_flipped(split_folders):
     dataset = load_dataset(split_folders)
     train, test = dataset.split("train"), dataset.split("test")
-    load_train, load_test = image_loader(train, 40), image_loader(test, 40)
+    load_train = image_loader(train, 40)
     train_plan = EpochPlan(len(train), 4, seed=1, flip=True)
     test_plan = EpochPlan(len(test), 4, seed=1, flip=False, shuffle=False)
     flipped = 0

@@ -101,51 +101,21 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     log.info("engine: %s (%s)", engine, reason)
     timings["setup"] = time.perf_counter() - started
 
-    train_records, val_records = dataset.split("train"), dataset.split("val")
     tick = time.perf_counter()
-    extractor = None
     if engine == "cached":
-        extractor = FeatureExtractor(backbone, config.image_size, config.interpolation, config.feature_runtime, cache_dir)
-        train_pass = extractor.extract([r.path for r in train_records], flips=True, desc="train features")
-        # Test features go into the cache now, so that evaluation finds them there.
-        held_out = val_records + dataset.split("test")
-        held_out_pass = extractor.extract([r.path for r in held_out], desc="val+test features")
-        val_paths = {str(r.path) for r in val_records}
-        errors = train_pass.errors + [e for e in held_out_pass.errors if e.path in val_paths]
-        train_hashes = train_pass.hashes
+        inputs = _prepare_cached(dataset, backbone, head, config, cache_dir)
     else:
-        _, errors = scan_images(train_records + val_records, config.image_size, config.interpolation)
-        train_hashes = file_hashes([r.path for r in train_records])
+        inputs = _prepare_keras(dataset, model, config)
     timings["prepare"] = time.perf_counter() - tick
-    _check_unreadable(errors, dataset, train_records + val_records, config, run_dir)
-    unreadable = {e.path for e in errors}
-    train_keep = np.array([str(r.path) not in unreadable for r in train_records], bool)
-    val_keep = np.array([str(r.path) not in unreadable for r in val_records], bool)
-    train_records = [r for r, k in zip(train_records, train_keep) if k]
-    val_records = [r for r, k in zip(val_records, val_keep) if k]
-    write_text(run_dir / TRAIN_HASHES, "".join(f"{h}\n" for h, k in zip(train_hashes, train_keep) if k and h))
-
+    train_records, val_records = inputs.drop_unreadable(dataset, config, run_dir)
+    write_text(run_dir / TRAIN_HASHES, "".join(f"{h}\n" for h in inputs.train_hashes if h))
     plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
     val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
     train_labels, val_labels = dataset.labels(train_records), dataset.labels(val_records)
-    classes = len(dataset.classes)
-    if engine == "cached":
-        table = np.stack([train_pass.features["orig"], train_pass.features["flip"]], axis=1)[train_keep]
-        val_table = held_out_pass.features["orig"][: len(val_keep)][val_keep][:, None]
-        train_data = feature_batches(plan, table, train_labels, classes)
-        val_data = feature_batches(val_plan, val_table, val_labels, classes)
-        # One execution per epoch: the fewest Python round trips, the same steps.
-        fit_model, steps_per_execution = head, plan.steps
-    else:
-        shape = backbone.input_shape[1:]
-        train_data = image_batches(plan, image_loader(train_records, config.image_size, config.interpolation),
-                                   train_labels, classes, shape)
-        val_data = image_batches(val_plan, image_loader(val_records, config.image_size, config.interpolation),
-                                 val_labels, classes, shape)
-        fit_model, steps_per_execution = model, 1
+    train_data, val_data = inputs.batches(plan, val_plan, train_labels, val_labels, len(dataset.classes))
 
     tick = time.perf_counter()
-    history = _fit(fit_model, plan, train_data, val_data, config, run_dir, steps_per_execution,
+    history = _fit(inputs.fit_model, plan, train_data, val_data, config, run_dir, inputs.steps_per_execution(plan),
                    config.learning_rate, config.epochs)
     timings["head_training"] = time.perf_counter() - tick
 
@@ -153,16 +123,17 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
         tick = time.perf_counter()
         history = _fine_tune(model, dataset, train_records, val_records, config, run_dir, history)
         timings["fine_tuning"] = time.perf_counter() - tick
-        extractor = None  # the backbone changed: its features are new
+        inputs.extractor, inputs.train_table = None, None  # the backbone changed: its features are new
 
     tick = time.perf_counter()
     predictor = Predictor(model, dataset.classes, config.image_size, config.interpolation, config.feature_runtime,
-                          cache_dir, features=extractor, train_hashes=set(train_hashes))
+                          cache_dir, features=inputs.extractor, train_hashes=set(inputs.train_hashes) - {None})
     val_predictions = predictor.predict_files([r.path for r in val_records], desc="calibrating")
     predictor.temperature = fit_temperature(val_predictions.raw, val_labels)
     log.info("temperature scaling, fitted on validation: T = %.3f", predictor.temperature)
-    train_features = (train_pass.features["orig"][train_keep] if extractor is not None else
-                      predictor.features.extract([r.path for r in train_records], desc="OOD features").features["orig"])
+    train_features = inputs.train_features
+    if train_features is None:
+        train_features = predictor.features.extract([r.path for r in train_records], desc="OOD features").features["orig"]
     predictor.ood = OutOfDistribution.fit(train_features, val_predictions.features)
     predictor.ood.save(run_dir / OOD_FILE)
     save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
@@ -188,6 +159,78 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
     result = TrainResult(run_dir, engine, history, test_metrics, timings, external_metrics)
     write_report(result, dataset, config, reason)
     return result
+
+
+@dataclasses.dataclass
+class EngineInputs:
+    """What an engine prepared before training: the model it fits and how to feed it.
+
+    Rows of `train_table`/`val_table` (cached engine) and the record lists line up with the
+    dataset's train and val splits until `drop_unreadable` removes the unreadable ones."""
+
+    engine: str
+    fit_model: keras.Model
+    train_records: list[Record]
+    val_records: list[Record]
+    errors: list[ImageError]
+    train_hashes: list[str | None]
+    config: Config
+    extractor: FeatureExtractor | None = None
+    train_table: np.ndarray | None = None  # (n, 2, dim): features of each image and of its mirror image
+    val_table: np.ndarray | None = None  # (n, 1, dim)
+
+    @property
+    def train_features(self) -> np.ndarray | None:
+        return None if self.train_table is None else self.train_table[:, 0]
+
+    def drop_unreadable(self, dataset: Dataset, config: Config, run_dir: Path) -> tuple[list[Record], list[Record]]:
+        _check_unreadable(self.errors, dataset, self.train_records + self.val_records, config, run_dir)
+        bad = {e.path for e in self.errors}
+        train_keep = np.array([str(r.path) not in bad for r in self.train_records], bool)
+        val_keep = np.array([str(r.path) not in bad for r in self.val_records], bool)
+        self.train_records = [r for r, k in zip(self.train_records, train_keep) if k]
+        self.val_records = [r for r, k in zip(self.val_records, val_keep) if k]
+        self.train_hashes = [h for h, k in zip(self.train_hashes, train_keep) if k]
+        if self.train_table is not None:
+            self.train_table, self.val_table = self.train_table[train_keep], self.val_table[val_keep]
+        return self.train_records, self.val_records
+
+    def batches(self, plan: EpochPlan, val_plan: EpochPlan, train_labels, val_labels, classes: int):
+        if self.engine == "cached":
+            return (feature_batches(plan, self.train_table, train_labels, classes),
+                    feature_batches(val_plan, self.val_table, val_labels, classes))
+        config, shape = self.config, self.fit_model.input_shape[1:]
+        return (image_batches(plan, image_loader(self.train_records, config.image_size, config.interpolation),
+                              train_labels, classes, shape),
+                image_batches(val_plan, image_loader(self.val_records, config.image_size, config.interpolation),
+                              val_labels, classes, shape))
+
+    def steps_per_execution(self, plan: EpochPlan) -> int:
+        # Cached: one execution per epoch, the fewest Python round trips for the same steps.
+        return plan.steps if self.engine == "cached" else 1
+
+
+def _prepare_cached(dataset, backbone, head, config, cache_dir) -> EngineInputs:
+    """Backbone features of every training image and its mirror image, and of val and test."""
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    extractor = FeatureExtractor(backbone, config.image_size, config.interpolation, config.feature_runtime, cache_dir)
+    train_pass = extractor.extract([r.path for r in train_records], flips=True, desc="train features")
+    # Test features go into the cache now, so that evaluation finds them there.
+    held_out_pass = extractor.extract([r.path for r in val_records + dataset.split("test")], desc="val+test features")
+    val_paths = {str(r.path) for r in val_records}
+    return EngineInputs(
+        "cached", head, train_records, val_records,
+        train_pass.errors + [e for e in held_out_pass.errors if e.path in val_paths], train_pass.hashes, config,
+        extractor, np.stack([train_pass.features["orig"], train_pass.features["flip"]], axis=1),
+        held_out_pass.features["orig"][: len(val_records), None])
+
+
+def _prepare_keras(dataset, model, config) -> EngineInputs:
+    """Check every image decodes before the first epoch; the model reads images at every step."""
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    _, errors = scan_images(train_records + val_records, config.image_size, config.interpolation)
+    return EngineInputs("keras", model, train_records, val_records, errors,
+                        file_hashes([r.path for r in train_records]), config)
 
 
 def split_off_source(dataset: Dataset, source: str | None) -> tuple[Dataset, Dataset | None]:
