@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from lungxray.calibration import apply_temperature, fit_temperature
 from lungxray.evaluate.metrics import (bootstrap_intervals, calibration_metrics, classification_metrics, headline,
@@ -90,5 +90,6 @@ def test_metrics_have_the_promised_names():
     assert set(metrics["per_class"]["a"]) >= {"sensitivity", "specificity", "ppv", "npv", "f1", "support", "auroc",
                                               "average_precision", "precision", "recall"}
     assert metrics["intervals"]["accuracy"]["value"] == pytest.approx(5 / 6)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, [0, 1, 2, 1, 1, 2]))
     assert metrics["bootstrap"]["resamples"] == 50
     assert {"ece", "brier", "nll", "ece_bins"} <= set(metrics["calibration"])

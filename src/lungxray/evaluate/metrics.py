@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, classification_report,
+from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
                              confusion_matrix, f1_score, log_loss, roc_auc_score)
 
 ECE_BINS = 15
@@ -151,7 +151,9 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         "classes": list(classes),
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(np.unique(y_true)) > 1 else None,
+        # Mean recall over the classes present (scikit-learn's definition, without its warning
+        # when a subgroup lacks a class that is still predicted).
+        "balanced_accuracy": float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)])),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "macro_auroc": macro_auroc(y_true, probabilities),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
