@@ -11,7 +11,6 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from lungxray.io import atomic_path
 
 
 def last_conv_layer(backbone: keras.Model) -> keras.layers.Layer:
@@ -55,7 +54,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarr
 
 def save_explanation(image: np.ndarray, heat: np.ndarray, title: str, path: Path) -> None:
     """A PNG: the X-ray and its Grad-CAM overlay side by side, titled with the prediction."""
-    from lungxray.evaluate.plots import plt
+    from lungxray.evaluate.plots import plt, save_figure
 
     figure, axes = plt.subplots(1, 2, figsize=(8, 4.4))
     axes[0].imshow(image)
@@ -65,9 +64,7 @@ def save_explanation(image: np.ndarray, heat: np.ndarray, title: str, path: Path
     for axis in axes:
         axis.axis("off")
     figure.suptitle(title)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, bbox_inches="tight", format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def explain_files(predictor, paths: list[Path], probabilities: np.ndarray, out_dir: Path) -> list[Path]:

@@ -14,7 +14,8 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 from lungxray.io import atomic_path  # noqa: E402
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
+    """Write `figure` to `path` atomically and free it."""
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=120, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     plt.close(figure)
@@ -34,7 +35,7 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, normalized: bo
     axis.set_title("Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)")
     axis.set_xlabel("Predicted class")
     axis.set_ylabel("True class")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_history(history: dict[str, list[float]], metric: str, path: Path) -> None:
@@ -49,7 +50,7 @@ def plot_history(history: dict[str, list[float]], metric: str, path: Path) -> No
     axis.set_title(f"{metric.capitalize()} per epoch")
     axis.grid(alpha=0.3)
     axis.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_roc_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
@@ -63,7 +64,7 @@ def plot_roc_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     axis.set_title("ROC curves (one class vs the rest)")
     axis.legend(loc="lower right")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_pr_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
@@ -76,7 +77,7 @@ def plot_pr_curves(y_true: np.ndarray, probabilities: np.ndarray, classes: list[
             PrecisionRecallDisplay.from_predictions(y_true == i, probabilities[:, i], name=name, ax=axis)
     axis.set_title("Precision-recall curves (one class vs the rest)")
     axis.legend(loc="lower left")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_reliability(calibrations: dict[str, dict], path: Path) -> None:
@@ -93,4 +94,4 @@ def plot_reliability(calibrations: dict[str, dict], path: Path) -> None:
     axis.set_ylabel("accuracy")
     axis.set_title(f"Reliability diagram ({calibrations[next(iter(calibrations))]['ece_bins']} equal-width bins)")
     axis.legend(loc="upper left")
-    _save(figure, path)
+    save_figure(figure, path)
