@@ -79,3 +79,19 @@ def test_class_with_no_readable_image_stops_training(split_folders, tmp_path, ca
         path.write_bytes(b"garbage")
     with pytest.raises(DataError, match="class 'covid' has no readable images in the val split"):
         train(split_folders, tmp_path / "run", tiny_config(epochs=1, max_unreadable_fraction=1.0), cache_dir=cache_dir)
+
+
+def test_fine_tuning_trains_the_top_of_the_backbone(split_folders, tmp_path, cache_dir):
+    config = tiny_config(epochs=2, fine_tune_epochs=1, fine_tune_layers=5)
+    result = train(split_folders, tmp_path / "tuned", config, cache_dir=cache_dir)
+    assert len(result.history["loss"]) == 3 and "fine_tuning" in result.timings
+    assert len((result.run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 3
+    frozen = train(split_folders, tmp_path / "frozen", tiny_config(epochs=2), cache_dir=cache_dir)
+    tuned_backbone = Predictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).backbone
+    frozen_backbone = Predictor.load(frozen.run_dir, runtime="keras", cache_dir=cache_dir).backbone
+    changed = {layer.name: any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(),
+                                                                      frozen_backbone.get_layer(layer.name).get_weights()))
+               for layer in tuned_backbone.layers if layer.get_weights()}
+    # The last 5 layers are add, conv_1, conv_1_bn (kept frozen), activation, pooling: only conv_1 learns.
+    assert [name for name, moved in changed.items() if moved] == ["conv_1"]
+

@@ -47,8 +47,9 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
                 backbone.load_weights(str(path))
             except Exception as error:
                 raise WeightsError(f"{path} is not a MobileNetV3Small (no top) weights file: {error}") from None
+    backbone = keras.Model(backbone.input, backbone.output, name="backbone")
     backbone.trainable = False
-    return keras.Model(backbone.input, backbone.output, name="backbone")
+    return backbone
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int = 256, dropout: float = 0.2,

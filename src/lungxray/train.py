@@ -308,11 +308,9 @@ def _fine_tune(model, dataset, train_records, val_records, config, run_dir, hist
     """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end on images."""
     backbone = model.get_layer("backbone")
     backbone.trainable = True
-    for layer in backbone.layers[:-config.fine_tune_layers]:
-        layer.trainable = False
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+    first_tuned = len(backbone.layers) - config.fine_tune_layers
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= first_tuned and not isinstance(layer, keras.layers.BatchNormalization)
     shape, classes = backbone.input_shape[1:], len(dataset.classes)
     plan = EpochPlan(len(train_records), config.batch_size, config.seed, config.horizontal_flip)
     val_plan = EpochPlan(len(val_records), config.batch_size, config.seed, flip=False, shuffle=False)
