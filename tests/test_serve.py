@@ -98,3 +98,14 @@ def test_page_and_docs_are_served_without_external_requests(client):
         body = client.get(asset).text
         assert client.get(asset).status_code == 200 and "http" not in body
     assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+def test_huge_chunked_upload_without_length_is_refused_with_413(client):
+    def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+        for _ in range(3):
+            yield b"\x00" * (1 << 20)
+        yield b"\r\n--b--\r\n"
+
+    response = client.post("/api/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]

@@ -33,10 +33,6 @@ DEFAULT_MAX_PENDING = 64
 NOTICE = "Research use only: not a medical device, not a diagnosis."
 
 
-class UploadTooLarge(Exception):
-    pass
-
-
 class LimitUploadSize:
     """ASGI middleware: refuse bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
 
@@ -49,19 +45,33 @@ class LimitUploadSize:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _too_large(send, self.max_bytes)
-        received = 0
+        received, too_large, answered = 0, False, False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise UploadTooLarge
+                too_large = True
+                return {"type": "http.disconnect"}  # the app stops reading; its answer is replaced below
             return message
 
+        async def guarded_send(message):
+            nonlocal answered
+            if too_large:
+                if not answered:
+                    answered = True
+                    await _too_large(send, self.max_bytes)
+                return
+            answered = True
+            await send(message)
+
         try:
-            await self.app(scope, counting_receive, send)
-        except UploadTooLarge:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not answered:
             await _too_large(send, self.max_bytes)
 
 
