@@ -122,8 +122,7 @@ def run_train(args) -> int:
     config = Config.load(args.config) if args.config else Config()
     config = config.replace(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                             engine=args.engine, fine_tune_epochs=args.fine_tune_epochs, image_size=args.image_size,
-                            holdout_source=args.holdout_source)
-    config.validate()
+                            holdout_source=args.holdout_source)  # replace() validates
     result = train(args.data, args.out, config, cache_dir=_cache(args))
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:

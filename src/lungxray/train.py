@@ -66,14 +66,14 @@ class FollowEpoch(keras.callbacks.Callback):
 class SaveBest(keras.callbacks.Callback):
     """Save the weights whenever `monitor` improves, atomically (an interruption keeps the last best)."""
 
-    def __init__(self, path: Path, monitor: str):
+    def __init__(self, path: Path, monitor: str, mode: str):
         super().__init__()
-        self.path, self.monitor = Path(path), monitor
-        self.best = -np.inf if monitor.endswith("accuracy") else np.inf
+        self.path, self.monitor, self.mode = Path(path), monitor, mode
+        self.best = -np.inf if mode == "max" else np.inf
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        improved = value is not None and (value > self.best if self.monitor.endswith("accuracy") else value < self.best)
+        improved = value is not None and (value > self.best if self.mode == "max" else value < self.best)
         if improved:
             self.best = value
             with atomic_path(self.path) as temporary:
@@ -123,24 +123,27 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
         tick = time.perf_counter()
         history = _fine_tune(model, dataset, train_records, val_records, config, run_dir, history)
         timings["fine_tuning"] = time.perf_counter() - tick
-        inputs.extractor, inputs.train_table = None, None  # the backbone changed: its features are new
+        # the backbone changed: its features are new
+        inputs.extractor, inputs.train_table, inputs.val_table = None, None, None
 
     tick = time.perf_counter()
     predictor = Predictor(model, dataset.classes, config.image_size, config.interpolation, config.feature_runtime,
                           cache_dir, features=inputs.extractor, train_hashes=set(inputs.train_hashes) - {None})
-    val_predictions = predictor.predict_files([r.path for r in val_records], desc="calibrating")
-    predictor.temperature = fit_temperature(val_predictions.raw, val_labels)
-    log.info("temperature scaling, fitted on validation: T = %.3f", predictor.temperature)
-    train_features = inputs.train_features
-    if train_features is None:
+    # The cached engine has every feature in hand; after the Keras engine or fine-tuning, extract them.
+    train_features, val_features = inputs.train_features, inputs.val_features
+    if val_features is None:
+        val_features = predictor.features.extract([r.path for r in val_records], desc="calibrating").features["orig"]
         train_features = predictor.features.extract([r.path for r in train_records], desc="OOD features").features["orig"]
-    predictor.ood = OutOfDistribution.fit(train_features, val_predictions.features)
+    val_raw = predictor.predict_features(val_features, calibrated=False)
+    predictor.temperature = fit_temperature(val_raw, val_labels)
+    log.info("temperature scaling, fitted on validation: T = %.3f", predictor.temperature)
+    predictor.ood = OutOfDistribution.fit(train_features, val_features)
     predictor.ood.save(run_dir / OOD_FILE)
     save_model(model, run_dir / MODEL_FILE, dataset.classes, config.image_size, config.interpolation,
                {"engine": engine, "temperature": predictor.temperature,
                 "trained": datetime.datetime.now().isoformat(timespec="seconds"),
                 "data": dataset.source, "counts": dataset.counts(), "holdout_source": config.holdout_source,
-                "validation": {"accuracy": float(np.mean(val_predictions.raw.argmax(axis=1) == val_labels))}})
+                "validation": {"accuracy": float(np.mean(val_raw.argmax(axis=1) == val_labels))}})
     _plot_history(history, run_dir)
     timings["saving"] = time.perf_counter() - tick
 
@@ -182,6 +185,10 @@ class EngineInputs:
     @property
     def train_features(self) -> np.ndarray | None:
         return None if self.train_table is None else self.train_table[:, 0]
+
+    @property
+    def val_features(self) -> np.ndarray | None:
+        return None if self.val_table is None else self.val_table[:, 0]
 
     def drop_unreadable(self, dataset: Dataset, config: Config, run_dir: Path) -> tuple[list[Record], list[Record]]:
         _check_unreadable(self.errors, dataset, self.train_records + self.val_records, config, run_dir)
@@ -294,7 +301,7 @@ def _fit(fit_model, plan, train_data, val_data, config, run_dir, steps_per_execu
     mode = "max" if config.monitor.endswith("accuracy") else "min"
     callbacks = [
         FollowEpoch(plan),
-        SaveBest(run_dir / "checkpoint.weights.h5", config.monitor),
+        SaveBest(run_dir / "checkpoint.weights.h5", config.monitor, mode),
         keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=initial_epoch > 0),

@@ -65,29 +65,24 @@ def image_facts(record: Record) -> ImageFacts:
     return facts
 
 
-def hamming_pairs(hashes: np.ndarray, mirrors: np.ndarray, threshold: int, block: int = 256):
-    """(i, j, distance) for i < j whose hashes, or one's and the other's mirror, differ in <= threshold bits."""
-    n = len(hashes)
-    for start in range(0, n, block):
+def compare_hashes(hashes: np.ndarray, mirrors: np.ndarray, threshold: int,
+                   block: int = 256) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """All against all, in one pass over blocks of rows. The distance of two images is the smaller
+    of their hashes' Hamming distance and that of one's hash to the other's mirror image's.
+
+    Returns the pairs (i, j, distance), i < j, within `threshold`, and each image's distance to its
+    nearest other image (for choosing the threshold)."""
+    pairs, nearest = [], np.empty(len(hashes), np.int64)
+    for start in range(0, len(hashes), block):
         rows = hashes[start:start + block]
         direct = np.bitwise_count(rows[:, None, :] ^ hashes[None, :, :]).sum(axis=2)
         mirrored = np.bitwise_count(rows[:, None, :] ^ mirrors[None, :, :]).sum(axis=2)
         distance = np.minimum(direct, mirrored)
-        for i, j in zip(*np.nonzero(distance <= threshold)):
-            i = start + i
-            if i < j:
-                yield int(i), int(j), int(distance[i - start, j])
-
-
-def nearest_distances(hashes: np.ndarray, block: int = 256) -> np.ndarray:
-    """Each image's Hamming distance to its nearest other image (for choosing the threshold)."""
-    nearest = np.empty(len(hashes), np.int64)
-    for start in range(0, len(hashes), block):
-        rows = hashes[start:start + block]
-        distance = np.bitwise_count(rows[:, None, :] ^ hashes[None, :, :]).sum(axis=2)
-        distance[np.arange(len(rows)), np.arange(start, start + len(rows))] = 1 << 20
+        distance[np.arange(len(rows)), np.arange(start, start + len(rows))] = 1 << 20  # not itself
         nearest[start:start + len(rows)] = distance.min(axis=1)
-    return nearest
+        pairs += [(start + int(i), int(j), int(distance[i, j]))
+                  for i, j in zip(*np.nonzero(distance <= threshold)) if start + i < j]
+    return pairs, nearest
 
 
 def audit(dataset: Dataset, threshold: int = NEAR_DUPLICATE_DISTANCE) -> dict:
@@ -98,16 +93,14 @@ def audit(dataset: Dataset, threshold: int = NEAR_DUPLICATE_DISTANCE) -> dict:
                   for i, f in enumerate(facts) if f.error]
 
     duplicates = []
-    by_sha = collections.defaultdict(list)
-    for i in readable:
-        by_sha[facts[i].sha256].append(i)
     hashes = np.stack([facts[i].dhash for i in readable]) if readable else np.zeros((0, 4), np.uint64)
     mirrors = np.stack([facts[i].dhash_mirror for i in readable]) if readable else hashes
-    for a, b, distance in hamming_pairs(hashes, mirrors, threshold):
+    pairs, nearest = compare_hashes(hashes, mirrors, threshold)
+    for a, b, distance in pairs:
         i, j = readable[a], readable[b]
         kind = "exact" if facts[i].sha256 == facts[j].sha256 else "near"
         duplicates.append(_pair(records[i], records[j], kind, distance))
-    nearest = nearest_distances(hashes) if len(hashes) > 1 else np.zeros(0)
+    nearest = nearest if len(hashes) > 1 else np.zeros(0)
 
     return {
         "source": dataset.source, "layout": dataset.layout, "images": len(records),

@@ -175,13 +175,18 @@ def assign_splits(dataset: Dataset, ratios=(0.7, 0.2, 0.1), seed: int = 21) -> D
     return dataclasses.replace(dataset, records=records)
 
 
+def extra_columns(records: list[Record]) -> list[str]:
+    """The manifest columns beyond file, label and split that any of `records` carries, sorted."""
+    return sorted({k for r in records for k in r.extra})
+
+
 def write_manifest(dataset: Dataset, path: Path) -> None:
     """A manifest CSV (`file,label,split,...`, absolute paths) that `load_dataset` reads back."""
     from lungxray.io import atomic_path
 
-    extra_columns = sorted({k for r in dataset.records for k in r.extra})
+    columns = extra_columns(dataset.records)
     with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", "split", *extra_columns])
+        writer.writerow(["file", "label", "split", *columns])
         for r in dataset.records:
-            writer.writerow([str(r.path), r.label, r.split or "", *[r.extra.get(k, "") for k in extra_columns]])
+            writer.writerow([str(r.path), r.label, r.split or "", *[r.extra.get(k, "") for k in columns]])

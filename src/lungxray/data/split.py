@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
-from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, hamming_pairs, image_facts
+from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, compare_hashes, image_facts
 from lungxray.data.records import DataError, Dataset
 from lungxray.parallel import bounded_map
 
@@ -41,7 +41,7 @@ def duplicate_groups(dataset: Dataset, group_by: str | None = None,
     if readable:
         hashes = np.stack([facts[i].dhash for i in readable])
         mirrors = np.stack([facts[i].dhash_mirror for i in readable])
-        for a, b, _ in hamming_pairs(hashes, mirrors, threshold):
+        for a, b, _ in compare_hashes(hashes, mirrors, threshold)[0]:
             groups.union(readable[a], readable[b])
     if group_by:
         first: dict[str, int] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lungxray.data.records import DataError, Dataset, Record, load_dataset
+from lungxray.data.records import DataError, Dataset, Record, extra_columns, load_dataset
 from lungxray.evaluate.metrics import calibration_metrics, classification_metrics, report_text
 from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves)
 from lungxray.evaluate.report import write_html_report
@@ -45,7 +45,7 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
     records = select_records(dataset, split)
     missing = [c for c in by if not any(c in r.extra for r in records)]
     if missing:
-        available = sorted({k for r in records for k in r.extra})
+        available = extra_columns(records)
         raise DataError(f"--by {missing[0]}: no such column in {dataset.source}; available: {available or 'none'}")
     predictions = predictor.predict_files([r.path for r in records], desc="evaluating")
     ok = ~np.isnan(predictions.probabilities).any(axis=1)
@@ -135,12 +135,12 @@ def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classe
 
 def write_predictions(path: Path, records: list[Record], probabilities: np.ndarray, classes: list[str]) -> None:
     """One row per image: file, true label, predicted class, each class's probability, extra columns."""
-    extra_columns = sorted({k for r in records for k in r.extra})
+    columns = extra_columns(records)
     with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", "predicted", *[f"p_{c}" for c in classes], *extra_columns])
+        writer.writerow(["file", "label", "predicted", *[f"p_{c}" for c in classes], *columns])
         for record, row in zip(records, probabilities):
             predicted = "" if np.isnan(row).any() else classes[int(row.argmax())]
             writer.writerow([record.file or str(record.path), record.label, predicted,
                              *["" if np.isnan(v) else f"{v:.6f}" for v in row],
-                             *[record.extra.get(k, "") for k in extra_columns]])
+                             *[record.extra.get(k, "") for k in columns]])
