@@ -8,7 +8,7 @@ import time
 import pytest
 import uvicorn
 
-from lungxray import Predictor
+from lungxray import Predictor, RunDir
 from lungxray.serve import create_app
 from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
@@ -18,7 +18,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 @pytest.fixture
 def server(run):  # noqa: F811
     run_dir, data, cache = run
-    app = create_app(Predictor.load(run_dir, cache_dir=cache), run_dir / "model.keras")
+    app = create_app(Predictor.load(run_dir, cache_dir=cache), RunDir.open(run_dir))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

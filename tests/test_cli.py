@@ -59,7 +59,7 @@ def test_evaluate_class_folders_and_split(trained_run, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["train", "--data", "/nonexistent/data", "--weights", "none"], "does not exist"),
     (["train", "--data", "{data}", "--weights", "/nonexistent/w.h5"], "weights file /nonexistent/w.h5 does not exist"),
-    (["train", "--data", "{data}", "--epochs", "0"], "epochs must be at least 1"),
+    (["train", "--data", "{data}", "--epochs", "0"], "'epochs' must be an int in the range [1, inf). Got 0 instead."),
     (["evaluate", "--model", "/nonexistent/run", "--data", "{data}"], "no model at"),
 ])
 def test_bad_input_gives_one_line_error(argv, message, capsys, trained_run, tmp_path):

@@ -21,10 +21,10 @@ def test_litert_matches_keras(tmp_path, split_folders):
     require_shared()
     backbone = build_backbone(str(WEIGHTS), 64)
     files = files_of(split_folders)[:12]
-    keras_features = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True).features
+    keras_features = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True).vectors
     litert = FeatureExtractor(backbone, 64, runtime="litert", cache_dir=tmp_path)
     assert litert.runtime.name == "litert"
-    litert_features = litert.extract(files, flips=True).features
+    litert_features = litert.extract(files, flips=True).vectors
     for view in ("orig", "flip"):
         np.testing.assert_allclose(litert_features[view], keras_features[view], atol=1e-3, rtol=1e-4)
     assert not np.allclose(keras_features["orig"], keras_features["flip"])
@@ -38,7 +38,7 @@ def test_second_pass_reads_the_cache(backbone, split_folders, cache_dir):
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     second_pass = again.extract(files, flips=True)
     assert second_pass.computed == 0
-    np.testing.assert_array_equal(second_pass.features["flip"], first_pass.features["flip"])
+    np.testing.assert_array_equal(second_pass.vectors["flip"], first_pass.vectors["flip"])
     assert second_pass.hashes == first_pass.hashes and len(set(first_pass.hashes)) == len(files)
 
 
@@ -70,7 +70,7 @@ def test_unreadable_images_never_enter_the_cache(backbone, split_folders, cache_
     extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     result = extractor.extract([bad, *files_of(split_folders / "train")[:2]])
     assert [e.path for e in result.errors] == [str(bad)] and "not a recognised image" in result.errors[0].reason
-    features = result.features["orig"]
+    features = result.vectors["orig"]
     assert np.isnan(features[0]).all() and not np.isnan(features[1:]).any()
     assert len(extractor.cache.entries) == 2
 

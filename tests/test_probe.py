@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lungxray.cli import main
-from lungxray.data.probe import probe
+from lungxray.probe import probe
 from lungxray.data.records import load_dataset
 from lungxray.evaluate import occlude
 from lungxray.features import FeatureExtractor

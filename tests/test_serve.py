@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, Predictor, RunDir, train
 from lungxray.serve import create_app
 from tests.conftest import TINY, write_class_folders
 from tests.test_dicom import make_dicom
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 def client(run):
     run_dir, _, cache = run
     predictor = Predictor.load(run_dir, cache_dir=cache)
-    return TestClient(create_app(predictor, run_dir / "model.keras", max_upload_mb=1))
+    return TestClient(create_app(predictor, RunDir.open(run_dir), max_upload_mb=1))
 
 
 def png_bytes(size=64, value=128) -> bytes:

@@ -4,16 +4,28 @@
     result = train("data/", "runs/first", Config(epochs=30))
     predictor = Predictor.load(result.run_dir)
     predictions = predictor.predict_files(["xray.png"])  # .probabilities, .errors
+
+Names are imported on first use (as scikit-learn does), so that `import lungxray` and commands that
+need no model start without loading TensorFlow.
 """
 
+import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
-from lungxray.config import Config  # noqa: E402
-from lungxray.predict import Predictor  # noqa: E402
-from lungxray.train import train  # noqa: E402
+_EXPORTS = {"Config": "lungxray.config", "Predictor": "lungxray.predict", "RunDir": "lungxray.rundir",
+            "train": "lungxray.training"}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["Config", "Predictor", "train", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lungxray' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return sorted(__all__)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
+
+from lungxray.config import PRESETS, Config
+from lungxray.errors import LungxrayError
+from lungxray.rundir import RunDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -16,13 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from lungxray.data.images import ImageError
-    from lungxray.data.records import DataError
-    from lungxray.model import WeightsError
-
     try:
         return args.run(args) or 0
-    except (DataError, WeightsError, ImageError, ValueError) as error:
+    except LungxrayError as error:
         print(f"lungxray {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -36,17 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the recipe and evaluate on the test split")
     train.add_argument("--data", required=True, help="reference layout folder, class folders or manifest CSV")
-    train.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    train.add_argument("--config", help="JSON configuration file (a run's config.json reruns it)")
-    train.add_argument("--weights", help="imagenet | none | PATH (default: $LUNGXRAY_WEIGHTS or imagenet)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--engine", choices=["auto", "cached", "keras"])
-    train.add_argument("--fine-tune-epochs", type=int, help="end-to-end epochs with the top of the backbone unfrozen")
-    train.add_argument("--holdout-source", help="leave this manifest 'source' out of training and test on it")
-    train.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
-    train.add_argument("--cache", help="feature cache folder (default $LUNGXRAY_CACHE or ~/.cache/lungxray)")
+    train.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                       help="the recipe to start from; the settings below change it (default: reference)")
+    start.add_argument("--config", help="JSON configuration file to start from (a run's config.json reruns it)")
+    train.add_argument("--cache", help="feature cache folder (default: $LUNGXRAY_CACHE or ~/.cache/lungxray)")
+    add_config_arguments(train.add_argument_group("settings (each overrides the preset or --config)"))
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained model on labelled data")
@@ -111,37 +109,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_config_arguments(group) -> None:
+    """One flag per Config field, with its help, type, choices and default."""
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        flag, check = "--" + field.name.replace("_", "-"), field.metadata["check"]
+        help_text = field.metadata["help"]
+        if field.default is not dataclasses.MISSING:
+            help_text += f" (default: {_shown(field.default)})"
+        kind = next((a for a in typing.get_args(hints[field.name]) if a is not type(None)), hints[field.name])
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(flag, type=_numbers, metavar="A,B,C", help=help_text)
+        else:
+            group.add_argument(flag, type=kind, choices=check if isinstance(check, tuple) else None,
+                               metavar=None if isinstance(check, tuple) else field.name.split("_")[-1].upper(),
+                               help=help_text)
+
+
+def _shown(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers such as 0.7,0.2,0.1") from None
+
+
+def config_from_args(args) -> Config:
+    """The preset or --config file, with every setting given on the command line applied (validated)."""
+    config = Config.load(args.config) if args.config else Config.preset(args.preset)
+    return config.replace(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
 def _cache(args):
     return Path(args.cache) if getattr(args, "cache", None) else None
 
 
 def run_train(args) -> int:
-    from lungxray.config import Config
-    from lungxray.train import train
+    from lungxray.training import train
 
-    config = Config.load(args.config) if args.config else Config()
-    config = config.replace(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                            engine=args.engine, fine_tune_epochs=args.fine_tune_epochs, image_size=args.image_size,
-                            holdout_source=args.holdout_source)  # replace() validates
+    config = config_from_args(args)
     result = train(args.data, args.out, config, cache_dir=_cache(args))
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:
         print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
     if result.external_metrics:
         print(f"external ({config.holdout_source}) accuracy {result.external_metrics['accuracy']:.4f}")
-    print(f"report: {result.run_dir / 'report.md'}")
+    print(f"report: {result.run_dir / RunDir.REPORT}")
     return 0
 
 
 def run_evaluate(args) -> int:
-    from lungxray.evaluate import evaluate
+    from lungxray.evaluate import CLASSIFICATION_REPORT, HTML_REPORT, evaluate
     from lungxray.predict import Predictor
 
-    predictor = Predictor.load(args.model, cache_dir=_cache(args))
-    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
-    out = Path(args.out) if args.out else model_dir / f"evaluation-{Path(args.data).stem}"
+    run = RunDir.open(args.model)
+    predictor = Predictor.load(run.model, cache_dir=_cache(args))
+    out = Path(args.out) if args.out else run.path(f"{run.EVALUATION}-{Path(args.data).stem}")
     metrics = evaluate(predictor, args.data, out, split=args.split, by=args.by, occlude_lungs=args.occlude_lungs)
-    print((out / "classification_report.txt").read_text())
+    print((out / CLASSIFICATION_REPORT).read_text())
     overlap = metrics["overlap_with_training"]
     if overlap.get("known") and overlap["images"]:
         print(f"warning: {overlap['images']} evaluated images are identical to training images")
@@ -149,7 +179,7 @@ def run_evaluate(args) -> int:
         o = metrics["occlusion"]
         print(f"with the lungs blacked out: accuracy {o['accuracy_occluded']:.4f} "
               f"(majority class alone: {o['majority_class_accuracy']:.4f})")
-    print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; report: {out / 'report.html'}")
+    print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; report: {out / HTML_REPORT}")
     return 0
 
 
@@ -247,7 +277,7 @@ def run_split(args) -> int:
 
 def run_probe(args) -> int:
     from lungxray.config import default_weights
-    from lungxray.data.probe import format_probe, probe
+    from lungxray.probe import format_probe, probe
     from lungxray.data.records import load_dataset
     from lungxray.features import FeatureExtractor
     from lungxray.io import write_json

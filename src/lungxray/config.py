@@ -1,20 +1,61 @@
-"""The training recipe: one object, the reference recipe as its defaults, saved with every run."""
+"""The training recipe: one object, the reference recipe as its defaults, saved with every run.
+
+Each field carries its help text and its constraint, so that validation, the JSON loader and the
+command line's flags (`lungxray train --help`) all come from this one definition."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from pathlib import Path
 
-from lungxray.data.records import check_ratios
+from lungxray.errors import ConfigError
 
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 
 
+def environment_path(name: str) -> Path | None:
+    """An environment variable holding a path, made absolute once, here: a relative path would
+    otherwise mean different files to code running in different folders."""
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else None
+
+
 def default_weights() -> str:
     """`imagenet` for users; `LUNGXRAY_WEIGHTS` lets offline machines point at a file."""
-    return os.environ.get(WEIGHTS_ENV, "imagenet")
+    path = environment_path(WEIGHTS_ENV)
+    return str(path) if path else "imagenet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A number in [low, high] (None: unbounded); `open_high` excludes `high`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low is None or value >= self.low
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"the range [{low}, {high}{')' if self.open_high or self.high is None else ']'}"
+
+
+def setting(default, help: str, check: Interval | tuple | None = None, **field_options):
+    """A Config field: its default, the help the CLI shows, and an Interval or a tuple of choices."""
+    if callable(default):
+        field_options["default_factory"] = default
+    else:
+        field_options["default"] = default
+    return dataclasses.field(metadata={"help": help, "check": check}, **field_options)
 
 
 @dataclasses.dataclass
@@ -22,57 +63,47 @@ class Config:
     """Every setting that determines a run. Defaults are the reference recipe (seed-recipe.md)."""
 
     # Backbone: frozen MobileNetV3Small, max-pooled to 576 features.
-    weights: str = dataclasses.field(default_factory=default_weights)
-    image_size: int = 224
-    pooling: str = "max"
-    interpolation: str = "nearest"
+    weights: str = setting(default_weights, "backbone weights: imagenet, none or a weights file "
+                                            f"(default: ${WEIGHTS_ENV} if set, else imagenet)")
+    image_size: int = setting(224, "input size in pixels (square)", Interval(32))
+    pooling: str = setting("max", "global pooling of the backbone's last feature map", ("max", "avg"))
+    interpolation: str = setting("nearest", "resize method", ("nearest", "bilinear", "bicubic"))
     # Head: Dense(256, relu) -> BatchNorm -> Dropout(0.2) -> Dense(classes, softmax).
-    dense_units: int = 256
-    dropout: float = 0.2
+    dense_units: int = setting(256, "units of the head's hidden Dense layer", Interval(1))
+    dropout: float = setting(0.2, "dropout rate before the output layer", Interval(0, 1, open_high=True))
     # Optimisation.
-    learning_rate: float = 1e-3
-    batch_size: int = 64
-    epochs: int = 30
-    seed: int = 21
-    horizontal_flip: bool = True
-    monitor: str = "val_accuracy"
-    early_stopping_patience: int = 10
+    learning_rate: float = setting(1e-3, "Adam learning rate of the head", Interval(0, None))
+    batch_size: int = setting(64, "images per batch", Interval(1))
+    epochs: int = setting(30, "head-training epochs (at most; see early_stopping_patience)", Interval(1))
+    seed: int = setting(21, "seed of every random choice (splits, shuffling, flips, initial weights)", Interval(0))
+    horizontal_flip: bool = setting(True, "mirror each training image with probability 1/2")
+    monitor: str = setting("val_accuracy", "validation metric that picks the best epoch",
+                           ("val_accuracy", "val_loss"))
+    early_stopping_patience: int = setting(10, "epochs without improvement before training stops", Interval(1))
     # Data.
-    split_ratios: tuple[float, float, float] = (0.7, 0.2, 0.1)
-    max_unreadable_fraction: float = 0.05
-    holdout_source: str | None = None  # leave this manifest `source` out of training; test on it
+    split_ratios: tuple[float, float, float] = setting((0.7, 0.2, 0.1),
+                                                       "train,val,test shares for data without splits")
+    max_unreadable_fraction: float = setting(0.05, "largest share of unreadable images tolerated", Interval(0, 1))
+    holdout_source: str | None = setting(None, "leave this manifest 'source' out of training and test on it")
     # Engine: "auto" picks "cached" when the backbone is frozen and the only augmentation is a flip.
-    engine: str = "auto"
-    feature_runtime: str = "auto"
-    fine_tune_epochs: int = 0
-    fine_tune_layers: int = 20
-    fine_tune_learning_rate: float = 1e-5
+    engine: str = setting("auto", "training engine", ("auto", "cached", "keras"))
+    feature_runtime: str = setting("auto", "backbone runtime of the cached engine", ("auto", "keras", "litert"))
+    fine_tune_epochs: int = setting(0, "end-to-end epochs with the top of the backbone unfrozen", Interval(0))
+    fine_tune_layers: int = setting(20, "backbone layers (from the top) that fine-tuning unfreezes", Interval(1))
+    fine_tune_learning_rate: float = setting(1e-5, "Adam learning rate while fine-tuning", Interval(0, None))
 
     def __post_init__(self):
-        self.split_ratios = tuple(float(r) for r in self.split_ratios)
-        self.validate()
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = _checked(field.name, getattr(self, field.name), hints[field.name], field.metadata["check"])
+            object.__setattr__(self, field.name, value)
 
-    def validate(self) -> None:
-        checks = [
-            (self.image_size >= 32, "image_size must be at least 32"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.learning_rate > 0, "learning_rate must be positive"),
-            (self.pooling in ("max", "avg"), "pooling must be 'max' or 'avg'"),
-            (self.interpolation in ("nearest", "bilinear", "bicubic"),
-             "interpolation must be nearest, bilinear or bicubic"),
-            (self.engine in ("auto", "cached", "keras"), "engine must be auto, cached or keras"),
-            (self.feature_runtime in ("auto", "keras", "litert"),
-             "feature_runtime must be auto, keras or litert"),
-            (0.0 <= self.max_unreadable_fraction <= 1.0, "max_unreadable_fraction must be in [0, 1]"),
-            (self.fine_tune_epochs >= 0, "fine_tune_epochs must be 0 or more"),
-            (self.monitor in ("val_accuracy", "val_loss"), "monitor must be val_accuracy or val_loss"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid configuration: {message}")
-        check_ratios(self.split_ratios)
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        """A named starting point: `reference` (the defaults, the seed's recipe exactly) or another of PRESETS."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,12 +114,17 @@ class Config:
         write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: dict, origin: str = "configuration") -> "Config":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin} must be a JSON object of settings; got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+            raise ConfigError(f"{origin}: unknown setting(s) {unknown}; known settings are {known}")
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{origin}: {error}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -96,11 +132,66 @@ class Config:
         try:
             values = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"configuration file {path} does not exist") from None
+            raise ConfigError(f"configuration file {path} does not exist") from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"configuration file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(values)
+            raise ConfigError(f"configuration file {path} is not valid JSON: {error}") from None
+        return cls.from_dict(values, origin=str(path))
 
     def replace(self, **overrides) -> "Config":
-        """A copy with the given settings changed; `None` values mean 'keep'."""
+        """A copy with the given settings changed (validated); `None` values mean 'keep'."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def describe_model(self) -> str:
+        """The network this configuration builds, in one line (reports and model cards use it)."""
+        backbone = "MobileNetV3Small" + (" (top layers fine-tuned)" if self.fine_tune_epochs else " (frozen)")
+        return (f"{backbone}, {self.pooling}-pooled, {self.image_size}x{self.image_size} input, weights "
+                f"{Path(self.weights).name if self.weights not in ('imagenet', 'none') else self.weights}; head "
+                f"Dense({self.dense_units}, relu) → BatchNormalization → Dropout({self.dropout:g}) → Dense(softmax)")
+
+
+PRESETS: dict[str, dict] = {
+    "reference": {},
+}
+
+
+def _type_name(annotation) -> str:
+    names = {int: "an int", float: "a float", bool: "a bool", str: "a str"}
+    if annotation in names:
+        return names[annotation]
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return f"a list of {len(arguments)} numbers"
+    return " or ".join(_type_name(a) for a in arguments) + " or null"
+
+
+def _checked(name: str, value, annotation, check):
+    """`value` converted to the field's type, or a ConfigError in scikit-learn's words."""
+
+    def fail(expected: str):
+        raise ConfigError(f"'{name}' must be {expected}. Got {value!r} instead.")
+
+    arguments = typing.get_args(annotation)
+    if type(None) in arguments:  # Optional[...]
+        if value is None:
+            return None
+        annotation = next(a for a in arguments if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
+            fail(_type_name(annotation))
+        numbers = tuple(_checked(name, v, float, None) for v in value)
+        if any(v < 0 for v in numbers) or abs(sum(numbers) - 1.0) > 1e-6:
+            fail("three non-negative numbers summing to 1, such as [0.7, 0.2, 0.1]")
+        return numbers
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if annotation in (int, float) and (isinstance(value, bool) or not isinstance(value, annotation)):
+        fail(_type_name(annotation))
+    if annotation is float and not math.isfinite(value):
+        fail("a finite float")
+    if annotation in (bool, str) and not isinstance(value, annotation):
+        fail(_type_name(annotation))
+    if isinstance(check, Interval) and value not in check:
+        fail(f"{_type_name(annotation)} in {check}")
+    if isinstance(check, tuple) and value not in check:
+        fail(f"one of {list(check)}")
+    return value

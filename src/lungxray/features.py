@@ -20,7 +20,8 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from lungxray.data.images import ImageError, read_image
+from lungxray.data.images import read_image
+from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
 from lungxray.model import weights_fingerprint
 from lungxray.parallel import bounded_map
@@ -168,10 +169,11 @@ class FeatureCache:
 
 @dataclasses.dataclass
 class Extraction:
-    """What `FeatureExtractor.extract` found: features per view ("orig", and "flip" for the mirror
-    image), rows NaN for unreadable files; the errors; each file's content hash; how many were computed."""
+    """What `FeatureExtractor.extract` found: feature vectors per view ("orig", and "flip" for the
+    mirror image), rows NaN for unreadable files; the errors; each file's content hash; how many were
+    computed."""
 
-    features: dict[str, np.ndarray]
+    vectors: dict[str, np.ndarray]
     errors: list[ImageError]
     hashes: list[str | None]
     computed: int

@@ -13,12 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-FEATURE_DIMS = {"MobileNetV3Small": 576}
-
-
-class WeightsError(ValueError):
-    pass
-
+from lungxray.errors import WeightsError
 
 def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max") -> keras.Model:
     """MobileNetV3Small without its top, frozen. It takes RGB in [0, 255] (it rescales itself).
@@ -75,6 +70,17 @@ def build_model(backbone: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(backbone(inputs)), name="lungxray")
 
 
+def head_probabilities(head, features: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
+    """The head's softmax outputs for backbone features, in batches; rows with NaN (unreadable
+    images) stay NaN. `head` is the head model or any callable computing it."""
+    probabilities = np.full((len(features), num_classes), np.nan, np.float32)
+    rows = np.flatnonzero(~np.isnan(features).any(axis=1))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        probabilities[chunk] = np.asarray(head(features[chunk]))
+    return probabilities
+
+
 def compile_for_training(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                   loss="categorical_crossentropy", metrics=["accuracy"],
@@ -90,13 +96,8 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path) -> keras.Model:
-    """Load a `.keras` file in safe mode, with an error that says what to give instead."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise WeightsError(f"no model at {path}; give a run folder (with model.keras) or a .keras file")
+def load_model(path: Path) -> keras.Model:
+    """Load a `.keras` file in safe mode, with an error that says what went wrong."""
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as error:

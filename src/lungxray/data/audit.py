@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from lungxray.data.images import ImageError, read_image
+from lungxray.data.images import read_image
 from lungxray.data.records import Dataset, Record
+from lungxray.errors import ImageError
 from lungxray.io import write_json, write_text
 from lungxray.parallel import bounded_map
 
@@ -103,7 +104,7 @@ def audit(dataset: Dataset, threshold: int = NEAR_DUPLICATE_DISTANCE) -> dict:
     nearest = nearest if len(hashes) > 1 else np.zeros(0)
 
     return {
-        "source": dataset.source, "layout": dataset.layout, "images": len(records),
+        "source": dataset.origin, "layout": dataset.layout, "images": len(records),
         "counts": dataset.counts(),
         "unreadable": unreadable,
         "properties": _properties(records, facts),

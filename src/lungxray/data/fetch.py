@@ -11,7 +11,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from lungxray.data.records import DataError, SPLITS
+from lungxray.data.records import SPLITS
+from lungxray.errors import DataError
 
 DEFAULT_URL = "https://www.dropbox.com/s/73s9n7nugqrv1h7/Dataset.zip?dl=1"
 CHUNK = 1 << 20

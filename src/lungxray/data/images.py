@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lungxray.errors import ImageError
+
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -23,15 +25,6 @@ RESAMPLING = {
 }
 # Pillow warns above ~89 Mpixel and refuses above twice that; we refuse at the warning level.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
-class ImageError(ValueError):
-    """A file that cannot be turned into pixels. `str()` names the file and the reason."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def read_image(source, size: int | None = None, interpolation: str = "nearest", name: str | None = None) -> np.ndarray:

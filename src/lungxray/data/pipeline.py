@@ -14,8 +14,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from lungxray.data.images import ImageError, read_image
+from lungxray.data.images import read_image
 from lungxray.data.records import Record
+from lungxray.errors import ImageError
 from lungxray.parallel import bounded_map
 
 
@@ -23,7 +24,7 @@ class EpochPlan:
     """Shuffled order and per-sample flips for each epoch, from `default_rng([seed, epoch])`.
 
     The training loop sets `epoch` before Keras draws that epoch's batches (see
-    `lungxray.train.FollowEpoch`), so a resumed run draws the same batches as an uninterrupted one.
+    `lungxray.engines.FollowEpoch`), so a resumed run draws the same batches as an uninterrupted one.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, flip: bool, shuffle: bool = True):

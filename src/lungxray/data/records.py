@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lungxray.errors import DataError
+
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-
-
-class DataError(ValueError):
-    """The data source itself is unusable (missing folder, empty class, bad CSV)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +33,13 @@ class Record:
 
 @dataclasses.dataclass
 class Dataset:
-    """Records with their class names (sorted, as Keras' flow_from_directory did) and origin."""
+    """Records with their class names (sorted, as Keras' flow_from_directory did), where they were
+    read from (`origin`: a folder or CSV path; a record's `extra["source"]` is the hospital) and in
+    which layout."""
 
     records: list[Record]
     classes: list[str]
-    source: str
+    origin: str
     layout: str
 
     def split(self, name: str) -> list[Record]:
@@ -57,9 +57,9 @@ class Dataset:
         return table
 
 
-def load_dataset(source: str | Path, classes: list[str] | None = None) -> Dataset:
+def load_dataset(location: str | Path, classes: list[str] | None = None) -> Dataset:
     """Read any supported layout. `classes` (e.g. a trained model's) fixes the class list."""
-    path = Path(source)
+    path = Path(location)
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give a folder of images or a manifest CSV")
     if path.is_file():
@@ -78,7 +78,7 @@ def load_dataset(source: str | Path, classes: list[str] | None = None) -> Datase
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{path}: labels {unknown} are not among the classes {classes}")
-    return Dataset(records=records, classes=list(classes), source=str(path), layout=layout)
+    return Dataset(records=records, classes=list(classes), origin=str(path), layout=layout)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -173,6 +173,21 @@ def assign_splits(dataset: Dataset, ratios=(0.7, 0.2, 0.1), seed: int = 21) -> D
                       **{i: "test" for i in test_idx}}
     records = [dataclasses.replace(r, split=assignment[i]) for i, r in enumerate(records)]
     return dataclasses.replace(dataset, records=records)
+
+
+def hold_out_source(dataset: Dataset, source: str | None) -> tuple[Dataset, Dataset | None]:
+    """Leave-one-source-out: every image of `source` leaves the data and becomes an external test set."""
+    if not source:
+        return dataset, None
+    if not any("source" in r.extra for r in dataset.records):
+        raise DataError("holdout_source needs a manifest CSV with a 'source' column")
+    sources = sorted({r.extra.get("source", "") for r in dataset.records})
+    if source not in sources:
+        raise DataError(f"source '{source}' is not in the data; its sources are {sources}")
+    kept = [r for r in dataset.records if r.extra.get("source") != source]
+    held = [dataclasses.replace(r, split="test") for r in dataset.records if r.extra.get("source") == source]
+    return (dataclasses.replace(dataset, records=kept),
+            dataclasses.replace(dataset, records=held, origin=f"{dataset.origin} (source={source})"))
 
 
 def extra_columns(records: list[Record]) -> list[str]:

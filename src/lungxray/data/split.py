@@ -7,26 +7,15 @@ import dataclasses
 from fractions import Fraction
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, compare_hashes, image_facts
-from lungxray.data.records import DataError, Dataset
+from lungxray.data.records import Dataset
+from lungxray.errors import DataError
 from lungxray.parallel import bounded_map
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        self.parent[self.find(i)] = self.find(j)
 
 
 def duplicate_groups(dataset: Dataset, group_by: str | None = None,
@@ -34,22 +23,20 @@ def duplicate_groups(dataset: Dataset, group_by: str | None = None,
     """A group id per record: records linked by near-duplicate pairs or a shared `group_by` value share it."""
     records = dataset.records
     if group_by and not any(group_by in r.extra for r in records):
-        raise DataError(f"--group-by {group_by}: no such column in {dataset.source}")
+        raise DataError(f"--group-by {group_by}: no such column in {dataset.origin}")
     facts = list(tqdm(bounded_map(image_facts, records), total=len(records), desc="hashing", unit="img"))
     readable = [i for i, f in enumerate(facts) if f.dhash is not None]
-    groups = _UnionFind(len(records))
+    links: list[tuple[int, int]] = []
     if readable:
         hashes = np.stack([facts[i].dhash for i in readable])
         mirrors = np.stack([facts[i].dhash_mirror for i in readable])
-        for a, b, _ in compare_hashes(hashes, mirrors, threshold)[0]:
-            groups.union(readable[a], readable[b])
+        links += [(readable[a], readable[b]) for a, b, _ in compare_hashes(hashes, mirrors, threshold)[0]]
     if group_by:
         first: dict[str, int] = {}
-        for i, record in enumerate(records):
-            value = record.extra.get(group_by, "")
-            if value:
-                groups.union(i, first.setdefault(value, i))
-    return np.array([groups.find(i) for i in range(len(records))])
+        links += [(i, first.setdefault(r.extra[group_by], i)) for i, r in enumerate(records) if r.extra.get(group_by)]
+    rows, columns = np.array(links, dtype=np.int64).reshape(-1, 2).T
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(records), len(records)))
+    return connected_components(graph, directed=False)[1]
 
 
 def _folds_for(ratios) -> tuple[int, list[int]]:

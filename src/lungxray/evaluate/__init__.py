@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lungxray.data.records import DataError, Dataset, Record, extra_columns, load_dataset
+from lungxray.data.records import Dataset, Record, extra_columns, load_dataset
+from lungxray.errors import DataError
 from lungxray.evaluate.metrics import calibration_metrics, classification_metrics, report_text
 from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves)
 from lungxray.evaluate.report import write_html_report
+from lungxray.evaluate.schema import METRICS_FILE, Metrics
 from lungxray.io import atomic_path, write_json, write_text
 from lungxray.parallel import bounded_map
-from lungxray.predict import Predictor
 
+if TYPE_CHECKING:  # only the type: `lungxray compare` and the schema need no TensorFlow
+    from lungxray.predict import Predictor
+
+CLASSIFICATION_REPORT = "classification_report.txt"
+HTML_REPORT = "report.html"
+PREDICTIONS = "predictions.csv"
 MIN_GROUP_SIZE = 30  # below this a subgroup's numbers are flagged as too small to mean much
 # The region blacked out by the lung-occlusion test, as fractions of (top, left, bottom, right):
 # on a PA chest film it covers both lung fields and the heart, and leaves the borders, corners and
@@ -31,33 +39,33 @@ def select_records(dataset: Dataset, split: str | None) -> list[Record]:
     if split is None:
         return dataset.records
     if not any(r.split for r in dataset.records):
-        raise DataError(f"{dataset.source} has no splits; drop --split to evaluate all its images")
+        raise DataError(f"{dataset.origin} has no splits; drop --split to evaluate all its images")
     records = dataset.split(split)
     if not records:
-        raise DataError(f"{dataset.source} has no images in split '{split}'")
+        raise DataError(f"{dataset.origin} has no images in split '{split}'")
     return records
 
 
 def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by: list[str] = (),
-             title: str | None = None, resamples: int = 1000, occlude_lungs: bool = False) -> dict:
+             title: str | None = None, resamples: int = 1000, occlude_lungs: bool = False) -> Metrics:
     """Predict `data` (a path or a Dataset), score it, and write everything into `out`."""
     dataset = data if isinstance(data, Dataset) else load_dataset(data, classes=predictor.classes)
     records = select_records(dataset, split)
     missing = [c for c in by if not any(c in r.extra for r in records)]
     if missing:
         available = extra_columns(records)
-        raise DataError(f"--by {missing[0]}: no such column in {dataset.source}; available: {available or 'none'}")
+        raise DataError(f"--by {missing[0]}: no such column in {dataset.origin}; available: {available or 'none'}")
     predictions = predictor.predict_files([r.path for r in records], desc="evaluating")
     ok = ~np.isnan(predictions.probabilities).any(axis=1)
     if not ok.any():
-        raise DataError(f"none of the {len(records)} images in {dataset.source} could be read")
+        raise DataError(f"none of the {len(records)} images in {dataset.origin} could be read")
     labels, classes = dataset.labels(records), predictor.classes
     y, p, raw = labels[ok], predictions.probabilities[ok], predictions.raw[ok]
 
     metrics = classification_metrics(y, p, classes, resamples=resamples)
     metrics["calibration"]["temperature"] = predictor.temperature
     metrics["calibration_before_scaling"] = calibration_metrics(y, raw)
-    metrics["data"] = {"source": dataset.source, "split": split, "images": len(records), "scored": int(ok.sum()),
+    metrics["data"] = {"source": dataset.origin, "split": split, "images": len(records), "scored": int(ok.sum()),
                        "counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
                        "unreadable": [{"file": e.path, "reason": e.reason} for e in predictions.errors]}
     metrics["overlap_with_training"] = training_overlap(predictor, records, predictions.hashes)
@@ -74,16 +82,16 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.csv", records, predictions.probabilities, classes)
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "classification_report.txt", report_text(y, p, classes))
+    write_predictions(out / PREDICTIONS, records, predictions.probabilities, classes)
+    write_json(out / METRICS_FILE, metrics)
+    write_text(out / CLASSIFICATION_REPORT, report_text(y, p, classes))
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix_normalized.png", normalized=True)
     plot_roc_curves(y, p, classes, out / "roc_curves.png")
     plot_pr_curves(y, p, classes, out / "pr_curves.png")
     plot_reliability({"before temperature scaling": metrics["calibration_before_scaling"],
                       f"after (T = {predictor.temperature:.2f})": metrics["calibration"]}, out / "reliability.png")
-    write_html_report(out / "report.html", metrics, predictor.info, title or f"Evaluation on {dataset.source}")
+    write_html_report(out / HTML_REPORT, metrics, predictor.info, title or f"Evaluation on {dataset.origin}")
     return metrics
 
 

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.data.records import DataError
+from lungxray.errors import DataError
+from lungxray.evaluate import PREDICTIONS
 from lungxray.evaluate.metrics import bootstrap_draws, headline, interval
+from lungxray.rundir import RunDir
 
 METRICS = ("accuracy", "macro_f1", "macro_auroc")
 
 
 def read_predictions(path: Path) -> tuple[list[str], dict[str, tuple[str, np.ndarray]]]:
     """(classes, {file: (label, probabilities)}) from an evaluation's predictions.csv."""
-    folder = path / "evaluation" if (path / "evaluation" / "predictions.csv").is_file() else path
-    csv_path = folder / "predictions.csv"
+    folder = RunDir(path).evaluation() if (RunDir(path).evaluation() / PREDICTIONS).is_file() else path
+    csv_path = folder / PREDICTIONS
     if not csv_path.is_file():
-        raise DataError(f"{path} has no predictions.csv; give a run folder or an evaluation folder")
+        raise DataError(f"{path} has no {PREDICTIONS}; give a run folder or an evaluation folder")
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         classes = [c[2:] for c in reader.fieldnames if c.startswith("p_")]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
-                             confusion_matrix, f1_score, log_loss, roc_auc_score)
+                             confusion_matrix, f1_score, log_loss, multilabel_confusion_matrix,
+                             roc_auc_score)
 
 ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 1000
@@ -25,15 +26,13 @@ def _safe_auroc(y_true_binary: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def per_class_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
-    matrix = confusion_matrix(y_true, probabilities.argmax(axis=1), labels=list(range(len(classes))))
-    total = matrix.sum()
+    labels = list(range(len(classes)))
+    # One 2x2 matrix per class, one class against the rest: [[tn, fp], [fn, tp]].
+    matrices = multilabel_confusion_matrix(y_true, probabilities.argmax(axis=1), labels=labels)
+    ratio = lambda a, b: float(a / b) if b else 0.0  # noqa: E731
     table = {}
     for i, name in enumerate(classes):
-        tp = matrix[i, i]
-        fn = matrix[i].sum() - tp
-        fp = matrix[:, i].sum() - tp
-        tn = total - tp - fn - fp
-        ratio = lambda a, b: float(a / b) if b else 0.0  # noqa: E731
+        (tn, fp), (fn, tp) = matrices[i]
         precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
         positives = (y_true == i).astype(int)
         table[name] = {

@@ -110,7 +110,7 @@ def write_html_report(path: Path, metrics: dict, model_info: dict, title: str) -
         "<ul>"
         "<li><b>Intended use</b>: research on chest X-ray classification methods and their failure modes. "
         "Not for diagnosis, triage or any clinical decision.</li>"
-        f"<li><b>Model</b>: frozen MobileNetV3Small (ImageNet) with a Dense(256)-BatchNorm-Dropout-softmax head; "
+        f"<li><b>Model</b>: {html.escape(str(model_info.get('architecture', 'not recorded')))}; "
         f"classes {', '.join(map(html.escape, classes))}; trained by the {html.escape(str(model_info.get('engine', '?')))} "
         f"engine on {html.escape(str(model_info.get('trained', '?')))}.</li>"
         f"<li><b>Training data</b>: <code>{html.escape(str(model_info.get('data', 'unknown')))}</code> ({html.escape(training)})"

@@ -24,8 +24,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from lungxray.data.images import ImageError
-from lungxray.predict import MODEL_FILE, Predictor
+from lungxray.errors import ImageError
+from lungxray.evaluate.schema import METRICS_FILE, read_metrics
+from lungxray.predict import Predictor
+from lungxray.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -82,26 +84,25 @@ async def _too_large(send, max_bytes: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def model_identity(predictor: Predictor, model_path: Path | None) -> dict:
+def model_identity(predictor: Predictor, run: RunDir | None) -> dict:
     info = predictor.info
     identity = {"classes": predictor.classes, "image_size": predictor.image_size,
                 "temperature": predictor.temperature, "engine": info.get("engine"), "trained": info.get("trained"),
                 "training_data": info.get("data"), "training_counts": info.get("counts"),
                 "ood_threshold": predictor.ood.threshold if predictor.ood else None}
-    if model_path is not None and model_path.is_file():
-        identity["sha256"] = hashlib.sha256(model_path.read_bytes()).hexdigest()
-        metrics = model_path.parent / "evaluation" / "metrics.json"
-        if metrics.is_file():
-            m = json.loads(metrics.read_text())
-            identity["test_metrics"] = {k: m.get(k) for k in ("n", "accuracy", "macro_f1", "macro_auroc")}
+    if run is not None:
+        identity["sha256"] = hashlib.sha256(run.model.read_bytes()).hexdigest()
+        if (run.evaluation() / METRICS_FILE).is_file():
+            metrics = read_metrics(run.evaluation())
+            identity["test_metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auroc")}
     identity["id"] = identity.get("sha256", "unsaved")[:12]
     return identity
 
 
-def create_app(predictor: Predictor, model_path: Path | None = None,
+def create_app(predictor: Predictor, run: RunDir | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING) -> FastAPI:
     app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1")
-    identity = model_identity(predictor, model_path)
+    identity = model_identity(predictor, run)
     limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
     pending = {"n": 0}
     pending_lock = threading.Lock()
@@ -198,7 +199,6 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
           cache_dir: Path | None = None) -> None:
     import uvicorn
 
-    path = Path(model)
-    predictor = Predictor.load(path, cache_dir=cache_dir)
-    app = create_app(predictor, path / MODEL_FILE if path.is_dir() else path, max_upload_mb)
+    run = RunDir.open(model)
+    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb)
     uvicorn.run(app, host=host, port=port, log_level="warning")

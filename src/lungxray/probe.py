@@ -13,7 +13,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lungxray.data.records import DataError, Dataset
+from lungxray.data.records import Dataset
+from lungxray.errors import DataError
 from lungxray.features import FeatureExtractor
 
 MIN_PER_VALUE = 10  # values with fewer images in a class are left out of that class's probe
@@ -21,9 +22,9 @@ MIN_PER_VALUE = 10  # values with fewer images in a class are left out of that c
 
 def probe(dataset: Dataset, column: str, extractor: FeatureExtractor, seed: int = 0) -> dict:
     if not any(column in r.extra for r in dataset.records):
-        raise DataError(f"--by {column}: no such column in {dataset.source}; probes need a manifest CSV")
+        raise DataError(f"--by {column}: no such column in {dataset.origin}; probes need a manifest CSV")
     extraction = extractor.extract([r.path for r in dataset.records], desc="probe features")
-    features = extraction.features["orig"]
+    features = extraction.vectors["orig"]
     result = {"column": column, "classes": {}}
     for label in dataset.classes:
         rows = [i for i, r in enumerate(dataset.records)

@@ -1,0 +1,269 @@
+"""Training engines: two ways to train exactly the same head, behind one interface.
+
+- `KerasEngine`: images through the frozen backbone at every step (the reference's way).
+- `CachedEngine`: every training image's backbone output, and its mirror image's, computed once (and
+  cached on disk); the head then trains on 576-number vectors. Same batches, same flips, same
+  optimiser, same checkpoint and early-stopping rules: the same training, much faster.
+
+Both are used the same way:
+
+    engine = make_engine(model, config, run, cache_dir)
+    plan = engine.plan(dataset)     # reads every train/val image once; unreadable ones left out
+    fitted = engine.fit(plan)       # head training, then fine-tuning if configured
+
+`fitted` holds the trained model (best epoch restored), its history and the backbone features of
+the train and val images, which calibration and the out-of-distribution gate are fitted on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lungxray.config import Config
+from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
+from lungxray.data.records import Dataset, Record
+from lungxray.errors import DataError, ImageError
+from lungxray.features import FeatureExtractor, file_hashes
+from lungxray.model import compile_for_training
+from lungxray.rundir import RunDir
+
+log = logging.getLogger("lungxray")
+
+
+@dataclasses.dataclass
+class TrainingPlan:
+    """What to fit on: the readable train and val images, their labels and content hashes, and
+    (cached engine) their backbone features: (n, 2, dim) for train, each image and its mirror image;
+    (n, 1, dim) for val."""
+
+    train: list[Record]
+    val: list[Record]
+    train_labels: np.ndarray
+    val_labels: np.ndarray
+    classes: list[str]
+    train_hashes: list[str | None]
+    train_table: np.ndarray | None = None
+    val_table: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class FittedModel:
+    model: keras.Model
+    history: dict[str, list[float]]
+    extractor: FeatureExtractor  # computes features of the fitted model's backbone
+    train_features: np.ndarray  # (n, dim), rows of plan.train
+    val_features: np.ndarray
+    timings: dict[str, float]  # seconds of head training and of fine-tuning
+
+
+class FollowEpoch(keras.callbacks.Callback):
+    """Tell the batch plan which epoch Keras is starting, before it draws that epoch's batches."""
+
+    def __init__(self, epochs: EpochPlan):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.epoch = epoch
+
+
+def monitor_mode(monitor: str) -> str:
+    return "max" if monitor.endswith("accuracy") else "min"
+
+
+def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
+    """The (0-based) epoch whose weights the fit restored."""
+    pick = np.argmax if monitor_mode(monitor) == "max" else np.argmin
+    return int(pick(history[monitor]))
+
+
+class Engine:
+    """The shared part: the fitting loop, fine-tuning and the features for calibration."""
+
+    name = ""
+
+    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None):
+        self.model, self.config, self.run, self.cache_dir = model, config, run, cache_dir
+
+    def plan(self, dataset: Dataset) -> TrainingPlan:
+        raise NotImplementedError
+
+    def fit(self, plan: TrainingPlan) -> FittedModel:
+        started = time.perf_counter()
+        history = self._fit_head(plan)
+        timings = {"head_training": time.perf_counter() - started}
+        if self.config.fine_tune_epochs:
+            started = time.perf_counter()
+            history = fine_tune(self.model, plan, self.config, self.run, history)
+            timings["fine_tuning"] = time.perf_counter() - started
+        best, monitor = best_epoch(history, self.config.monitor), self.config.monitor
+        log.info("best %s %.4f at epoch %d (weights restored from it)", monitor, history[monitor][best], best + 1)
+        return self._fitted(plan, history, timings)
+
+    def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
+        raise NotImplementedError
+
+    def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
+        extractor = FeatureExtractor(self.model.get_layer("backbone"), self.config.image_size,
+                                     self.config.interpolation, self.config.feature_runtime, self.cache_dir)
+        val = extractor.extract([r.path for r in plan.val], desc="val features").vectors["orig"]
+        train = extractor.extract([r.path for r in plan.train], desc="train features").vectors["orig"]
+        return FittedModel(self.model, history, extractor, train, val, timings)
+
+    def _checked_plan(self, dataset: Dataset, errors: list[ImageError], train_hashes) -> tuple[TrainingPlan, list]:
+        """The plan without unreadable images, and which rows of train and val were kept."""
+        train, val = dataset.split("train"), dataset.split("val")
+        check_unreadable(errors, dataset, train + val, self.config.max_unreadable_fraction, self.run)
+        bad = {e.path for e in errors}
+        keep = [np.array([str(r.path) not in bad for r in records], bool) for records in (train, val)]
+        train, val = [r for r, k in zip(train, keep[0]) if k], [r for r, k in zip(val, keep[1]) if k]
+        hashes = [h for h, k in zip(train_hashes, keep[0]) if k]
+        plan = TrainingPlan(train, val, dataset.labels(train), dataset.labels(val), dataset.classes, hashes)
+        return plan, keep
+
+
+
+class CachedEngine(Engine):
+    name = "cached"
+
+    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None):
+        super().__init__(model, config, run, cache_dir)
+        self.extractor = FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
+                                          config.feature_runtime, cache_dir)
+
+    def plan(self, dataset: Dataset) -> TrainingPlan:
+        """Backbone features of every training image and its mirror image, and of val and test."""
+        train, val = dataset.split("train"), dataset.split("val")
+        train_pass = self.extractor.extract([r.path for r in train], flips=True, desc="train features")
+        # Test features go into the cache now, so that evaluation finds them there.
+        held_out = self.extractor.extract([r.path for r in val + dataset.split("test")], desc="val+test features")
+        val_paths = {str(r.path) for r in val}
+        errors = train_pass.errors + [e for e in held_out.errors if e.path in val_paths]
+        plan, (train_kept, val_kept) = self._checked_plan(dataset, errors, train_pass.hashes)
+        plan.train_table = np.stack([train_pass.vectors["orig"], train_pass.vectors["flip"]], axis=1)[train_kept]
+        plan.val_table = held_out.vectors["orig"][: len(val), None][val_kept]
+        return plan
+
+    def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
+        epochs, val_epochs = epoch_plans(plan, self.config)
+        classes = len(plan.classes)
+        data = (feature_batches(epochs, plan.train_table, plan.train_labels, classes),
+                feature_batches(val_epochs, plan.val_table, plan.val_labels, classes))
+        # One graph execution per epoch: the fewest Python round trips for the same steps.
+        return fit_phase(self.model.get_layer("head"), epochs, data, self.config, self.run, "head",
+                         self.config.learning_rate, self.config.epochs, steps_per_execution=epochs.steps)
+
+    def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
+        if self.config.fine_tune_epochs:  # the backbone changed: its features are new
+            return super()._fitted(plan, history, timings)
+        return FittedModel(self.model, history, self.extractor, plan.train_table[:, 0], plan.val_table[:, 0], timings)
+
+
+class KerasEngine(Engine):
+    name = "keras"
+
+    def plan(self, dataset: Dataset) -> TrainingPlan:
+        """Check every image decodes before the first epoch; the model reads images at every step."""
+        train, val = dataset.split("train"), dataset.split("val")
+        _, errors = scan_images(train + val, self.config.image_size, self.config.interpolation)
+        return self._checked_plan(dataset, errors, file_hashes([r.path for r in train]))[0]
+
+    def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
+        epochs, val_epochs = epoch_plans(plan, self.config)
+        data = image_data(self.model, plan, epochs, val_epochs, self.config)
+        return fit_phase(self.model, epochs, data, self.config, self.run, "model", self.config.learning_rate,
+                         self.config.epochs)
+
+
+ENGINES = {engine.name: engine for engine in (CachedEngine, KerasEngine)}
+
+
+def choose_engine(config: Config) -> tuple[str, str]:
+    """The engine to use and why."""
+    if config.engine != "auto":
+        return config.engine, f"engine={config.engine} was asked for"
+    return "cached", ("the backbone is frozen during head training and the only augmentation is a "
+                      "horizontal flip, so each image has exactly two possible backbone outputs")
+
+
+def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None) -> Engine:
+    name, reason = choose_engine(config)
+    log.info("engine: %s (%s)", name, reason)
+    return ENGINES[name](model, config, run, cache_dir)
+
+
+def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPlan]:
+    """Shuffled, flipped batches for training; validation in order, unflipped."""
+    return (EpochPlan(len(plan.train), config.batch_size, config.seed, config.horizontal_flip),
+            EpochPlan(len(plan.val), config.batch_size, config.seed, flip=False, shuffle=False))
+
+
+def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_epochs: EpochPlan, config: Config):
+    """(train, val) tf.data pipelines of decoded images following the epoch plans."""
+    shape, classes = model.input_shape[1:], len(plan.classes)
+    load = [image_loader(records, config.image_size, config.interpolation) for records in (plan.train, plan.val)]
+    return (image_batches(epochs, load[0], plan.train_labels, classes, shape),
+            image_batches(val_epochs, load[1], plan.val_labels, classes, shape))
+
+
+def fit_phase(model: keras.Model, epochs: EpochPlan, data, config: Config, run: RunDir, holds: str,
+              learning_rate: float, num_epochs: int, steps_per_execution: int = 1,
+              initial_epoch: int = 0) -> dict[str, list[float]]:
+    """Keras' fit with the reference's callbacks: keep the best weights (in the run's checkpoint for
+    `holds` as they improve, and restored at the end), stop after `early_stopping_patience` epochs
+    without improvement, log each epoch to the run's history."""
+    compile_for_training(model, learning_rate, min(steps_per_execution, epochs.steps))
+    mode, checkpoint = monitor_mode(config.monitor), run.checkpoint(holds)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        FollowEpoch(epochs),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=config.monitor, mode=mode, save_best_only=True,
+                                        save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
+                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.CSVLogger(str(run.path(run.HISTORY)), append=initial_epoch > 0),
+    ]
+    train_data, val_data = data
+    history = model.fit(train_data, validation_data=val_data, epochs=initial_epoch + num_epochs,
+                        initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False, verbose="auto")
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
+
+
+def fine_tune(model: keras.Model, plan: TrainingPlan, config: Config, run: RunDir, history) -> dict:
+    """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end on images."""
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    first_tuned = len(backbone.layers) - config.fine_tune_layers
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= first_tuned and not isinstance(layer, keras.layers.BatchNormalization)
+    epochs, val_epochs = epoch_plans(plan, config)
+    more = fit_phase(model, epochs, image_data(model, plan, epochs, val_epochs, config), config, run, "model",
+                     config.fine_tune_learning_rate, config.fine_tune_epochs, initial_epoch=len(history["loss"]))
+    return {k: history.get(k, []) + more.get(k, []) for k in history}
+
+
+def check_unreadable(errors: list[ImageError], dataset: Dataset, records: list[Record], max_fraction: float,
+                     run: RunDir) -> None:
+    """Report unreadable images by path; refuse to train only if a class would be empty or too
+    large a share of the images is unreadable."""
+    if not errors:
+        return
+    listing = run.write_unreadable(errors)
+    log.warning("%d unreadable image(s) left out (listed in %s):", len(errors), listing)
+    for error in errors[:20]:
+        log.warning("  %s", error)
+    share = len(errors) / max(1, len(records))
+    if share > max_fraction:
+        raise DataError(f"{len(errors)} of {len(records)} images ({share:.1%}) are unreadable, more than "
+                        f"max_unreadable_fraction={max_fraction}; see {listing}")
+    unreadable = {e.path for e in errors}
+    for split in ("train", "val"):
+        for name in dataset.classes:
+            if not any(r.split == split and r.label == name and str(r.path) not in unreadable for r in records):
+                raise DataError(f"class '{name}' has no readable images in the {split} split; see {listing}")

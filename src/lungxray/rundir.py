@@ -1,0 +1,113 @@
+"""The run folder: the one place that knows what a run writes, where, and how to find it again.
+
+```
+RUN/
+  config.json           the Config (rerun with --config RUN/config.json)
+  data.csv              every image with its label and split, as trained
+  unreadable.csv        images left out, with the reason (only if there were any)
+  train_hashes.txt      SHA-256 of each training image (overlap checks at evaluation)
+  history.csv           per-epoch loss and metrics; loss.png, accuracy.png
+  checkpoints/          best weights so far of each training phase (head.weights.h5: the head
+                        alone; model.weights.h5: the whole model), kept through an interruption
+  model.keras           the trained network (safe-mode loadable)
+  model.json            what is needed to use it: classes, input size, temperature, provenance
+  ood.npz               the out-of-distribution gate
+  timings.json          wall time of each step
+  evaluation/           metrics.json (see evaluate.schema), plots, predictions.csv, report.html
+  evaluation-external/  the same for a held-out source (--holdout-source)
+  report.md             the run's summary, linking all of the above
+```
+A model can also be used from a bare `.keras` file with its `.json` beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+from pathlib import Path
+
+from lungxray.errors import DataError, WeightsError
+from lungxray.io import atomic_path, write_json, write_text
+
+
+class RunDir:
+    CONFIG = "config.json"
+    DATA = "data.csv"
+    UNREADABLE = "unreadable.csv"
+    TRAIN_HASHES = "train_hashes.txt"
+    HISTORY = "history.csv"
+    CHECKPOINTS = "checkpoints"
+    MODEL = "model.keras"
+    OOD = "ood.npz"
+    TIMINGS = "timings.json"
+    EVALUATION = "evaluation"
+    EXTERNAL_EVALUATION = "evaluation-external"
+    REPORT = "report.md"
+
+    def __init__(self, folder: str | Path, model_file: str | Path | None = None):
+        self.folder = Path(folder)
+        self.model = Path(model_file) if model_file else self.folder / self.MODEL
+
+    @classmethod
+    def create(cls, out: str | Path | None = None) -> "RunDir":
+        """A folder for a new run (default `runs/<timestamp>`); one that holds a model is refused."""
+        if out is None:
+            out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = cls(out)
+        if run.model.exists():
+            raise DataError(f"{run.folder} already holds a trained model; choose another --out or remove it")
+        run.folder.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """The run of a folder or of a `.keras` file, which must exist."""
+        path = Path(path)
+        run = cls(path) if path.is_dir() else cls(path.parent, path)
+        if not run.model.is_file():
+            raise WeightsError(f"no model at {run.model}; give a run folder (with {cls.MODEL}) or a .keras file")
+        if run.model.suffix != ".keras":
+            raise WeightsError(f"{run.model} is not a .keras file; lungxray saves and loads only .keras models")
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def model_info(self) -> Path:
+        """The sidecar that travels with the model file: `model.keras` → `model.json`."""
+        return self.model.with_suffix(".json")
+
+    def checkpoint(self, holds: str) -> Path:
+        """Where the best weights of a phase are kept: `holds` is "head" or "model"."""
+        return self.folder / self.CHECKPOINTS / f"{holds}.weights.h5"
+
+    def evaluation(self, external: bool = False) -> Path:
+        return self.folder / (self.EXTERNAL_EVALUATION if external else self.EVALUATION)
+
+    def plot(self, name: str) -> Path:
+        return self.folder / f"{name}.png"
+
+    def write_json(self, name: str, value) -> None:
+        write_json(self.path(name), value)
+
+    def read_model_info(self) -> dict:
+        if not self.model_info.is_file():
+            raise WeightsError(f"{self.model_info} is missing: it holds the class names that go with {self.model}")
+        return json.loads(self.model_info.read_text())
+
+    def write_train_hashes(self, hashes) -> None:
+        write_text(self.path(self.TRAIN_HASHES), "".join(f"{h}\n" for h in hashes if h))
+
+    def read_train_hashes(self) -> set[str] | None:
+        path = self.path(self.TRAIN_HASHES)
+        return set(path.read_text().split()) if path.is_file() else None
+
+    def write_unreadable(self, errors) -> Path:
+        path = self.path(self.UNREADABLE)
+        with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "reason"])
+            writer.writerows([e.path, e.reason] for e in errors)
+        return path

@@ -1,0 +1,126 @@
+"""Training: the recipe from data to report, one step per function, each returning a finished object.
+
+    data → engine (plan, fit) → calibrate → gate → save → evaluate → report
+
+The engines (`lungxray.engines`) do the fitting; this module decides what happens in which order
+and what goes into the run folder (`lungxray.rundir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lungxray.calibration import fit_temperature
+from lungxray.config import Config
+from lungxray.data.records import Dataset, assign_splits, hold_out_source, load_dataset, write_manifest
+from lungxray.engines import FittedModel, TrainingPlan, make_engine
+from lungxray.evaluate import evaluate
+from lungxray.evaluate.plots import plot_history
+from lungxray.evaluate.schema import Metrics
+from lungxray.model import build_backbone, build_head, build_model, head_probabilities
+from lungxray.ood import OutOfDistribution
+from lungxray.predict import Predictor
+from lungxray.report import TrainResult, write_run_report
+from lungxray.rundir import RunDir
+
+log = logging.getLogger("lungxray")
+
+
+def train(data, out: str | Path | None = None, config: Config | None = None,
+          cache_dir: Path | None = None) -> TrainResult:
+    """Train the recipe on `data` (any layout `load_dataset` reads) into the run folder `out`."""
+    config = config or Config()
+    keras.utils.set_random_seed(config.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with _timed(timings, "setup"):
+        dataset, external = training_data(data, config)
+        run = start_run(out, config, dataset)
+        model = network(config, len(dataset.classes))
+        engine = make_engine(model, config, run, cache_dir)
+    with _timed(timings, "prepare"):
+        plan = engine.plan(dataset)
+    fitted = engine.fit(plan)
+    timings.update(fitted.timings)
+    with _timed(timings, "saving"):
+        predictor = calibrated_predictor(fitted, plan, config, info=provenance(engine.name, dataset, config))
+        predictor.save(run)
+        plot_history(fitted.history, "loss", run.plot("loss"))
+        plot_history(fitted.history, "accuracy", run.plot("accuracy"))
+    with _timed(timings, "evaluation"):
+        test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
+    timings["total"] = time.perf_counter() - started
+    run.write_json(run.TIMINGS, timings)
+    result = TrainResult(run.folder, engine.name, fitted.history, test_metrics, timings, external_metrics)
+    write_run_report(run, result, dataset, config)
+    return result
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str):
+    started = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - started
+
+
+def training_data(data, config: Config) -> tuple[Dataset, Dataset | None]:
+    """The data with a split for every image, and the held-out source (if configured) apart."""
+    dataset = assign_splits(load_dataset(data), config.split_ratios, config.seed)
+    dataset, external = hold_out_source(dataset, config.holdout_source)
+    for split, row in dataset.counts().items():
+        log.info("%-5s %s", split, "  ".join(f"{c}: {n}" for c, n in row.items()))
+    return dataset, external
+
+
+def start_run(out, config: Config, dataset: Dataset) -> RunDir:
+    """A new run folder holding what is needed to repeat the run: the configuration and the split."""
+    run = RunDir.create(out)
+    config.save(run.path(run.CONFIG))
+    write_manifest(dataset, run.path(run.DATA))
+    return run
+
+
+def network(config: Config, num_classes: int) -> keras.Model:
+    backbone = build_backbone(config.weights, config.image_size, config.pooling)
+    head = build_head(backbone.output_shape[-1], num_classes, config.dense_units, config.dropout, config.seed)
+    return build_model(backbone, head)
+
+
+def provenance(engine: str, dataset: Dataset, config: Config) -> dict:
+    """What model.json records about how the model was made."""
+    return {"engine": engine, "architecture": config.describe_model(),
+            "trained": datetime.datetime.now().isoformat(timespec="seconds"),
+            "data": dataset.origin, "counts": dataset.counts(), "holdout_source": config.holdout_source}
+
+
+def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config, info: dict) -> Predictor:
+    """Temperature scaling fitted on the validation images, the out-of-distribution gate on the
+    training images' features (threshold from validation), and the model: a complete Predictor."""
+    num_classes = len(plan.classes)
+    raw = head_probabilities(fitted.model.get_layer("head"), fitted.val_features, num_classes)
+    temperature = fit_temperature(raw, plan.val_labels)
+    log.info("temperature scaling, fitted on validation: T = %.3f", temperature)
+    info = {**info, "validation": {"accuracy": float(np.mean(raw.argmax(axis=1) == plan.val_labels))}}
+    return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, temperature=temperature,
+                     ood=OutOfDistribution.fit(fitted.train_features, fitted.val_features),
+                     train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor)
+
+
+def evaluate_run(predictor: Predictor, dataset: Dataset, external: Dataset | None, run: RunDir,
+                 config: Config) -> tuple[Metrics | None, Metrics | None]:
+    """The internal test split, and the held-out source when there is one, each in its folder."""
+    by = [c for c in ("source", "age_group") if any(c in r.extra for r in dataset.records)]
+    test = external_metrics = None
+    if dataset.split("test"):
+        test = evaluate(predictor, dataset, run.evaluation(), split="test", by=by, title="Internal test split")
+    if external is not None:
+        external_metrics = evaluate(predictor, external, run.evaluation(external=True), by=by,
+                                    title=f"External test: source '{config.holdout_source}', never seen in training")
+    return test, external_metrics
