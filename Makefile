@@ -4,7 +4,9 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 RUN ?= runs/reference-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reference test
+SUDO = $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup reference test browser
 
 $(BIN)/lungxray: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,5 +22,11 @@ reference: setup
 	data="$${LUNGXRAY_DATA:-$$($(BIN)/lungxray data fetch --print-path)}" && \
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The browser test drives Debian's Chromium through Selenium: install it where it is missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lungxray.config import environment_path
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-CXR = Path(os.environ.get("LUNGXRAY_DATA", SHARED / "cxr"))
+# The README exports LUNGXRAY_DATA=../shared/cxr; resolved here, once, from where the tests start.
+CXR = environment_path("LUNGXRAY_DATA") or SHARED / "cxr"
 WEIGHTS = SHARED / "weights" / "mobilenet_v3_small_imagenet_tv_no_top.weights.h5"
 CLASSES = ("covid", "normal", "pneumonia")
 TINY = 32  # the smallest input MobileNetV3Small accepts: keeps unit tests fast

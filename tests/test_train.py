@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lungxray import Config, Predictor, train
-from lungxray.data.records import DataError
+from lungxray.errors import DataError
 from tests.conftest import TINY
 
 
@@ -42,7 +42,8 @@ def test_run_folder_holds_every_artefact_and_reruns_from_config(split_folders, t
     run = result.run_dir
     for name in ["config.json", "data.csv", "model.keras", "model.json", "history.csv", "loss.png", "accuracy.png",
                  "report.md", "evaluation/metrics.json", "evaluation/confusion_matrix.png",
-                 "evaluation/confusion_matrix_normalized.png", "evaluation/classification_report.txt"]:
+                 "evaluation/confusion_matrix_normalized.png", "evaluation/classification_report.txt",
+                 "checkpoints/head.weights.h5", "ood.npz", "train_hashes.txt", "timings.json"]:
         assert (run / name).is_file(), name
     assert len((run / "history.csv").read_text().strip().splitlines()) == 1 + 3
     metrics = json.loads((run / "evaluation/metrics.json").read_text())
@@ -51,12 +52,16 @@ def test_run_folder_holds_every_artefact_and_reruns_from_config(split_folders, t
     assert set(metrics["per_class"]["covid"]) >= {"precision", "recall", "f1", "support"}
     report = (run / "report.md").read_text()
     assert "evaluation/metrics.json" in report and "loss.png" in report
+    # Written from this run's configuration, not the reference's.
+    assert "Dense(16, relu)" in report and "32x32 input" in report and "best val_accuracy" in report
+    assert "Dense(16, relu)" in json.loads((run / "model.json").read_text())["architecture"]
     rerun = train(split_folders, tmp_path / "rerun", Config.load(run / "config.json"), cache_dir=cache_dir)
     assert rerun.history["loss"] == pytest.approx(result.history["loss"], abs=1e-6)
 
 
 def test_refuses_to_overwrite_a_run(split_folders, tmp_path, cache_dir):
-    train(split_folders, tmp_path / "run", tiny_config(epochs=1), cache_dir=cache_dir)
+    first = train(split_folders, tmp_path / "run", tiny_config(epochs=1, monitor="val_loss"), cache_dir=cache_dir)
+    assert "best val_loss" in (first.run_dir / "report.md").read_text()
     with pytest.raises(DataError, match="already holds a trained model"):
         train(split_folders, tmp_path / "run", tiny_config(epochs=1), cache_dir=cache_dir)
 

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
@@ -14,8 +13,6 @@ from pathlib import Path
 from lungxray.config import PRESETS, Config
 from lungxray.errors import LungxrayError
 from lungxray.rundir import RunDir
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +112,11 @@ def add_config_arguments(group) -> None:
     for field in dataclasses.fields(Config):
         flag, check = "--" + field.name.replace("_", "-"), field.metadata["check"]
         help_text = field.metadata["help"]
-        if field.default is not dataclasses.MISSING:
+        if field.default is not dataclasses.MISSING and field.default is not None:
             help_text += f" (default: {_shown(field.default)})"
-        kind = next((a for a in typing.get_args(hints[field.name]) if a is not type(None)), hints[field.name])
+        kind, arguments = hints[field.name], typing.get_args(hints[field.name])
+        if type(None) in arguments:  # Optional[X]: the flag takes an X
+            kind = next(a for a in arguments if a is not type(None))
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is tuple:

@@ -15,6 +15,7 @@ from pathlib import Path
 from lungxray.errors import ConfigError
 
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
+CACHE_ENV = "LUNGXRAY_CACHE"
 
 
 def environment_path(name: str) -> Path | None:
@@ -22,6 +23,11 @@ def environment_path(name: str) -> Path | None:
     otherwise mean different files to code running in different folders."""
     value = os.environ.get(name)
     return Path(value).expanduser().resolve() if value else None
+
+
+def default_cache_dir() -> Path:
+    """Where features, converted backbones and downloaded data are kept: `LUNGXRAY_CACHE` or ~/.cache/lungxray."""
+    return environment_path(CACHE_ENV) or Path.home() / ".cache" / "lungxray"
 
 
 def default_weights() -> str:

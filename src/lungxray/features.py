@@ -20,20 +20,16 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
+from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
 from lungxray.model import weights_fingerprint
 from lungxray.parallel import bounded_map
 
-CACHE_ENV = "LUNGXRAY_CACHE"
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
 VIEWS = ("orig", "flip")
 SHARD_SIZE = 2048
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lungxray"))
 
 
 def litert_available() -> bool:

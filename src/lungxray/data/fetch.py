@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from lungxray.config import default_cache_dir
 from lungxray.data.records import SPLITS
 from lungxray.errors import DataError
 
@@ -19,7 +20,7 @@ CHUNK = 1 << 20
 
 
 def default_dest() -> Path:
-    return Path(os.environ.get("LUNGXRAY_CACHE", Path.home() / ".cache" / "lungxray")) / "datasets"
+    return default_cache_dir() / "datasets"
 
 
 def download(url: str, target: Path, attempts: int = 5, timeout: float = 30.0) -> Path:
@@ -109,11 +110,11 @@ def fetch_dataset(url: str = DEFAULT_URL, dest: Path | None = None) -> Path:
     """Download, verify and unpack the archive at `url` into `dest`; return the folder holding train/val/test."""
     dest = Path(dest or default_dest())
     archive = dest / "Dataset.zip"
-    if not archive.exists():
-        download(url, archive)
-    verify_zip(archive)
     unpacked = dest / "Dataset"
-    if not unpacked.exists():
+    if not unpacked.exists():  # it appears only whole, after a verified archive was unpacked
+        if not archive.exists():
+            download(url, archive)
+        verify_zip(archive)
         staging = dest / "Dataset.partial"
         shutil.rmtree(staging, ignore_errors=True)
         safe_extract(archive, staging)
