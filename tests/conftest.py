@@ -65,7 +65,7 @@ def cxr_subset(tmp_path_factory) -> Path:
     rows = list(csv.DictReader(open(CXR / "manifest.csv")))
     rng = random.Random(0)
     chosen = []
-    for split, n in (("train", 40), ("val", 15), ("test", 15)):
+    for split, n in (("train", 80), ("val", 15), ("test", 15)):
         for label in CLASSES:
             pool = [r for r in rows if r["split"] == split and r["label"] == label]
             chosen += rng.sample(pool, n)
