@@ -74,6 +74,8 @@ class Config:
     image_size: int = setting(224, "input size in pixels (square)", Interval(32))
     pooling: str = setting("max", "global pooling of the backbone's last feature map", ("max", "avg"))
     interpolation: str = setting("nearest", "resize method", ("nearest", "bilinear", "bicubic"))
+    intensity: str = setting("none", "intensity normalisation after resizing: histogram equalisation or a "
+                                     "1st-99th percentile window", ("none", "equalize", "autocontrast"))
     # Head: Dense(256, relu) -> BatchNorm -> Dropout(0.2) -> Dense(classes, softmax).
     dense_units: int = setting(256, "units of the head's hidden Dense layer", Interval(1))
     dropout: float = setting(0.2, "dropout rate before the output layer", Interval(0, 1, open_high=True))
@@ -83,9 +85,14 @@ class Config:
     epochs: int = setting(30, "head-training epochs (at most; see early_stopping_patience)", Interval(1))
     seed: int = setting(21, "seed of every random choice (splits, shuffling, flips, initial weights)", Interval(0))
     horizontal_flip: bool = setting(True, "mirror each training image with probability 1/2")
-    monitor: str = setting("val_accuracy", "validation metric that picks the best epoch",
-                           ("val_accuracy", "val_loss"))
+    monitor: str = setting("val_accuracy", "validation metric that picks the best epoch; "
+                           "val_worst_group_accuracy is the lowest accuracy over the validation's class x source "
+                           "cells (needs a manifest with a source column)",
+                           ("val_accuracy", "val_loss", "val_worst_group_accuracy"))
     early_stopping_patience: int = setting(10, "epochs without improvement before training stops", Interval(1))
+    balance: str = setting("none", "weight training images so that each class, or each class within each "
+                           "source (and age group), weighs the same", ("none", "class", "class_source",
+                                                                       "class_source_age"))
     # Data.
     split_ratios: tuple[float, float, float] = setting((0.7, 0.2, 0.1),
                                                        "train,val,test shares for data without splits")

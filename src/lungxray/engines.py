@@ -17,6 +17,7 @@ the train and val images, which calibration and the out-of-distribution gate are
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -27,13 +28,17 @@ import numpy as np
 
 from lungxray.config import Config
 from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
-from lungxray.data.records import Dataset, Record
+from lungxray.data.records import Dataset, Record, balancing_weights
 from lungxray.errors import DataError, ImageError
 from lungxray.features import FeatureExtractor, file_hashes
 from lungxray.model import compile_for_training
 from lungxray.rundir import RunDir
 
 log = logging.getLogger("lungxray")
+
+WORST_GROUP = "val_worst_group_accuracy"
+BALANCE_COLUMNS = {"class": (), "class_source": ("source",), "class_source_age": ("source", "age_group")}
+MIN_BALANCED_CELL = 100  # cells smaller than this weigh as if they had this many images
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class TrainingPlan:
     val_labels: np.ndarray
     classes: list[str]
     train_hashes: list[str | None]
+    train_weights: np.ndarray | None = None  # per training image, when the config balances cells
     train_table: np.ndarray | None = None
     val_table: np.ndarray | None = None
 
@@ -71,6 +77,31 @@ class FollowEpoch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.epoch = epoch
+
+
+class WorstGroupAccuracy(keras.callbacks.Callback):
+    """Adds `val_worst_group_accuracy` to each epoch's logs, before the callbacks that read them:
+    the lowest accuracy over the validation's class x source cells of at least MIN_GROUP images.
+    Pooled validation accuracy rewards what the big sources share with their label (the shortcut);
+    this rewards the epoch that does best on the cell it does worst on."""
+
+    MIN_GROUP = 20
+
+    def __init__(self, val_inputs, plan: TrainingPlan):
+        super().__init__()
+        self.val_inputs, self.labels = val_inputs, plan.val_labels
+        if not any("source" in r.extra for r in plan.val):
+            raise DataError(f"monitor={WORST_GROUP} needs a manifest CSV with a 'source' column")
+        cells = collections.defaultdict(list)
+        for index, record in enumerate(plan.val):
+            cells[(record.label, record.extra.get("source", ""))].append(index)
+        self.groups = [np.array(rows) for rows in cells.values() if len(rows) >= self.MIN_GROUP]
+        if not self.groups:
+            raise DataError(f"monitor={WORST_GROUP}: no class x source cell has {self.MIN_GROUP} validation images")
+
+    def on_epoch_end(self, epoch, logs=None):
+        predicted = np.asarray(self.model.predict(self.val_inputs, verbose=0)).argmax(axis=1)
+        logs[WORST_GROUP] = float(min(np.mean(predicted[g] == self.labels[g]) for g in self.groups))
 
 
 def monitor_mode(monitor: str) -> str:
@@ -110,8 +141,7 @@ class Engine:
         raise NotImplementedError
 
     def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
-        extractor = FeatureExtractor(self.model.get_layer("backbone"), self.config.image_size,
-                                     self.config.interpolation, self.config.feature_runtime, self.cache_dir)
+        extractor = feature_extractor(self.model, self.config, self.cache_dir)
         val = extractor.extract([r.path for r in plan.val], desc="val features").vectors["orig"]
         train = extractor.extract([r.path for r in plan.train], desc="train features").vectors["orig"]
         return FittedModel(self.model, history, extractor, train, val, timings)
@@ -124,7 +154,9 @@ class Engine:
         keep = [np.array([str(r.path) not in bad for r in records], bool) for records in (train, val)]
         train, val = [r for r, k in zip(train, keep[0]) if k], [r for r, k in zip(val, keep[1]) if k]
         hashes = [h for h, k in zip(train_hashes, keep[0]) if k]
-        plan = TrainingPlan(train, val, dataset.labels(train), dataset.labels(val), dataset.classes, hashes)
+        weights = (balancing_weights(train, BALANCE_COLUMNS[self.config.balance], MIN_BALANCED_CELL)
+                   if self.config.balance != "none" else None)
+        plan = TrainingPlan(train, val, dataset.labels(train), dataset.labels(val), dataset.classes, hashes, weights)
         return plan, keep
 
 
@@ -134,8 +166,7 @@ class CachedEngine(Engine):
 
     def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None):
         super().__init__(model, config, run, cache_dir)
-        self.extractor = FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
-                                          config.feature_runtime, cache_dir)
+        self.extractor = feature_extractor(model, config, cache_dir)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
         """Backbone features of every training image and its mirror image, and of val and test."""
@@ -153,11 +184,12 @@ class CachedEngine(Engine):
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
         epochs, val_epochs = epoch_plans(plan, self.config)
         classes = len(plan.classes)
-        data = (feature_batches(epochs, plan.train_table, plan.train_labels, classes),
+        data = (feature_batches(epochs, plan.train_table, plan.train_labels, classes, plan.train_weights),
                 feature_batches(val_epochs, plan.val_table, plan.val_labels, classes))
         # One graph execution per epoch: the fewest Python round trips for the same steps.
-        return fit_phase(self.model.get_layer("head"), epochs, data, self.config, self.run, "head",
-                         self.config.learning_rate, self.config.epochs, steps_per_execution=epochs.steps)
+        return fit_phase(self.model.get_layer("head"), plan, epochs, data, self.config, self.run, "head",
+                         self.config.learning_rate, self.config.epochs, steps_per_execution=epochs.steps,
+                         val_inputs=plan.val_table[:, 0])
 
     def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
         if self.config.fine_tune_epochs:  # the backbone changed: its features are new
@@ -171,14 +203,20 @@ class KerasEngine(Engine):
     def plan(self, dataset: Dataset) -> TrainingPlan:
         """Check every image decodes before the first epoch; the model reads images at every step."""
         train, val = dataset.split("train"), dataset.split("val")
-        _, errors = scan_images(train + val, self.config.image_size, self.config.interpolation)
+        _, errors = scan_images(train + val, self.config.image_size, self.config.interpolation,
+                                intensity=self.config.intensity)
         return self._checked_plan(dataset, errors, file_hashes([r.path for r in train]))[0]
 
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
         epochs, val_epochs = epoch_plans(plan, self.config)
         data = image_data(self.model, plan, epochs, val_epochs, self.config)
-        return fit_phase(self.model, epochs, data, self.config, self.run, "model", self.config.learning_rate,
+        return fit_phase(self.model, plan, epochs, data, self.config, self.run, "model", self.config.learning_rate,
                          self.config.epochs)
+
+
+def feature_extractor(model: keras.Model, config: Config, cache_dir: Path | None) -> FeatureExtractor:
+    return FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
+                            config.feature_runtime, cache_dir, intensity=config.intensity)
 
 
 ENGINES = {engine.name: engine for engine in (CachedEngine, KerasEngine)}
@@ -207,17 +245,19 @@ def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPla
 def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_epochs: EpochPlan, config: Config):
     """(train, val) tf.data pipelines of decoded images following the epoch plans."""
     shape, classes = model.input_shape[1:], len(plan.classes)
-    load = [image_loader(records, config.image_size, config.interpolation) for records in (plan.train, plan.val)]
-    return (image_batches(epochs, load[0], plan.train_labels, classes, shape),
+    load = [image_loader(records, config.image_size, config.interpolation, config.intensity)
+            for records in (plan.train, plan.val)]
+    return (image_batches(epochs, load[0], plan.train_labels, classes, shape, plan.train_weights),
             image_batches(val_epochs, load[1], plan.val_labels, classes, shape))
 
 
-def fit_phase(model: keras.Model, epochs: EpochPlan, data, config: Config, run: RunDir, holds: str,
-              learning_rate: float, num_epochs: int, steps_per_execution: int = 1,
-              initial_epoch: int = 0) -> dict[str, list[float]]:
+def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, config: Config, run: RunDir,
+              holds: str, learning_rate: float, num_epochs: int, steps_per_execution: int = 1,
+              initial_epoch: int = 0, val_inputs=None) -> dict[str, list[float]]:
     """Keras' fit with the reference's callbacks: keep the best weights (in the run's checkpoint for
     `holds` as they improve, and restored at the end), stop after `early_stopping_patience` epochs
-    without improvement, log each epoch to the run's history."""
+    without improvement, log each epoch to the run's history. `val_inputs` (default: the validation
+    batches) is what the worst-group metric predicts on."""
     compile_for_training(model, learning_rate, min(steps_per_execution, epochs.steps))
     mode, checkpoint = monitor_mode(config.monitor), run.checkpoint(holds)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +270,8 @@ def fit_phase(model: keras.Model, epochs: EpochPlan, data, config: Config, run: 
         keras.callbacks.CSVLogger(str(run.path(run.HISTORY)), append=initial_epoch > 0),
     ]
     train_data, val_data = data
+    if config.monitor == WORST_GROUP:
+        callbacks.insert(1, WorstGroupAccuracy(val_data if val_inputs is None else val_inputs, plan))
     history = model.fit(train_data, validation_data=val_data, epochs=initial_epoch + num_epochs,
                         initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False, verbose="auto")
     return {k: [float(v) for v in values] for k, values in history.history.items()}
@@ -243,7 +285,7 @@ def fine_tune(model: keras.Model, plan: TrainingPlan, config: Config, run: RunDi
     for index, layer in enumerate(backbone.layers):
         layer.trainable = index >= first_tuned and not isinstance(layer, keras.layers.BatchNormalization)
     epochs, val_epochs = epoch_plans(plan, config)
-    more = fit_phase(model, epochs, image_data(model, plan, epochs, val_epochs, config), config, run, "model",
+    more = fit_phase(model, plan, epochs, image_data(model, plan, epochs, val_epochs, config), config, run, "model",
                      config.fine_tune_learning_rate, config.fine_tune_epochs, initial_epoch=len(history["loss"]))
     return {k: history.get(k, []) + more.get(k, []) for k in history}
 

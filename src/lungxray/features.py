@@ -121,7 +121,7 @@ class FeatureCache:
     deleted and recomputed, never trusted.
     """
 
-    def __init__(self, root: Path, runtime: BackboneRuntime, interpolation: str):
+    def __init__(self, root: Path, runtime: BackboneRuntime, interpolation: str, intensity: str = "none"):
         self.meta = {
             "format": FORMAT_VERSION,
             "backbone_fingerprint": runtime.fingerprint,
@@ -129,6 +129,8 @@ class FeatureCache:
             "interpolation": interpolation,
             "runtime": runtime.name,
         }
+        if intensity != "none":  # keys of caches made before intensity normalisation existed stay valid
+            self.meta["intensity"] = intensity
         self.key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = Path(root) / "features" / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -180,11 +182,12 @@ class FeatureExtractor:
     threads ahead of the backbone."""
 
     def __init__(self, backbone: keras.Model, image_size: int, interpolation: str = "nearest",
-                 runtime: str = "auto", cache_dir: Path | None = None, workers: int | None = None):
+                 runtime: str = "auto", cache_dir: Path | None = None, workers: int | None = None,
+                 intensity: str = "none"):
         cache_dir = Path(cache_dir or default_cache_dir())
         self.runtime = BackboneRuntime(backbone, runtime, cache_dir)
-        self.cache = FeatureCache(cache_dir, self.runtime, interpolation)
-        self.image_size, self.interpolation = image_size, interpolation
+        self.cache = FeatureCache(cache_dir, self.runtime, interpolation, intensity)
+        self.image_size, self.interpolation, self.intensity = image_size, interpolation, intensity
         self.workers = workers
         self.feature_dim = backbone.output_shape[-1]
 
@@ -208,7 +211,7 @@ class FeatureExtractor:
             if all(c is not None for c in cached):
                 return i, content_hash, cached, False, None
             try:
-                image = read_image(data, self.image_size, self.interpolation, name=str(paths[i]))
+                image = read_image(data, self.image_size, self.interpolation, str(paths[i]), self.intensity)
             except ImageError as error:
                 return i, content_hash, None, False, error
             # Each worker thread runs the backbone itself, on an interpreter it borrows from the pool.

@@ -43,7 +43,7 @@ class Predictor:
     """`info` is the model's provenance (engine, training data, counts...), stored in model.json."""
 
     def __init__(self, model: keras.Model, classes: list[str], image_size: int, interpolation: str = "nearest",
-                 temperature: float = 1.0, ood: OutOfDistribution | None = None,
+                 intensity: str = "none", temperature: float = 1.0, ood: OutOfDistribution | None = None,
                  train_hashes: set[str] | None = None, info: dict | None = None,
                  extractor: FeatureExtractor | None = None, runtime: str = "auto", cache_dir: Path | None = None):
         try:
@@ -54,9 +54,10 @@ class Predictor:
         if self.head.output_shape[-1] != len(classes):
             raise WeightsError(f"the model has {self.head.output_shape[-1]} outputs but {len(classes)} class names")
         self.model, self.classes = model, list(classes)
-        self.image_size, self.interpolation = image_size, interpolation
+        self.image_size, self.interpolation, self.intensity = image_size, interpolation, intensity
         self.temperature, self.ood, self.train_hashes, self.info = temperature, ood, train_hashes, info or {}
-        self.extractor = extractor or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir)
+        self.extractor = extractor or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir,
+                                                       intensity=intensity)
         # A traced call: the eager Keras call costs ~2 ms per request, this ~0.4 ms.
         self._head = tf.function(lambda x: self.head(x, training=False), reduce_retracing=True)
 
@@ -65,7 +66,8 @@ class Predictor:
         with atomic_path(run.model) as temporary:
             self.model.save(temporary)
         write_json(run.model_info, {**self.info, "classes": self.classes, "image_size": self.image_size,
-                                    "interpolation": self.interpolation, "temperature": self.temperature})
+                                    "interpolation": self.interpolation, "intensity": self.intensity,
+                                    "temperature": self.temperature})
         if self.ood is not None:
             self.ood.save(run.path(run.OOD))
         if self.train_hashes is not None:
@@ -78,7 +80,7 @@ class Predictor:
         info = run.read_model_info()
         gate_file = run.path(run.OOD)
         return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"),
-                   temperature=float(info.get("temperature", 1.0)),
+                   info.get("intensity", "none"), temperature=float(info.get("temperature", 1.0)),
                    ood=OutOfDistribution.load(gate_file) if gate_file.is_file() else None,
                    train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir)
 
@@ -101,4 +103,4 @@ class Predictor:
         return apply_temperature(probabilities, self.temperature) if calibrated else probabilities
 
     def read(self, source, name: str | None = None) -> np.ndarray:
-        return read_image(source, self.image_size, self.interpolation, name=name)
+        return read_image(source, self.image_size, self.interpolation, name, self.intensity)

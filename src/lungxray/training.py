@@ -108,7 +108,8 @@ def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config
     temperature = fit_temperature(raw, plan.val_labels)
     log.info("temperature scaling, fitted on validation: T = %.3f", temperature)
     info = {**info, "validation": {"accuracy": float(np.mean(raw.argmax(axis=1) == plan.val_labels))}}
-    return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, temperature=temperature,
+    return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, config.intensity,
+                     temperature=temperature,
                      ood=OutOfDistribution.fit(fitted.train_features, fitted.val_features),
                      train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor)
 

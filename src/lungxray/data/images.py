@@ -23,15 +23,24 @@ RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+# Intensity normalisation, against acquisition style (exposure, processing, contrast of each hospital):
+# global histogram equalisation, or a robust window stretching the 1st..99th percentiles to 0..255.
+INTENSITY = {
+    "none": None,
+    "equalize": ImageOps.equalize,
+    "autocontrast": lambda image: ImageOps.autocontrast(image, cutoff=1),
+}
 # Pillow warns above ~89 Mpixel and refuses above twice that; we refuse at the warning level.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def read_image(source, size: int | None = None, interpolation: str = "nearest", name: str | None = None) -> np.ndarray:
+def read_image(source, size: int | None = None, interpolation: str = "nearest", name: str | None = None,
+               intensity: str = "none") -> np.ndarray:
     """Decode `source` (a path or bytes) to a uint8 RGB array of shape (H, W, 3).
 
     With `size`, the image is resized to size x size as the reference did (aspect ratio squashed).
-    `name` is what errors call the image (default: the path, or "<bytes>").
+    `intensity` names a normalisation of INTENSITY, applied last. `name` is what errors call the
+    image (default: the path, or "<bytes>").
     """
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
@@ -41,6 +50,8 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
     if size is not None:
         image = image.resize((size, size), RESAMPLING[interpolation])
+    if INTENSITY[intensity] is not None:
+        image = INTENSITY[intensity](image)
     return np.asarray(image, dtype=np.uint8)
 
 

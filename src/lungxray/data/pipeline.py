@@ -63,54 +63,61 @@ BatchLoader = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def image_batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_classes: int,
-                  input_shape: tuple[int, ...]) -> tf.data.Dataset:
-    """(images, one-hot labels) batches following `plan`; `load(indices, flips)` decodes the images."""
+                  input_shape: tuple[int, ...], weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """(images, one-hot labels[, sample weights]) batches following `plan`; `load(indices, flips)`
+    decodes the images."""
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    weights = None if weights is None else tf.constant(weights, tf.float32)
 
     def load_batch(indices, flips):
         return load(indices, flips).astype(np.float32), one_hot[indices]
 
     def to_tensors(indices, flips):
         x, y = tf.numpy_function(load_batch, [indices, flips], [tf.float32, tf.float32], stateful=False)
-        return tf.ensure_shape(x, (None, *input_shape)), tf.ensure_shape(y, (None, num_classes))
+        batch = tf.ensure_shape(x, (None, *input_shape)), tf.ensure_shape(y, (None, num_classes))
+        return batch if weights is None else (*batch, tf.gather(weights, indices))
 
     return plan.dataset().map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
-def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_classes: int) -> tf.data.Dataset:
-    """(features, one-hot labels) batches following `plan`, looked up in the graph.
+def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_classes: int,
+                    weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """(features, one-hot labels[, sample weights]) batches following `plan`, looked up in the graph.
 
     `table` is (samples, views, dim): view 0 is the image's features, view 1 its mirror image's.
     """
     table = tf.constant(table, tf.float32)
     one_hot = tf.constant(np.eye(num_classes, dtype=np.float32)[labels])
+    weights = None if weights is None else tf.constant(weights, tf.float32)
 
     def lookup(indices, flips):
         view = tf.cast(flips, tf.int64) if table.shape[1] > 1 else tf.zeros_like(indices)
-        return tf.gather_nd(table, tf.stack([indices, view], axis=1)), tf.gather(one_hot, indices)
+        batch = tf.gather_nd(table, tf.stack([indices, view], axis=1)), tf.gather(one_hot, indices)
+        return batch if weights is None else (*batch, tf.gather(weights, indices))
 
     return plan.dataset().map(lookup).prefetch(2)
 
 
-def image_loader(records: list[Record], image_size: int, interpolation: str = "nearest") -> BatchLoader:
+def image_loader(records: list[Record], image_size: int, interpolation: str = "nearest",
+                 intensity: str = "none") -> BatchLoader:
     """Decode a batch of records to float32 RGB in [0, 255], mirroring those whose flip is set."""
     paths = [r.path for r in records]
 
     def load(indices: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        images = np.stack([read_image(paths[i], image_size, interpolation) for i in indices])
+        images = np.stack([read_image(paths[i], image_size, interpolation, intensity=intensity) for i in indices])
         images[flips] = images[flips][:, :, ::-1]
         return images
 
     return load
 
 
-def scan_images(records: list[Record], image_size: int, interpolation: str = "nearest",
-                workers: int | None = None, desc: str = "checking images") -> tuple[list[Record], list[ImageError]]:
+def scan_images(records: list[Record], image_size: int, interpolation: str = "nearest", workers: int | None = None,
+                desc: str = "checking images", intensity: str = "none") -> tuple[list[Record], list[ImageError]]:
     """Decode every record once; return the readable records and an error per unreadable one."""
 
     def check(record: Record):
         try:
-            read_image(record.path, image_size, interpolation)
+            read_image(record.path, image_size, interpolation, intensity=intensity)
             return None
         except ImageError as error:
             return error

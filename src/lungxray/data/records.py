@@ -9,6 +9,7 @@ Three layouts are accepted:
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import os
@@ -188,6 +189,19 @@ def hold_out_source(dataset: Dataset, source: str | None) -> tuple[Dataset, Data
     held = [dataclasses.replace(r, split="test") for r in dataset.records if r.extra.get("source") == source]
     return (dataclasses.replace(dataset, records=kept),
             dataclasses.replace(dataset, records=held, origin=f"{dataset.origin} (source={source})"))
+
+
+def balancing_weights(records: list[Record], columns: tuple[str, ...], floor: int) -> np.ndarray:
+    """A weight per record such that every cell (records sharing the label and the values of
+    `columns`) weighs the same in total, cells under `floor` images as if they had `floor` (one
+    image must not weigh as much as a hospital); mean 1."""
+    missing = [c for c in columns if not any(c in r.extra for r in records)]
+    if missing:
+        raise DataError(f"balancing by {missing} needs a manifest CSV with the column(s) {missing}")
+    keys = [(r.label, *(r.extra.get(c, "") for c in columns)) for r in records]
+    counts = collections.Counter(keys)
+    weights = np.array([1.0 / max(counts[k], floor) for k in keys])
+    return weights * len(weights) / weights.sum()
 
 
 def extra_columns(records: list[Record]) -> list[str]:

@@ -52,6 +52,21 @@ def macro_auroc(y_true: np.ndarray, probabilities: np.ndarray) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def pairwise_auroc(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+    """For each pair of classes a, b: among images of class a or b, how well p(b) / (p(a) + p(b))
+    ranks the b images above the a images ("covid_vs_pneumonia": can the model tell pneumonia
+    from covid, whatever it thinks of the other classes)."""
+    table = {}
+    for a in range(len(classes)):
+        for b in range(a + 1, len(classes)):
+            members = (y_true == a) | (y_true == b)
+            pair = probabilities[members][:, [a, b]]
+            score = pair[:, 1] / np.maximum(pair.sum(axis=1), 1e-12)
+            table[f"{classes[a]}_vs_{classes[b]}"] = _safe_auroc((y_true[members] == b).astype(int), score) \
+                if members.any() else None
+    return table
+
+
 def _clip_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """Keep log-loss finite for a confident mistake, rows still summing to one."""
     clipped = np.clip(probabilities.astype(np.float64), 1e-7, 1.0)
@@ -155,6 +170,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         "balanced_accuracy": float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)])),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "macro_auroc": macro_auroc(y_true, probabilities),
+        "pairwise_auroc": pairwise_auroc(y_true, probabilities, classes),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "per_class": per_class_metrics(y_true, probabilities, classes),
         "calibration": calibration_metrics(y_true, probabilities),

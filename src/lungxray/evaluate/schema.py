@@ -59,6 +59,7 @@ class Metrics(TypedDict):
     balanced_accuracy: float
     macro_f1: float
     macro_auroc: float | None
+    pairwise_auroc: NotRequired[dict[str, float | None]]  # "a_vs_b": AUROC of b against a, on a and b images
     confusion_matrix: list[list[int]]  # rows true, columns predicted
     per_class: dict[str, ClassMetrics]
     calibration: Calibration
