@@ -2,9 +2,10 @@
 
 import keras
 import numpy as np
+import pytest
 
 from lungxray.cli import main
-from lungxray.explain import GradCam, overlay
+from lungxray.explain import GradCam, overlay, share_inside
 
 
 def known_model(size=64):
@@ -57,3 +58,13 @@ def test_predict_explain_writes_one_overlay_per_readable_image(tmp_path):
                  str(tmp_path / "cams"), *map(str, images), str(bad)]) == 0
     written = sorted((tmp_path / "cams").glob("*.png"))
     assert len(written) == 2 and all(p.stat().st_size > 5000 for p in written)
+
+
+def test_share_inside_a_mask():
+    heat = np.zeros((7, 7), np.float32)
+    heat[2:5, 1:3] = 1.0  # all the evidence on the left
+    left = np.zeros((70, 70), np.uint8)
+    left[:, :35] = 255
+    assert share_inside(heat, left) > 0.95
+    assert share_inside(heat, 255 - left) < 0.05
+    assert share_inside(np.ones((7, 7)), left) == pytest.approx(0.5, abs=0.01)

@@ -24,7 +24,7 @@ LAYERS = [
     {"data"},
     {"model", "ood"},
     {"features"},
-    {"predict", "probe"},
+    {"lungs", "predict", "probe"},
     {"engines"},
     {"evaluate", "explain"},
     {"report", "training", "serve"},

@@ -15,6 +15,7 @@ from pathlib import Path
 from lungxray.errors import ConfigError
 
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
+LUNG_MASKS_ENV = "LUNGXRAY_LUNGMASKS"
 CACHE_ENV = "LUNGXRAY_CACHE"
 
 
@@ -28,6 +29,11 @@ def environment_path(name: str) -> Path | None:
 def default_cache_dir() -> Path:
     """Where features, converted backbones and downloaded data are kept: `LUNGXRAY_CACHE` or ~/.cache/lungxray."""
     return environment_path(CACHE_ENV) or Path.home() / ".cache" / "lungxray"
+
+
+def default_lung_masks() -> str | None:
+    path = environment_path(LUNG_MASKS_ENV)
+    return str(path) if path else None
 
 
 def default_weights() -> str:
@@ -76,6 +82,10 @@ class Config:
     interpolation: str = setting("nearest", "resize method", ("nearest", "bilinear", "bicubic"))
     intensity: str = setting("none", "intensity normalisation after resizing: histogram equalisation or a "
                                      "1st-99th percentile window", ("none", "equalize", "autocontrast"))
+    crop: str = setting("none", "what the model sees: the whole film, or the box around the lung fields found "
+                                "by a segmenter trained on lung_masks", ("none", "lungs"))
+    lung_masks: str | None = setting(default_lung_masks, "folder of films with lung masks (manifest.csv, images/, "
+                                     f"masks/) for crop=lungs (default: ${LUNG_MASKS_ENV})")
     # Head: Dense(256, relu) -> BatchNorm -> Dropout(0.2) -> Dense(classes, softmax).
     dense_units: int = setting(256, "units of the head's hidden Dense layer", Interval(1))
     dropout: float = setting(0.2, "dropout rate before the output layer", Interval(0, 1, open_high=True))
@@ -110,6 +120,9 @@ class Config:
         for field in dataclasses.fields(self):
             value = _checked(field.name, getattr(self, field.name), hints[field.name], field.metadata["check"])
             object.__setattr__(self, field.name, value)
+        if self.crop == "lungs" and not self.lung_masks:
+            raise ConfigError(f"crop='lungs' needs lung_masks, a folder of films with lung masks (such as "
+                              f"../shared/lungmasks); set it or ${LUNG_MASKS_ENV}")
 
     @classmethod
     def preset(cls, name: str) -> "Config":

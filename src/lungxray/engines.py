@@ -31,6 +31,7 @@ from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, im
 from lungxray.data.records import Dataset, Record, balancing_weights
 from lungxray.errors import DataError, ImageError
 from lungxray.features import FeatureExtractor, file_hashes
+from lungxray.lungs import LungCrop
 from lungxray.model import compile_for_training
 from lungxray.rundir import RunDir
 
@@ -119,8 +120,9 @@ class Engine:
 
     name = ""
 
-    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None):
-        self.model, self.config, self.run, self.cache_dir = model, config, run, cache_dir
+    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
+                 crop: LungCrop | None = None):
+        self.model, self.config, self.run, self.cache_dir, self.crop = model, config, run, cache_dir, crop
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
         raise NotImplementedError
@@ -131,7 +133,7 @@ class Engine:
         timings = {"head_training": time.perf_counter() - started}
         if self.config.fine_tune_epochs:
             started = time.perf_counter()
-            history = fine_tune(self.model, plan, self.config, self.run, history)
+            history = fine_tune(self.model, plan, self.config, self.run, history, self.crop)
             timings["fine_tuning"] = time.perf_counter() - started
         best, monitor = best_epoch(history, self.config.monitor), self.config.monitor
         log.info("best %s %.4f at epoch %d (weights restored from it)", monitor, history[monitor][best], best + 1)
@@ -141,7 +143,7 @@ class Engine:
         raise NotImplementedError
 
     def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
-        extractor = feature_extractor(self.model, self.config, self.cache_dir)
+        extractor = feature_extractor(self.model, self.config, self.cache_dir, self.crop)
         val = extractor.extract([r.path for r in plan.val], desc="val features").vectors["orig"]
         train = extractor.extract([r.path for r in plan.train], desc="train features").vectors["orig"]
         return FittedModel(self.model, history, extractor, train, val, timings)
@@ -164,9 +166,10 @@ class Engine:
 class CachedEngine(Engine):
     name = "cached"
 
-    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None):
-        super().__init__(model, config, run, cache_dir)
-        self.extractor = feature_extractor(model, config, cache_dir)
+    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
+                 crop: LungCrop | None = None):
+        super().__init__(model, config, run, cache_dir, crop)
+        self.extractor = feature_extractor(model, config, cache_dir, crop)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
         """Backbone features of every training image and its mirror image, and of val and test."""
@@ -204,19 +207,20 @@ class KerasEngine(Engine):
         """Check every image decodes before the first epoch; the model reads images at every step."""
         train, val = dataset.split("train"), dataset.split("val")
         _, errors = scan_images(train + val, self.config.image_size, self.config.interpolation,
-                                intensity=self.config.intensity)
+                                intensity=self.config.intensity, crop=self.crop)
         return self._checked_plan(dataset, errors, file_hashes([r.path for r in train]))[0]
 
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
         epochs, val_epochs = epoch_plans(plan, self.config)
-        data = image_data(self.model, plan, epochs, val_epochs, self.config)
+        data = image_data(self.model, plan, epochs, val_epochs, self.config, self.crop)
         return fit_phase(self.model, plan, epochs, data, self.config, self.run, "model", self.config.learning_rate,
                          self.config.epochs)
 
 
-def feature_extractor(model: keras.Model, config: Config, cache_dir: Path | None) -> FeatureExtractor:
+def feature_extractor(model: keras.Model, config: Config, cache_dir: Path | None,
+                      crop: LungCrop | None) -> FeatureExtractor:
     return FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
-                            config.feature_runtime, cache_dir, intensity=config.intensity)
+                            config.feature_runtime, cache_dir, intensity=config.intensity, crop=crop)
 
 
 ENGINES = {engine.name: engine for engine in (CachedEngine, KerasEngine)}
@@ -230,10 +234,11 @@ def choose_engine(config: Config) -> tuple[str, str]:
                       "horizontal flip, so each image has exactly two possible backbone outputs")
 
 
-def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None) -> Engine:
+def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
+                crop: LungCrop | None = None) -> Engine:
     name, reason = choose_engine(config)
     log.info("engine: %s (%s)", name, reason)
-    return ENGINES[name](model, config, run, cache_dir)
+    return ENGINES[name](model, config, run, cache_dir, crop)
 
 
 def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPlan]:
@@ -242,10 +247,11 @@ def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPla
             EpochPlan(len(plan.val), config.batch_size, config.seed, flip=False, shuffle=False))
 
 
-def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_epochs: EpochPlan, config: Config):
+def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_epochs: EpochPlan, config: Config,
+               crop: LungCrop | None):
     """(train, val) tf.data pipelines of decoded images following the epoch plans."""
     shape, classes = model.input_shape[1:], len(plan.classes)
-    load = [image_loader(records, config.image_size, config.interpolation, config.intensity)
+    load = [image_loader(records, config.image_size, config.interpolation, config.intensity, crop)
             for records in (plan.train, plan.val)]
     return (image_batches(epochs, load[0], plan.train_labels, classes, shape, plan.train_weights),
             image_batches(val_epochs, load[1], plan.val_labels, classes, shape))
@@ -277,7 +283,8 @@ def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, c
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
-def fine_tune(model: keras.Model, plan: TrainingPlan, config: Config, run: RunDir, history) -> dict:
+def fine_tune(model: keras.Model, plan: TrainingPlan, config: Config, run: RunDir, history,
+              crop: LungCrop | None) -> dict:
     """Unfreeze the top of the backbone (BatchNorm layers stay frozen) and train end to end on images."""
     backbone = model.get_layer("backbone")
     backbone.trainable = True
@@ -285,8 +292,9 @@ def fine_tune(model: keras.Model, plan: TrainingPlan, config: Config, run: RunDi
     for index, layer in enumerate(backbone.layers):
         layer.trainable = index >= first_tuned and not isinstance(layer, keras.layers.BatchNormalization)
     epochs, val_epochs = epoch_plans(plan, config)
-    more = fit_phase(model, plan, epochs, image_data(model, plan, epochs, val_epochs, config), config, run, "model",
-                     config.fine_tune_learning_rate, config.fine_tune_epochs, initial_epoch=len(history["loss"]))
+    more = fit_phase(model, plan, epochs, image_data(model, plan, epochs, val_epochs, config, crop), config, run,
+                     "model", config.fine_tune_learning_rate, config.fine_tune_epochs,
+                     initial_epoch=len(history["loss"]))
     return {k: history.get(k, []) + more.get(k, []) for k in history}
 
 

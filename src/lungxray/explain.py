@@ -12,7 +12,6 @@ import tensorflow as tf
 from PIL import Image
 
 
-
 def last_conv_layer(backbone: keras.Model) -> keras.layers.Layer:
     """The last layer of the backbone whose output is still a spatial map (batch, H, W, C)."""
     for layer in reversed(backbone.layers):
@@ -43,12 +42,24 @@ class GradCam:
         return (cam / peak if peak > 0 else cam), probabilities[0].numpy()
 
 
+def upsample(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The heat map at `shape` (height, width), bilinear, in [0, 1]."""
+    return np.asarray(Image.fromarray(np.float32(heat), mode="F").resize(shape[::-1], Image.Resampling.BILINEAR))
+
+
+def share_inside(heat: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the heat map's mass that falls inside a binary `mask` (e.g. the lung fields);
+    a map spread evenly over the image scores the mask's area fraction."""
+    heat = upsample(heat, mask.shape)
+    total = float(heat.sum())
+    return float((heat * (mask > 0)).sum() / total) if total > 0 else float("nan")
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """The heat map, upsampled and coloured (jet), over the image."""
     import matplotlib
 
-    colours = matplotlib.colormaps["jet"](np.asarray(Image.fromarray(np.uint8(heat * 255)).resize(
-        image.shape[1::-1], Image.Resampling.BILINEAR)) / 255.0)[..., :3]
+    colours = matplotlib.colormaps["jet"](np.clip(upsample(heat, image.shape[:2]), 0, 1))[..., :3]
     return np.uint8(np.clip((1 - alpha) * image + alpha * 255 * colours, 0, 255))
 
 

@@ -40,20 +40,21 @@ def litert_available() -> bool:
     return True
 
 
-class BackboneRuntime:
-    """Runs the frozen backbone on RGB images in [0, 255]. `keras` is the reference; `litert`
-    (LiteRT with XNNPACK) computes the same function ~4x faster on CPU, within ~1e-4 (tests check).
+class ModelRuntime:
+    """Runs a frozen Keras model (the backbone, on RGB images in [0, 255]; the lung segmenter) on
+    batches of images. `keras` is the reference; `litert` (LiteRT with XNNPACK) computes the same
+    function ~4x faster on CPU, within ~1e-4 (tests check).
 
     LiteRT runs a pool of single-threaded interpreters, one per core, that any thread may borrow:
     measured here, two such interpreters in two threads give 1,160 images/s against 1,010 for one
     interpreter with two threads, and they do not stall when decoding threads take a core."""
 
-    def __init__(self, backbone: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
+    def __init__(self, model: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
         if runtime == "auto":
             runtime = "litert" if litert_available() else "keras"
-        self.backbone, self.name = backbone, runtime
-        self.fingerprint = weights_fingerprint(backbone)
-        self.input_shape = tuple(backbone.input_shape[1:])
+        self.model, self.name = model, runtime
+        self.fingerprint = weights_fingerprint(model)
+        self.input_shape, self.output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
         if runtime == "litert":
             model_path = self._litert_model(Path(cache_dir or default_cache_dir()))
             self._interpreters: queue.Queue = queue.Queue()
@@ -61,25 +62,25 @@ class BackboneRuntime:
                 self._interpreters.put(_interpreter(model_path))
 
     def _litert_model(self, cache_dir: Path) -> Path:
-        """The backbone converted to LiteRT once per weights fingerprint and input size (~7 s)."""
+        """The model converted to LiteRT once per weights fingerprint and input size (~7 s for the backbone)."""
         model_path = cache_dir / "litert" / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
         if not model_path.is_file():
             import tensorflow as tf
 
             tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
             with atomic_path(model_path) as temporary:
-                self.backbone.export(str(temporary), format="litert", verbose=False)
+                self.model.export(str(temporary), format="litert", verbose=False)
         return model_path
 
     def __call__(self, images) -> np.ndarray:
-        """Features (n, dim) of images: an (n, H, W, 3) array or a sequence of (H, W, 3) arrays."""
+        """Outputs (n, *output_shape) of images: an (n, H, W, C) array or a sequence of (H, W, C) arrays."""
         if self.name == "keras":
             batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
-            return np.asarray(self.backbone(batch, training=False), dtype=np.float32)
+            return np.asarray(self.model(batch, training=False), dtype=np.float32)
         interpreter = self._interpreters.get()
         try:
             (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
-            outputs = np.empty((len(images), self.backbone.output_shape[-1]), np.float32)
+            outputs = np.empty((len(images), *self.output_shape), np.float32)
             for row, image in enumerate(images):
                 interpreter.set_tensor(input_detail["index"], np.asarray(image, np.float32)[None])
                 interpreter.invoke()
@@ -121,7 +122,8 @@ class FeatureCache:
     deleted and recomputed, never trusted.
     """
 
-    def __init__(self, root: Path, runtime: BackboneRuntime, interpolation: str, intensity: str = "none"):
+    def __init__(self, root: Path, runtime: ModelRuntime, interpolation: str, intensity: str = "none",
+                 crop_fingerprint: str | None = None):
         self.meta = {
             "format": FORMAT_VERSION,
             "backbone_fingerprint": runtime.fingerprint,
@@ -129,8 +131,11 @@ class FeatureCache:
             "interpolation": interpolation,
             "runtime": runtime.name,
         }
-        if intensity != "none":  # keys of caches made before intensity normalisation existed stay valid
+        # Added only when used, so that caches made before these options existed keep their keys.
+        if intensity != "none":
             self.meta["intensity"] = intensity
+        if crop_fingerprint:
+            self.meta["crop"] = crop_fingerprint
         self.key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = Path(root) / "features" / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -183,11 +188,11 @@ class FeatureExtractor:
 
     def __init__(self, backbone: keras.Model, image_size: int, interpolation: str = "nearest",
                  runtime: str = "auto", cache_dir: Path | None = None, workers: int | None = None,
-                 intensity: str = "none"):
+                 intensity: str = "none", crop=None):
         cache_dir = Path(cache_dir or default_cache_dir())
-        self.runtime = BackboneRuntime(backbone, runtime, cache_dir)
-        self.cache = FeatureCache(cache_dir, self.runtime, interpolation, intensity)
-        self.image_size, self.interpolation, self.intensity = image_size, interpolation, intensity
+        self.runtime = ModelRuntime(backbone, runtime, cache_dir)
+        self.cache = FeatureCache(cache_dir, self.runtime, interpolation, intensity, crop and crop.fingerprint)
+        self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
         self.workers = workers
         self.feature_dim = backbone.output_shape[-1]
 
@@ -211,7 +216,7 @@ class FeatureExtractor:
             if all(c is not None for c in cached):
                 return i, content_hash, cached, False, None
             try:
-                image = read_image(data, self.image_size, self.interpolation, str(paths[i]), self.intensity)
+                image = read_image(data, self.image_size, self.interpolation, str(paths[i]), self.intensity, self.crop)
             except ImageError as error:
                 return i, content_hash, None, False, error
             # Each worker thread runs the backbone itself, on an interpreter it borrows from the pool.

@@ -19,6 +19,7 @@ from lungxray.data.images import read_image
 from lungxray.errors import ImageError, WeightsError
 from lungxray.features import FeatureExtractor
 from lungxray.io import atomic_path, write_json
+from lungxray.lungs import LungCrop
 from lungxray.model import head_probabilities, load_model
 from lungxray.ood import OutOfDistribution
 from lungxray.rundir import RunDir
@@ -45,7 +46,8 @@ class Predictor:
     def __init__(self, model: keras.Model, classes: list[str], image_size: int, interpolation: str = "nearest",
                  intensity: str = "none", temperature: float = 1.0, ood: OutOfDistribution | None = None,
                  train_hashes: set[str] | None = None, info: dict | None = None,
-                 extractor: FeatureExtractor | None = None, runtime: str = "auto", cache_dir: Path | None = None):
+                 extractor: FeatureExtractor | None = None, runtime: str = "auto", cache_dir: Path | None = None,
+                 crop: LungCrop | None = None):
         try:
             self.backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         except ValueError:
@@ -54,10 +56,10 @@ class Predictor:
         if self.head.output_shape[-1] != len(classes):
             raise WeightsError(f"the model has {self.head.output_shape[-1]} outputs but {len(classes)} class names")
         self.model, self.classes = model, list(classes)
-        self.image_size, self.interpolation, self.intensity = image_size, interpolation, intensity
+        self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
         self.temperature, self.ood, self.train_hashes, self.info = temperature, ood, train_hashes, info or {}
         self.extractor = extractor or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir,
-                                                       intensity=intensity)
+                                                       intensity=intensity, crop=crop)
         # A traced call: the eager Keras call costs ~2 ms per request, this ~0.4 ms.
         self._head = tf.function(lambda x: self.head(x, training=False), reduce_retracing=True)
 
@@ -67,7 +69,9 @@ class Predictor:
             self.model.save(temporary)
         write_json(run.model_info, {**self.info, "classes": self.classes, "image_size": self.image_size,
                                     "interpolation": self.interpolation, "intensity": self.intensity,
-                                    "temperature": self.temperature})
+                                    "crop": "lungs" if self.crop else "none", "temperature": self.temperature})
+        if self.crop is not None:
+            self.crop.save(run.path(run.LUNGS))
         if self.ood is not None:
             self.ood.save(run.path(run.OOD))
         if self.train_hashes is not None:
@@ -79,10 +83,11 @@ class Predictor:
         model = load_model(run.model)
         info = run.read_model_info()
         gate_file = run.path(run.OOD)
+        crop = LungCrop.load(run.path(run.LUNGS), runtime, cache_dir) if info.get("crop") == "lungs" else None
         return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"),
                    info.get("intensity", "none"), temperature=float(info.get("temperature", 1.0)),
                    ood=OutOfDistribution.load(gate_file) if gate_file.is_file() else None,
-                   train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir)
+                   train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir, crop=crop)
 
     def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
         extraction = self.extractor.extract([Path(p) for p in paths], desc=desc)
@@ -103,4 +108,4 @@ class Predictor:
         return apply_temperature(probabilities, self.temperature) if calibrated else probabilities
 
     def read(self, source, name: str | None = None) -> np.ndarray:
-        return read_image(source, self.image_size, self.interpolation, name, self.intensity)
+        return read_image(source, self.image_size, self.interpolation, name, self.intensity, self.crop)

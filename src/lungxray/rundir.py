@@ -12,6 +12,7 @@ RUN/
   model.keras           the trained network (safe-mode loadable)
   model.json            what is needed to use it: classes, input size, temperature, provenance
   ood.npz               the out-of-distribution gate
+  lungs.keras           the lung segmenter whose box the model sees (crop=lungs only)
   timings.json          wall time of each step
   evaluation/           metrics.json (see evaluate.schema), plots, predictions.csv, report.html
   evaluation-external/  the same for a held-out source (--holdout-source)
@@ -39,6 +40,7 @@ class RunDir:
     HISTORY = "history.csv"
     CHECKPOINTS = "checkpoints"
     MODEL = "model.keras"
+    LUNGS = "lungs.keras"
     OOD = "ood.npz"
     TIMINGS = "timings.json"
     EVALUATION = "evaluation"

@@ -24,6 +24,7 @@ from lungxray.engines import FittedModel, TrainingPlan, make_engine
 from lungxray.evaluate import evaluate
 from lungxray.evaluate.plots import plot_history
 from lungxray.evaluate.schema import Metrics
+from lungxray.lungs import LungCrop
 from lungxray.model import build_backbone, build_head, build_model, head_probabilities
 from lungxray.ood import OutOfDistribution
 from lungxray.predict import Predictor
@@ -44,13 +45,14 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
         dataset, external = training_data(data, config)
         run = start_run(out, config, dataset)
         model = network(config, len(dataset.classes))
-        engine = make_engine(model, config, run, cache_dir)
+        crop = LungCrop.trained(config.lung_masks, cache_dir) if config.crop == "lungs" else None
+        engine = make_engine(model, config, run, cache_dir, crop)
     with _timed(timings, "prepare"):
         plan = engine.plan(dataset)
     fitted = engine.fit(plan)
     timings.update(fitted.timings)
     with _timed(timings, "saving"):
-        predictor = calibrated_predictor(fitted, plan, config, info=provenance(engine.name, dataset, config))
+        predictor = calibrated_predictor(fitted, plan, config, provenance(engine.name, dataset, config), crop)
         predictor.save(run)
         plot_history(fitted.history, "loss", run.plot("loss"))
         plot_history(fitted.history, "accuracy", run.plot("accuracy"))
@@ -100,7 +102,8 @@ def provenance(engine: str, dataset: Dataset, config: Config) -> dict:
             "data": dataset.origin, "counts": dataset.counts(), "holdout_source": config.holdout_source}
 
 
-def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config, info: dict) -> Predictor:
+def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config, info: dict,
+                         crop: LungCrop | None) -> Predictor:
     """Temperature scaling fitted on the validation images, the out-of-distribution gate on the
     training images' features (threshold from validation), and the model: a complete Predictor."""
     num_classes = len(plan.classes)
@@ -111,7 +114,7 @@ def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config
     return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, config.intensity,
                      temperature=temperature,
                      ood=OutOfDistribution.fit(fitted.train_features, fitted.val_features),
-                     train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor)
+                     train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor, crop=crop)
 
 
 def evaluate_run(predictor: Predictor, dataset: Dataset, external: Dataset | None, run: RunDir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,12 +36,13 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def read_image(source, size: int | None = None, interpolation: str = "nearest", name: str | None = None,
-               intensity: str = "none") -> np.ndarray:
+               intensity: str = "none", crop: Callable[[Image.Image], tuple] | None = None) -> np.ndarray:
     """Decode `source` (a path or bytes) to a uint8 RGB array of shape (H, W, 3).
 
-    With `size`, the image is resized to size x size as the reference did (aspect ratio squashed).
-    `intensity` names a normalisation of INTENSITY, applied last. `name` is what errors call the
-    image (default: the path, or "<bytes>").
+    `crop(image)`, when given, returns the box (left, top, right, bottom) of the decoded image to
+    keep (e.g. `lungxray.lungs.LungCrop`). With `size`, the image is then resized to size x size as
+    the reference did (aspect ratio squashed). `intensity` names a normalisation of INTENSITY,
+    applied last. `name` is what errors call the image (default: the path, or "<bytes>").
     """
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
@@ -48,6 +50,8 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     if not data:
         raise ImageError(name, "file is empty (0 bytes)")
     image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
+    if crop is not None:
+        image = image.crop(crop(image))
     if size is not None:
         image = image.resize((size, size), RESAMPLING[interpolation])
     if INTENSITY[intensity] is not None:

@@ -99,12 +99,13 @@ def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_
 
 
 def image_loader(records: list[Record], image_size: int, interpolation: str = "nearest",
-                 intensity: str = "none") -> BatchLoader:
+                 intensity: str = "none", crop=None) -> BatchLoader:
     """Decode a batch of records to float32 RGB in [0, 255], mirroring those whose flip is set."""
     paths = [r.path for r in records]
 
     def load(indices: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        images = np.stack([read_image(paths[i], image_size, interpolation, intensity=intensity) for i in indices])
+        images = np.stack([read_image(paths[i], image_size, interpolation, intensity=intensity, crop=crop)
+                           for i in indices])
         images[flips] = images[flips][:, :, ::-1]
         return images
 
@@ -112,12 +113,13 @@ def image_loader(records: list[Record], image_size: int, interpolation: str = "n
 
 
 def scan_images(records: list[Record], image_size: int, interpolation: str = "nearest", workers: int | None = None,
-                desc: str = "checking images", intensity: str = "none") -> tuple[list[Record], list[ImageError]]:
+                desc: str = "checking images", intensity: str = "none",
+                crop=None) -> tuple[list[Record], list[ImageError]]:
     """Decode every record once; return the readable records and an error per unreadable one."""
 
     def check(record: Record):
         try:
-            read_image(record.path, image_size, interpolation, intensity=intensity)
+            read_image(record.path, image_size, interpolation, intensity=intensity, crop=crop)
             return None
         except ImageError as error:
             return error
