@@ -28,15 +28,21 @@ CONFIGURATIONS = {
     "worst-group selection": {"monitor": "val_worst_group_accuracy"},
     "histogram equalisation": {"intensity": "equalize"},
     "average pooling": {"pooling": "avg"},
+    "lung crop": {"crop": "lungs"},
+    "lung crop + worst-group selection": {"crop": "lungs", "monitor": "val_worst_group_accuracy"},
+    "lung crop + balance + worst-group": {"crop": "lungs", "balance": "class_source",
+                                          "monitor": "val_worst_group_accuracy"},
     "robust preset": "robust",
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 MARKERS = ("<!-- generalisation table: start -->", "<!-- generalisation table: end -->")
 
 
-def configuration(spec, weights: str) -> Config:
-    base = Config.preset(spec) if isinstance(spec, str) else Config().replace(**spec)
-    return base.replace(weights=weights)
+def configuration(spec, weights: str, lung_masks: str | None) -> Config:
+    settings = {"weights": weights, "lung_masks": lung_masks}
+    if isinstance(spec, str):
+        return Config.preset(spec).replace(**settings)
+    return Config(**{**settings, **spec})
 
 
 def run(data: Path, folder: Path, config: Config, cache: Path | None) -> RunDir:
@@ -98,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="manifest CSV with source and age_group columns")
     parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--lung-masks", help="films with lung masks, for the configurations that crop to the lungs")
     parser.add_argument("--out", type=Path, default=Path("runs/generalisation"))
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
@@ -107,7 +114,8 @@ def main() -> None:
     for name, spec in CONFIGURATIONS.items():
         if args.only and name not in args.only:
             continue
-        config, folder = configuration(spec, args.weights), args.out / name.replace(" ", "-")
+        config = configuration(spec, args.weights, args.lung_masks)
+        folder = args.out / name.replace(" ", "-").replace("+", "and")
         runs = {"internal": run(args.data, folder / "internal", config, args.cache)}
         for short, source in HELD_OUT.items():
             runs[short] = run(args.data, folder / f"without-{short}", config.replace(holdout_source=source), args.cache)

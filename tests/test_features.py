@@ -1,5 +1,7 @@
+import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from lungxray.features import FeatureExtractor
 from lungxray.model import build_backbone
@@ -111,3 +113,20 @@ def test_interrupted_extraction_keeps_finished_shards(backbone, split_folders, c
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     assert len(again.cache.entries) == 8  # two full shards of 4 survived
     assert again.extract(files).computed == len(files) - 8
+
+
+def test_pooling_is_part_of_the_cache_key(tmp_path, cache_dir):
+    """Max and average pooling share every weight; their features must not share a cache entry.
+    (64 px: at 32 the last feature map is 1x1 and both poolings agree.)"""
+    files = [tmp_path / f"{i}.png" for i in range(2)]
+    for i, path in enumerate(files):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    pooled = {}
+    for pooling in ("max", "avg"):
+        keras.utils.set_random_seed(0)  # the same weights for both
+        pooled[pooling] = FeatureExtractor(build_backbone("none", 64, pooling), 64, runtime="keras",
+                                           cache_dir=cache_dir)
+    assert np.array_equal(pooled["max"].runtime.model.get_weights()[0], pooled["avg"].runtime.model.get_weights()[0])
+    assert pooled["max"].cache.key != pooled["avg"].cache.key
+    vectors = {p: e.extract(files).vectors["orig"] for p, e in pooled.items()}
+    assert not np.allclose(vectors["max"], vectors["avg"], rtol=1e-3, atol=0)  # random weights: tiny values

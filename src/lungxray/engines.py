@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -279,7 +280,8 @@ def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, c
     if config.monitor == WORST_GROUP:
         callbacks.insert(1, WorstGroupAccuracy(val_data if val_inputs is None else val_inputs, plan))
     history = model.fit(train_data, validation_data=val_data, epochs=initial_epoch + num_epochs,
-                        initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False, verbose="auto")
+                        initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)  # a log file gets one line per epoch
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 

@@ -24,7 +24,7 @@ from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
-from lungxray.model import weights_fingerprint
+from lungxray.model import model_fingerprint
 from lungxray.parallel import bounded_map
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
@@ -53,7 +53,7 @@ class ModelRuntime:
         if runtime == "auto":
             runtime = "litert" if litert_available() else "keras"
         self.model, self.name = model, runtime
-        self.fingerprint = weights_fingerprint(model)
+        self.fingerprint = model_fingerprint(model)
         self.input_shape, self.output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
         if runtime == "litert":
             model_path = self._litert_model(Path(cache_dir or default_cache_dir()))

@@ -8,6 +8,7 @@ that the cached-feature engine can train `head` alone on backbone outputs and st
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import keras
@@ -70,6 +71,11 @@ def build_model(backbone: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(backbone(inputs)), name="lungxray")
 
 
+def _layers(model: keras.Model):
+    for layer in model.layers:
+        yield from _layers(layer) if isinstance(layer, keras.Model) else [layer]
+
+
 def head_probabilities(head, features: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
     """The head's softmax outputs for backbone features, in batches; rows with NaN (unreadable
     images) stay NaN. `head` is the head model or any callable computing it."""
@@ -87,9 +93,14 @@ def compile_for_training(model: keras.Model, learning_rate: float, steps_per_exe
                   steps_per_execution=steps_per_execution)
 
 
-def weights_fingerprint(model: keras.Model) -> str:
-    """A hash of a model's weight values: two backbones with the same fingerprint compute the same features."""
+def model_fingerprint(model: keras.Model) -> str:
+    """A hash of a model's layers (type and settings, names aside) and weight values: two models with
+    the same fingerprint compute the same function. The layers matter as much as the weights: max
+    and average pooling share every weight."""
     digest = hashlib.sha256()
+    for layer in _layers(model):
+        settings = {k: v for k, v in layer.get_config().items() if k != "name"}
+        digest.update(f"{type(layer).__name__}{json.dumps(settings, sort_keys=True, default=str)}".encode())
     for array in model.get_weights():
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
