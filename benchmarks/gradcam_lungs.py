@@ -5,7 +5,8 @@
 On the films of ../shared/lungmasks (never used for training the classifier), the Grad-CAM map of
 each run's predicted class is upsampled to the mask and its mass inside the lungs is measured. A
 map spread evenly over the film scores the lungs' area fraction (the "uniform" column): a model
-looking at the lungs scores well above it, one reading borders and text below.
+looking at the lungs scores well above it, one reading borders and text below. For a run that crops
+to the lungs, the mask is cropped with the same box, so the baseline is the lungs' share of the box.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def main() -> None:
             shares, areas = [], []
             for row in rows:
                 image = predictor.read(args.masks / row["image"])
-                mask = np.asarray(Image.open(args.masks / row["mask"]).convert("L").resize(
-                    (predictor.image_size, predictor.image_size), Image.Resampling.NEAREST))
+                mask = Image.open(args.masks / row["mask"]).convert("L")
+                if predictor.crop is not None:  # the model saw the box around the lungs: so does the mask
+                    mask = mask.crop(predictor.crop(Image.open(args.masks / row["image"]).convert("RGB")))
+                mask = np.asarray(mask.resize((predictor.image_size,) * 2, Image.Resampling.NEAREST))
                 heat, _ = gradcam.heatmap(image)
                 shares.append(share_inside(heat, mask))
                 areas.append(float((mask > 0).mean()))
             low, high = np.nanpercentile(shares, [25, 75])
-            print(f"| {run.name} | {source} | {len(rows)} | {np.nanmean(shares):.2f} ({low:.2f}–{high:.2f}) "
+            print(f"| {run} | {source} | {len(rows)} | {np.nanmean(shares):.2f} ({low:.2f}–{high:.2f}) "
                   f"| {np.mean(areas):.2f} |", flush=True)
 
 

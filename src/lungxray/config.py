@@ -6,13 +6,13 @@ command line's flags (`lungxray train --help`) all come from this one definition
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import typing
 from pathlib import Path
 
 from lungxray.errors import ConfigError
+from lungxray.io import read_json, write_json
 
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 LUNG_MASKS_ENV = "LUNGXRAY_LUNGMASKS"
@@ -135,8 +135,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from lungxray.io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
@@ -154,14 +152,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"configuration file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(values, origin=str(path))
+        return cls.from_dict(read_json(path, ConfigError, "does not exist"), origin=str(path))
 
     def replace(self, **overrides) -> "Config":
         """A copy with the given settings changed (validated); `None` values mean 'keep'."""

@@ -34,6 +34,17 @@ def write_json(path: str | Path, value) -> None:
     write_text(path, json.dumps(value, indent=2, default=_jsonable) + "\n")
 
 
+def read_json(path: str | Path, error: type[Exception], missing: str):
+    """The JSON value in `path`, or `error` saying the file is `missing` (e.g. "does not exist;
+    evaluate first") or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path} {missing}") from None
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not valid JSON: {problem}") from None
+
+
 def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 from pathlib import Path
 
 from lungxray.errors import DataError, WeightsError
-from lungxray.io import atomic_path, write_json, write_text
+from lungxray.io import atomic_path, read_json, write_json, write_text
 
 
 class RunDir:
@@ -95,9 +94,8 @@ class RunDir:
         write_json(self.path(name), value)
 
     def read_model_info(self) -> dict:
-        if not self.model_info.is_file():
-            raise WeightsError(f"{self.model_info} is missing: it holds the class names that go with {self.model}")
-        return json.loads(self.model_info.read_text())
+        return read_json(self.model_info, WeightsError,
+                         f"is missing: it holds the class names that go with {self.model}")
 
     def write_train_hashes(self, hashes) -> None:
         write_text(self.path(self.TRAIN_HASHES), "".join(f"{h}\n" for h in hashes if h))

@@ -6,11 +6,11 @@ overlap with training, the gate's flags, subgroups and, on request, the occlusio
 checks the keys they rely on and names the file when one is missing.
 """
 
-import json
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
 from lungxray.errors import DataError
+from lungxray.io import read_json
 
 METRICS_FILE = "metrics.json"
 
@@ -79,12 +79,7 @@ def read_metrics(path: str | Path) -> Metrics:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; evaluate the model first (lungxray evaluate)") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from None
+    metrics = read_json(path, DataError, "does not exist; evaluate the model first (lungxray evaluate)")
     missing = [key for key in Metrics.__required_keys__ if key not in metrics]
     if missing:
         raise DataError(f"{path} lacks {missing}: it was not written by lungxray evaluate")
