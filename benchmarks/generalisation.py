@@ -32,6 +32,9 @@ CONFIGURATIONS = {
     "lung crop + worst-group selection": {"crop": "lungs", "monitor": "val_worst_group_accuracy"},
     "lung crop + balance + worst-group": {"crop": "lungs", "balance": "class_source",
                                           "monitor": "val_worst_group_accuracy"},
+    "average pooling + worst-group selection": {"pooling": "avg", "monitor": "val_worst_group_accuracy"},
+    "average pooling + lung crop + worst-group": {"pooling": "avg", "crop": "lungs",
+                                                  "monitor": "val_worst_group_accuracy"},
     "robust preset": "robust",
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"

@@ -8,7 +8,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptu
 from lungxray.data.images import ImageError, read_image
 
 
-def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits=16, window=None, rescale=None):
+def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits=16, window=None, rescale=None,
+               header: dict | None = None, file_format: bool = True):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -25,7 +26,13 @@ def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits=16, win
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    for keyword, value in (header or {}).items():
+        setattr(ds, keyword, value)
+    if file_format:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # as older writers did: no preamble, no file meta, implicit VR little endian
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=True, little_endian=True)
     return path
 
 
@@ -72,3 +79,30 @@ def test_compressed_dicom(tmp_path, ramp):
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     ds.save_as(tmp_path / "j2k.dcm")
     np.testing.assert_array_equal(read_image(tmp_path / "j2k.dcm"), read_image(path))
+
+
+@pytest.mark.parametrize("header,reason", [
+    ({"Modality": "MR"}, "MR image (DICOM Modality MR), not a chest radiograph"),
+    ({"Modality": "CT"}, "CT image (DICOM Modality CT), not a chest radiograph"),
+    ({"Modality": "US"}, "ultrasound image (DICOM Modality US), not a chest radiograph"),
+    ({"Modality": "NM"}, "nuclear medicine image"),
+    ({"Modality": "RTDOSE"}, "RT dose image"),
+    ({"Modality": "SEG"}, "segmentation image"),
+    ({"BodyPartExamined": "HAND"}, "DICOM BodyPartExamined is HAND, not the chest"),
+    ({"ViewPosition": "LL"}, "lateral view (DICOM ViewPosition LL)"),
+])
+def test_the_header_is_checked_before_the_pixels(tmp_path, ramp, header, reason):
+    with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        read_image(make_dicom(tmp_path / "a.dcm", ramp, header=header))
+
+
+@pytest.mark.parametrize("header", [{"Modality": "CR"}, {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+                                    {"Modality": "OT", "ViewPosition": "AP"}])
+def test_frontal_chest_radiographs_pass(tmp_path, ramp, header):
+    assert read_image(make_dicom(tmp_path / "a.dcm", ramp, header=header)).shape == (32, 64, 3)
+
+
+def test_dicom_without_preamble_is_read(tmp_path, ramp):
+    path = make_dicom(tmp_path / "old.dcm", ramp, file_format=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(read_image(path), read_image(make_dicom(tmp_path / "new.dcm", ramp)))

@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from lungxray.parallel import progress
+
 
 def last_conv_layer(backbone: keras.Model) -> keras.layers.Layer:
     """The last layer of the backbone whose output is still a spatial map (batch, H, W, C)."""
@@ -80,12 +82,10 @@ def save_explanation(image: np.ndarray, heat: np.ndarray, title: str, path: Path
 
 def explain_files(predictor, paths: list[Path], probabilities: np.ndarray, out_dir: Path) -> list[Path]:
     """A Grad-CAM PNG per readable file in `out_dir`, titled with its predicted class and probability."""
-    from tqdm.auto import tqdm
-
     gradcam = GradCam(predictor.model)
     out_dir = Path(out_dir)
     written = []
-    for index, (path, row) in enumerate(tqdm(list(zip(paths, probabilities)), desc="Grad-CAM", unit="img")):
+    for index, (path, row) in enumerate(progress(zip(paths, probabilities), len(paths), "Grad-CAM")):
         if np.isnan(row).any():
             continue
         image = predictor.read(path)

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from tqdm.auto import tqdm
 
 from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
 from lungxray.model import model_fingerprint
-from lungxray.parallel import bounded_map
+from lungxray.parallel import bounded_map, progress
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
 VIEWS = ("orig", "flip")
@@ -223,7 +222,7 @@ class FeatureExtractor:
             return i, content_hash, self.runtime([image, image[:, ::-1]] if flips else [image]), True, None
 
         items = bounded_map(prepare, range(len(paths)), self.workers)
-        for i, content_hash, vectors, fresh, error in tqdm(items, total=len(paths), desc=desc, unit="img"):
+        for i, content_hash, vectors, fresh, error in progress(items, len(paths), desc):
             hashes[i] = content_hash
             if error is not None:
                 errors.append(error)

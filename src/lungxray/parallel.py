@@ -1,11 +1,17 @@
-"""Ordered parallel map with a bounded look-ahead, so memory stays flat on any dataset size."""
+"""Ordered parallel map with a bounded look-ahead, so memory stays flat on any dataset size; and
+progress reporting that suits where the output goes."""
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -29,3 +35,18 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def progress(items: Iterable[T], total: int, desc: str, unit: str = "img") -> Iterator[T]:
+    """`items`, with a progress bar on a terminal; elsewhere (CI logs, nohup, files), where a bar's
+    carriage returns pile up into one enormous line, a log line at every tenth and at the end."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        return
+    started, step = time.perf_counter(), max(1, total // 10)
+    done = 0
+    for done, item in enumerate(items, start=1):
+        yield item
+        if done % step == 0 and done < total:
+            logging.getLogger("lungxray").info("%s: %d/%d %s", desc, done, total, unit)
+    logging.getLogger("lungxray").info("%s: %d %s in %.1f s", desc, done, unit, time.perf_counter() - started)

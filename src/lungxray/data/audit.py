@@ -19,13 +19,12 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from lungxray.data.images import read_image
 from lungxray.data.records import Dataset, Record
 from lungxray.errors import ImageError
 from lungxray.io import write_json, write_text
-from lungxray.parallel import bounded_map
+from lungxray.parallel import bounded_map, progress
 
 NEAR_DUPLICATE_DISTANCE = 10
 HASH_SIZE = 16  # 16 x 16 = 256 bits
@@ -88,7 +87,7 @@ def compare_hashes(hashes: np.ndarray, mirrors: np.ndarray, threshold: int,
 
 def audit(dataset: Dataset, threshold: int = NEAR_DUPLICATE_DISTANCE) -> dict:
     records = dataset.records
-    facts = list(tqdm(bounded_map(image_facts, records), total=len(records), desc="auditing", unit="img"))
+    facts = list(progress(bounded_map(image_facts, records), len(records), "auditing"))
     readable = [i for i, f in enumerate(facts) if f.dhash is not None]
     unreadable = [{"file": records[i].file or str(records[i].path), "reason": f.error}
                   for i, f in enumerate(facts) if f.error]

@@ -94,8 +94,33 @@ def _open(data: bytes, name: str) -> Image.Image:
 
 
 def is_dicom(data: bytes) -> bool:
-    """DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name; older writers
+    leave out the preamble and file meta, and start straight with a group 0002 or 0008 element
+    (little endian), which no other image format does."""
+    return (len(data) >= 132 and data[128:132] == b"DICM") or data[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+# What a DICOM header must say, when it says it, for the pixels to be a frontal chest radiograph.
+RADIOGRAPHY_MODALITIES = {"CR", "DX", "RG", "OT"}  # OT: secondary captures of films
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+MODALITY_NAMES = {"CT": "CT", "MR": "MR", "US": "ultrasound", "NM": "nuclear medicine", "PT": "PET",
+                  "RTDOSE": "RT dose", "RTSTRUCT": "RT structure set", "SEG": "segmentation", "MG": "mammography",
+                  "XA": "angiography", "RF": "fluoroscopy", "PX": "panoramic dental", "IO": "intra-oral", "OP": "ophthalmic"}
+
+
+def check_chest_radiograph(dataset, name: str) -> None:
+    """An ImageError when the header says the file is not a frontal chest radiograph."""
+    modality = str(dataset.get("Modality", "") or "").upper()
+    if modality and modality not in RADIOGRAPHY_MODALITIES:
+        kind = MODALITY_NAMES.get(modality, f"Modality {modality}")
+        raise ImageError(name, f"{kind} image (DICOM Modality {modality}), not a chest radiograph")
+    body_part = str(dataset.get("BodyPartExamined", "") or "").upper()
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        raise ImageError(name, f"DICOM BodyPartExamined is {body_part}, not the chest")
+    view = str(dataset.get("ViewPosition", "") or "").upper()
+    if view in LATERAL_VIEWS:
+        raise ImageError(name, f"lateral view (DICOM ViewPosition {view}); the model reads frontal (PA/AP) films")
 
 
 def _open_dicom(data: bytes, name: str) -> Image.Image:
@@ -105,10 +130,22 @@ def _open_dicom(data: bytes, name: str) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-        pixels = dataset.pixel_array
+        dataset = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
     except Exception as error:  # pydicom raises many types for broken or unsupported files
         raise ImageError(name, f"unreadable DICOM ({type(error).__name__}: {error})") from None
+    check_chest_radiograph(dataset, name)  # before the pixels are decoded, let alone trusted
+    if "TransferSyntaxUID" not in dataset.get("file_meta", {}):  # written without file meta: as read
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = dataset.original_encoding
+        dataset.file_meta = dataset.get("file_meta") or FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        raise ImageError(name, f"unreadable DICOM pixels ({type(error).__name__}: {error})") from None
     if getattr(dataset, "NumberOfFrames", 1) not in (None, 1, "1") and pixels.ndim >= 3 and pixels.shape[0] > 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))

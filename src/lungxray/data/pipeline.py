@@ -12,12 +12,11 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from lungxray.data.images import read_image
 from lungxray.data.records import Record
 from lungxray.errors import ImageError
-from lungxray.parallel import bounded_map
+from lungxray.parallel import bounded_map, progress
 
 
 class EpochPlan:
@@ -124,6 +123,6 @@ def scan_images(records: list[Record], image_size: int, interpolation: str = "ne
         except ImageError as error:
             return error
 
-    results = list(tqdm(bounded_map(check, records, workers), total=len(records), desc=desc, unit="img"))
+    results = list(progress(bounded_map(check, records, workers), len(records), desc))
     readable = [r for r, error in zip(records, results) if error is None]
     return readable, [e for e in results if e is not None]

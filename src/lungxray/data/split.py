@@ -10,12 +10,11 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
-from tqdm.auto import tqdm
 
 from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, compare_hashes, image_facts
 from lungxray.data.records import Dataset
 from lungxray.errors import DataError
-from lungxray.parallel import bounded_map
+from lungxray.parallel import bounded_map, progress
 
 
 def duplicate_groups(dataset: Dataset, group_by: str | None = None,
@@ -24,7 +23,7 @@ def duplicate_groups(dataset: Dataset, group_by: str | None = None,
     records = dataset.records
     if group_by and not any(group_by in r.extra for r in records):
         raise DataError(f"--group-by {group_by}: no such column in {dataset.origin}")
-    facts = list(tqdm(bounded_map(image_facts, records), total=len(records), desc="hashing", unit="img"))
+    facts = list(progress(bounded_map(image_facts, records), len(records), "hashing"))
     readable = [i for i, f in enumerate(facts) if f.dhash is not None]
     links: list[tuple[int, int]] = []
     if readable:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lungxray.data.records import Dataset, Record, extra_columns, load_dataset
 from lungxray.errors import DataError
@@ -16,7 +15,7 @@ from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot
 from lungxray.evaluate.report import write_html_report
 from lungxray.evaluate.schema import METRICS_FILE, Metrics
 from lungxray.io import atomic_path, write_json, write_text
-from lungxray.parallel import bounded_map
+from lungxray.parallel import bounded_map, progress
 
 if TYPE_CHECKING:  # only the type: `lungxray compare` and the schema need no TensorFlow
     from lungxray.predict import Predictor
@@ -110,7 +109,7 @@ def occlusion_test(predictor: Predictor, records: list[Record], y: np.ndarray, a
     is reading something else: text, markers, borders, the patient's size."""
     predicted = []
     images = bounded_map(lambda r: predictor.read(r.path), records)
-    for start in tqdm(range(0, len(records), batch_size), desc="occluded", unit="batch"):
+    for start in progress(range(0, len(records), batch_size), -(-len(records) // batch_size), "occluded", "batches"):
         batch = np.stack([next(images) for _ in range(min(batch_size, len(records) - start))])
         predicted.append(predictor.predict_images(occlude(batch)).probabilities.argmax(axis=1))
     occluded_accuracy = float(np.mean(np.concatenate(predicted) == y))
