@@ -39,7 +39,7 @@ def test_predict_table_and_csv_on_a_folder(trained_run, capsys):
     capsys.readouterr()
     main(["predict", "--model", str(run), "--cache", str(cache), "--format", "csv", str(data / "test")])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "file,predicted,covid,normal,pneumonia,error" and len(lines) == 1 + 18
+    assert lines[0] == "file,predicted,covid,normal,pneumonia,ood_score,ood,error" and len(lines) == 1 + 18
     main(["predict", "--model", str(run), "--cache", str(cache), str(data / "test" / "normal")])
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 6
 
@@ -84,3 +84,66 @@ def test_empty_class_folder_is_an_error(tmp_path, capsys):
     (data / "empty").mkdir()
     assert main(["train", "--data", str(data), "--weights", "none", "--out", str(tmp_path / "r")]) == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+@pytest.fixture
+def flagging_run(trained_run, tmp_path):
+    """A copy of the trained run whose out-of-distribution gate flags every image."""
+    import shutil
+
+    from lungxray.ood import OutOfDistribution
+
+    run = tmp_path / "flagging"
+    shutil.copytree(trained_run[0], run)
+    gate = OutOfDistribution.load(run / "ood.npz")
+    gate.threshold = -1.0
+    gate.save(run / "ood.npz")
+    return run
+
+
+def test_every_output_format_shows_the_gate(trained_run, flagging_run, capsys):
+    _, data, cache = trained_run
+    image = str(sorted((data / "test" / "covid").iterdir())[0])
+    capsys.readouterr()
+    main(["predict", "--model", str(flagging_run), "--cache", str(cache), image])
+    out, err = capsys.readouterr()
+    header, row = out.strip().splitlines()
+    assert header.split()[-2:] == ["ood", "error"] and row.split()[-1] == "yes" and "not to be trusted" in err
+    main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--format", "csv", image])
+    row = dict(zip(*[line.split(",") for line in capsys.readouterr().out.strip().splitlines()]))
+    assert row["ood"] == "1" and float(row["ood_score"]) > -1.0 and row["predicted"] in {"covid", "normal", "pneumonia"}
+    main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--format", "json", image])
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["ood"] is True and answer["ood_score"] > -1.0 and answer["predicted"]
+
+
+def test_refuse_ood_withholds_the_class(trained_run, flagging_run, capsys):
+    _, data, cache = trained_run
+    image = str(sorted((data / "test" / "covid").iterdir())[0])
+    capsys.readouterr()
+    main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--refuse-ood", "--format", "json", image])
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["predicted"] is None and answer["probabilities"] is None and answer["ood"] is True
+    main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--refuse-ood", image])
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[1].split()[1] == "withheld" and "withheld (--refuse-ood)" in err
+
+
+def test_non_radiographs_are_named_and_nothing_prints_a_traceback(trained_run, capsys, tmp_path):
+    import numpy as np
+
+    from tests.test_dicom import make_dicom
+
+    run, _, cache = trained_run
+    pixels = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    make_dicom(tmp_path / "mr.dcm", pixels, header={"Modality": "MR"})
+    make_dicom(tmp_path / "ct.dcm", pixels, header={"Modality": "CT"})
+    broken = make_dicom(tmp_path / "broken.dcm", pixels).read_bytes()
+    (tmp_path / "broken.dcm").write_bytes(broken[:-3000])  # pixel data cut short
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--cache", str(cache), "--format", "json", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    errors = {row["file"].rsplit("/", 1)[-1]: row["error"] for row in json.loads(out)}
+    assert errors["mr.dcm"].startswith("MR image (DICOM Modality MR), not a chest radiograph")
+    assert errors["ct.dcm"].startswith("CT image") and "DICOM" in errors["broken.dcm"]
+    assert "Traceback" not in err

@@ -3,6 +3,7 @@ normalisation, pairwise AUROC, and the presets."""
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -95,11 +96,16 @@ def test_balanced_training_with_worst_group_selection(tmp_path, cache_dir, monke
     assert predictor.intensity == "equalize"
 
 
-def test_worst_group_selection_needs_sources(split_folders, tmp_path, cache_dir):
-    config = Config(weights="none", image_size=TINY, epochs=1, batch_size=8, dense_units=16, feature_runtime="keras",
+def test_worst_group_without_sources_is_the_worst_class(split_folders, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(WorstGroupAccuracy, "MIN_GROUP", 6)  # 6 validation images per class
+    config = Config(weights="none", image_size=TINY, epochs=2, batch_size=8, dense_units=16, feature_runtime="keras",
                     monitor="val_worst_group_accuracy")
-    with pytest.raises(DataError, match="needs a manifest CSV with a 'source' column"):
-        train(split_folders, tmp_path / "run", config, cache_dir=cache_dir)
+    result = train(split_folders, tmp_path / "run", config, cache_dir=cache_dir)
+    metrics = json.loads((result.run_dir / "evaluation" / "metrics.json").read_text())
+    assert len(result.history["val_worst_group_accuracy"]) == 2
+    best = int(np.argmax(result.history["val_worst_group_accuracy"]))
+    assert result.history["val_worst_group_accuracy"][best] <= result.history["val_accuracy"][best]
+    assert metrics["n"] == 18
 
 
 def test_presets_are_valid_configurations():

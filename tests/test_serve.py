@@ -1,5 +1,6 @@
 """The REST API with FastAPI's test client: good images, DICOM, garbage, empty, huge, wrong type."""
 
+import base64
 import io
 
 import numpy as np
@@ -109,3 +110,29 @@ def test_huge_chunked_upload_without_length_is_refused_with_413(client):
 
     response = client.post("/api/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
     assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def noise_photo() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_explanation_carries_what_the_model_saw(client, tmp_path):
+    dicom = make_dicom(tmp_path / "a.dcm", np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))).read_bytes()
+    answer = client.post("/api/predict?explain=true", files={"file": ("scan.dcm", dicom, "application/dicom")}).json()
+    image = Image.open(io.BytesIO(base64.b64decode(answer["image"].split(",", 1)[1])))
+    assert image.size == (TINY, TINY) and answer["gradcam"] != answer["image"]
+
+
+def test_refuse_ood_withholds_the_class_of_flagged_images(run):
+    run_dir, _, cache = run
+    predictor = Predictor.load(run_dir, cache_dir=cache)
+    predictor.ood.threshold = -1.0  # every image is flagged
+    refusing = TestClient(create_app(predictor, RunDir.open(run_dir), refuse_ood=True))
+    answer = refusing.post("/api/predict", files={"file": ("x.png", noise_photo(), "image/png")}).json()
+    assert answer["ood"]["flag"] and answer["predicted"] is None and answer["probabilities"] is None
+    assert "not to be trusted" in answer["withheld"]
+    showing = TestClient(create_app(predictor, RunDir.open(run_dir)))
+    answer = showing.post("/api/predict", files={"file": ("x.png", noise_photo(), "image/png")}).json()
+    assert answer["ood"]["flag"] and answer["predicted"] in predictor.classes

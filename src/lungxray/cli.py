@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
+    predict.add_argument("--refuse-ood", action="store_true",
+                         help="withhold the class of images the out-of-distribution gate flags")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="run folder or .keras file")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")
+    serve.add_argument("--refuse-ood", action="store_true",
+                       help="withhold the class of images the out-of-distribution gate flags")
     serve.add_argument("--cache", help="feature cache folder")
     serve.set_defaults(run=run_serve)
 
@@ -184,7 +188,7 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     from lungxray.data.records import IMAGE_SUFFIXES
-    from lungxray.predict import Predictor
+    from lungxray.predict import OOD_NOTE, Predictor, prediction_rows
 
     files: list[Path] = []
     for item in map(Path, args.images):
@@ -194,38 +198,37 @@ def run_predict(args) -> int:
             files.append(item)
     predictor = Predictor.load(args.model, cache_dir=_cache(args))
     predictions = predictor.predict_files(files)
-    errors = predictions.errors
-    reasons = {e.path: e.reason for e in errors}
-    rows = []
-    for path, row in zip(files, predictions.probabilities):
-        if str(path) in reasons:
-            rows.append({"file": str(path), "error": reasons[str(path)]})
-        else:
-            rows.append({"file": str(path), "predicted": predictor.classes[int(row.argmax())],
-                         "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, row)}})
+    rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
     print(format_predictions(rows, predictor.classes, args.format))
+    flagged = sum(bool(r.get("ood")) for r in rows)
+    if flagged and args.format == "table":
+        withheld = "; its class is withheld (--refuse-ood)" if args.refuse_ood else ""
+        print(f"ood = yes ({flagged} of {len(rows)}): {OOD_NOTE}{withheld}", file=sys.stderr)
     if args.explain:
         from lungxray.explain import explain_files
 
         written = explain_files(predictor, files, predictions.probabilities, Path(args.explain))
         print(f"{len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
-    return 1 if errors and len(errors) == len(files) else 0
+    return 1 if predictions.errors and len(predictions.errors) == len(files) else 0
 
 
 def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    header = ["file", "predicted", *classes, "error"]
-    table = [[r["file"], r.get("predicted", ""),
-              *[f"{r['probabilities'][c]:.4f}" if "probabilities" in r else "" for c in classes], r.get("error", "")]
-             for r in rows]
+    probabilities = [[f"{r['probabilities'][c]:.4f}" if r.get("probabilities") else "" for c in classes] for r in rows]
     if fmt == "csv":
         import csv
         import io
 
+        header = ["file", "predicted", *classes, "ood_score", "ood", "error"]
+        table = [[r["file"], r.get("predicted") or "", *p, r.get("ood_score", ""),
+                  "" if "ood" not in r else int(r["ood"]), r.get("error", "")] for r, p in zip(rows, probabilities)]
         buffer = io.StringIO()
         csv.writer(buffer).writerows([header, *table])
         return buffer.getvalue().rstrip("\n")
+    header = ["file", "predicted", *classes, "ood", "error"]
+    table = [[r["file"], r.get("predicted") or ("withheld" if r.get("withheld") else ""), *p,
+              "yes" if r.get("ood") else "", r.get("error", "")] for r, p in zip(rows, probabilities)]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])
 
@@ -234,7 +237,7 @@ def run_serve(args) -> int:
     from lungxray.serve import serve
 
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
-    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args))
+    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood)
     return 0
 
 

@@ -40,6 +40,29 @@ class Predictions:
     hashes: list[str | None]
 
 
+OOD_NOTE = ("unlike the chest X-rays the model was trained on (out-of-distribution score above the gate's "
+            "threshold): its class is not to be trusted")
+
+
+def prediction_rows(predictions: Predictions, files: list, classes: list[str], refuse_ood: bool = False) -> list[dict]:
+    """One dict per file, as the command line and the API show them: `predicted` and `probabilities`
+    (withheld for a flagged image when `refuse_ood`), `ood_score` and `ood`, or `error`."""
+    reasons = {e.path: e.reason for e in predictions.errors}
+    rows = []
+    for index, (path, probabilities) in enumerate(zip(files, predictions.probabilities)):
+        if str(path) in reasons:
+            rows.append({"file": str(path), "error": reasons[str(path)]})
+            continue
+        row = {"file": str(path), "predicted": classes[int(probabilities.argmax())],
+               "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)}}
+        if predictions.ood is not None:
+            row.update(ood_score=round(float(predictions.ood_score[index]), 4), ood=bool(predictions.ood[index]))
+            if row["ood"] and refuse_ood:
+                row.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
+        rows.append(row)
+    return rows
+
+
 class Predictor:
     """`info` is the model's provenance (engine, training data, counts...), stored in model.json."""
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
-from lungxray.predict import Predictor
+from lungxray.predict import OOD_NOTE, Predictor
 from lungxray.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"
@@ -99,8 +99,15 @@ def model_identity(predictor: Predictor, run: RunDir | None) -> dict:
     return identity
 
 
-def create_app(predictor: Predictor, run: RunDir | None = None,
-               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING) -> FastAPI:
+def png_data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False) -> FastAPI:
+    """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null)."""
     app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1")
     identity = model_identity(predictor, run)
     limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
@@ -114,9 +121,7 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
         if "cam" not in gradcam:
             gradcam["cam"] = GradCam(predictor.model)
         heat, _ = gradcam["cam"].heatmap(image, class_index)
-        buffer = io.BytesIO()
-        Image.fromarray(overlay(image, heat)).save(buffer, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return png_data_url(overlay(image, heat))
 
     def predict_bytes(data: bytes, name: str, with_explanation: bool) -> dict:
         if not data:
@@ -131,7 +136,11 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
         if result.ood is not None:
             answer["ood"] = {"flag": bool(result.ood[0]), "score": float(result.ood_score[0]),
                              "threshold": predictor.ood.threshold}
+            if answer["ood"]["flag"] and refuse_ood:
+                answer.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
         if with_explanation:
+            # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
+            answer["image"] = png_data_url(image)
             answer["gradcam"] = explain(image, predicted)
         return answer
 
@@ -196,9 +205,9 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-          cache_dir: Path | None = None) -> None:
+          cache_dir: Path | None = None, refuse_ood: bool = False) -> None:
     import uvicorn
 
     run = RunDir.open(model)
-    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb)
+    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb, refuse_ood=refuse_ood)
     uvicorn.run(app, host=host, port=port, log_level="warning")

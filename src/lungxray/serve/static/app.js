@@ -20,14 +20,21 @@ async function classify(file) {
 }
 
 function show(file, answer) {
-  const isImage = file.type.startsWith("image/") && !file.name.toLowerCase().endsWith(".dcm");
-  $("preview").src = isImage ? URL.createObjectURL(file) : answer.gradcam;
+  // The image as the model saw it (decoded, cropped, resized): browsers cannot show DICOM.
+  $("preview").src = answer.image;
   $("heatmap").src = answer.gradcam;
-  $("predicted").textContent = answer.predicted;
+  const ood = Boolean(answer.ood && answer.ood.flag);
+  $("ood").hidden = !ood;
+  $("ood").textContent = ood ? "This image does not look like the chest X-rays the model was trained on " +
+    `(out-of-distribution score ${answer.ood.score.toFixed(1)} above the threshold ${answer.ood.threshold.toFixed(1)}). ` +
+    "Its class is withheld: any class the model gave it would not be meaningful." : "";
+  $("predicted").textContent = ood || !answer.predicted ? "withheld" : answer.predicted;
+  $("answer").classList.toggle("withheld", ood);
   $("model").textContent = answer.model;
   const bars = $("bars");
   bars.innerHTML = "";
-  for (const [name, p] of Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1])) {
+  bars.hidden = ood || !answer.probabilities;
+  for (const [name, p] of Object.entries(answer.probabilities || {}).sort((a, b) => b[1] - a[1])) {
     const bar = document.createElement("div");
     bar.className = "bar" + (name === answer.predicted ? " top" : "");
     bar.dataset.class = name;
@@ -35,10 +42,6 @@ function show(file, answer) {
       <div class="track"><div class="fill" style="width:${(100 * p).toFixed(1)}%"></div></div>`;
     bars.appendChild(bar);
   }
-  const ood = answer.ood && answer.ood.flag;
-  $("ood").hidden = !ood;
-  $("ood").textContent = ood ? "This image does not look like the chest X-rays the model was trained on. " +
-    "Its prediction is not meaningful." : "";
   $("result").hidden = false;
   toggle();
 }
