@@ -35,6 +35,8 @@ CONFIGURATIONS = {
     "average pooling + worst-group selection": {"pooling": "avg", "monitor": "val_worst_group_accuracy"},
     "average pooling + lung crop + worst-group": {"pooling": "avg", "crop": "lungs",
                                                   "monitor": "val_worst_group_accuracy"},
+    "average pooling + worst-group + equalisation": {"pooling": "avg", "monitor": "val_worst_group_accuracy",
+                                                     "intensity": "equalize"},
     "robust preset": "robust",
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"

@@ -47,6 +47,9 @@ def test_training_writes_calibration_and_subgroups(runs):
     assert set(metrics["subgroups"]["source"]) == {"site_a", "site_b", "site_c"}
     group = metrics["subgroups"]["source"]["site_c"]
     assert group["too_small"] and group["n"] == sum(group["counts"].values())
+    # The flagged shares of the groups add up to the flagged share overall.
+    groups = metrics["subgroups"]["source"].values()
+    assert sum(g["ood_flag_rate"] * g["n"] for g in groups) == pytest.approx(metrics["ood"]["flagged"])
     assert metrics["calibration"]["temperature"] == info["temperature"]
     assert "ece" in metrics["calibration_before_scaling"]
     assert metrics["overlap_with_training"] == {**metrics["overlap_with_training"], "known": True, "images": 0}

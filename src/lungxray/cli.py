@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # pydicom logs its decoders' tracebacks; the file's one-line reason reaches the user as an ImageError.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         return args.run(args) or 0
     except LungxrayError as error:

@@ -73,8 +73,9 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
                           "threshold": predictor.ood.threshold,
                           "note": "share of these images the out-of-distribution gate flags; on data like the "
                                   "training data this is the false-alarm rate (about 1% by construction)"}
+    flags = None if predictions.ood is None else predictions.ood[ok]
     metrics["subgroups"] = {column: subgroup_metrics([r for r, k in zip(records, ok) if k], y, p, classes, column,
-                                                     resamples)
+                                                     resamples, flags)
                             for column in by}
     if occlude_lungs:
         metrics["occlusion"] = occlusion_test(predictor, [r for r, k in zip(records, ok) if k], y, metrics["accuracy"])
@@ -128,7 +129,8 @@ def training_overlap(predictor: Predictor, records: list[Record], hashes: list[s
 
 
 def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classes: list[str], column: str,
-                     resamples: int) -> dict:
+                     resamples: int, ood_flags: np.ndarray | None = None) -> dict:
+    """Every metric per value of `column`, with the share the out-of-distribution gate flagged."""
     groups: dict[str, dict] = {}
     values = np.array([r.extra.get(column, "") for r in records])
     for value in sorted(set(values)):
@@ -136,6 +138,8 @@ def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classe
         group = classification_metrics(y[members], p[members], classes, resamples=resamples)
         group["counts"] = {c: int((y[members] == i).sum()) for i, c in enumerate(classes)}
         group["too_small"] = bool(members.sum() < MIN_GROUP_SIZE)
+        if ood_flags is not None:
+            group["ood_flag_rate"] = float(ood_flags[members].mean())
         groups[value or "(empty)"] = group
     return groups
 

@@ -98,10 +98,12 @@ def write_html_report(path: Path, metrics: dict, model_info: dict, title: str) -
             flag = " ⚠ too small" if group["too_small"] else ""
             sens = "; ".join(f"{c} {_number(group['per_class'][c]['sensitivity'], 2)}"
                              for c in classes if group["counts"][c])
+            flagged = f"{group['ood_flag_rate']:.1%}" if "ood_flag_rate" in group else "n/a"
             rows.append([html.escape(value) + flag, str(group["n"]), html.escape(counts),
                          _interval(group.get("intervals", {}).get("accuracy")), html.escape(sens),
-                         _number(group["macro_auroc"])])
-        parts.append(_table(["group", "n", "classes", "accuracy (95% CI)", "sensitivity", "macro AUROC"], rows))
+                         _number(group["macro_auroc"]), flagged])
+        parts.append(_table(["group", "n", "classes", "accuracy (95% CI)", "sensitivity", "macro AUROC",
+                             "flagged out of distribution"], rows))
 
     parts.append("<h2>Model card</h2>")
     counts = model_info.get("counts", {})
