@@ -98,3 +98,17 @@ def test_split_keeps_duplicates_together_and_dedupes(planted, tmp_path):
     assert len(deduped.records) == len(dataset.records) - 3
     assert main(["data", "split", str(root), "--out", str(tmp_path / "s.csv"), "--dedupe"]) == 0
     assert len(load_dataset(tmp_path / "s.csv").records) == len(dataset.records) - 3
+
+
+def test_audit_reads_dicom_and_names_non_radiographs(tmp_path):
+    import numpy as np
+
+    from tests.test_dicom import make_dicom
+
+    pixels = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    for label in ("covid", "normal"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        make_dicom(tmp_path / "data" / label / "chest.dcm", pixels)
+    make_dicom(tmp_path / "data" / "normal" / "mr.dcm", pixels, header={"Modality": "MR"})
+    report = audit(load_dataset(tmp_path / "data"))
+    assert [u["reason"] for u in report["unreadable"]] == ["MR image (DICOM Modality MR), not a chest radiograph"]

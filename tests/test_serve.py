@@ -136,3 +136,9 @@ def test_refuse_ood_withholds_the_class_of_flagged_images(run):
     showing = TestClient(create_app(predictor, RunDir.open(run_dir)))
     answer = showing.post("/api/predict", files={"file": ("x.png", noise_photo(), "image/png")}).json()
     assert answer["ood"]["flag"] and answer["predicted"] in predictor.classes
+
+
+def test_a_ct_slice_is_refused_with_its_reason(client, tmp_path):
+    ct = make_dicom(tmp_path / "ct.dcm", np.zeros((64, 64), np.uint16), header={"Modality": "CT"}).read_bytes()
+    response = client.post("/api/predict", files={"file": ("ct.dcm", ct, "application/dicom")})
+    assert response.status_code == 422 and "CT image (DICOM Modality CT), not a chest radiograph" in response.json()["error"]

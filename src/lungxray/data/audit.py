@@ -20,7 +20,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
-from lungxray.data.images import read_image
+from lungxray.data.images import is_dicom, read_image
 from lungxray.data.records import Dataset, Record
 from lungxray.errors import ImageError
 from lungxray.io import write_json, write_text
@@ -54,12 +54,16 @@ def image_facts(record: Record) -> ImageFacts:
         return ImageFacts(error=f"cannot read file ({error.strerror or error})")
     facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            facts.width, facts.height, facts.mode, facts.format = *header.size, header.mode, header.format or ""
-        gray = Image.fromarray(read_image(data, name=str(record.path))).convert("L")
+        pixels = read_image(data, name=str(record.path))
+        if is_dicom(data):  # Pillow cannot open DICOM; the decoded pixels give the size
+            facts.height, facts.width, facts.mode, facts.format = *pixels.shape[:2], "DICOM", "DICOM"
+        else:
+            with Image.open(io.BytesIO(data)) as header:
+                facts.width, facts.height, facts.mode, facts.format = *header.size, header.mode, header.format or ""
     except (ImageError, OSError, ValueError) as error:
         facts.error = getattr(error, "reason", str(error))
         return facts
+    gray = Image.fromarray(pixels).convert("L")
     facts.dhash = _packed(imagehash.dhash(gray, HASH_SIZE).hash)
     facts.dhash_mirror = _packed(imagehash.dhash(ImageOps.mirror(gray), HASH_SIZE).hash)
     return facts
