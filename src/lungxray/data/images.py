@@ -31,8 +31,23 @@ INTENSITY = {
     "equalize": ImageOps.equalize,
     "autocontrast": lambda image: ImageOps.autocontrast(image, cutoff=1),
 }
-# Pillow warns above ~89 Mpixel and refuses above twice that; we refuse at the warning level.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Limits, checked from the header before anything is decoded. The largest chest detectors are
+# about 4,300 x 4,300 (18.5 Mpixel); at 25 Mpixel one decode stays under 300 MB over the idle
+# process (measured: 260 MB for a 16-bit PNG, the costliest case; tests/test_hostile.py).
+MAX_PIXELS = 25_000_000
+# DICOM films larger than this on a side are subsampled by a whole stride before their lookup tables.
+DICOM_WORKING_SIDE = 2048
+# Pillow knows ~40 formats, some of which call external programs: only these are opened.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+# DICOM transfer syntaxes accepted: uncompressed, JPEG family, JPEG-LS, JPEG 2000, RLE. Deflate is
+# refused: the whole data set is inflated before any size can be checked (7 KB became 168 MB).
+DICOM_SYNTAXES = {
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",  # implicit/explicit VR, big endian
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",  # JPEG-LS
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE
+}
 
 
 def read_image(source, size: int | None = None, interpolation: str = "nearest", name: str | None = None,
@@ -49,7 +64,12 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     data = _read_bytes(source, name)
     if not data:
         raise ImageError(name, "file is empty (0 bytes)")
-    image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
+    try:
+        image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as error:  # a decoder's own exception must still name the file
+        raise ImageError(name, f"cannot decode ({type(error).__name__}: {error})") from None
     if crop is not None:
         image = image.crop(crop(image))
     if size is not None:
@@ -76,7 +96,7 @@ def _open(data: bytes, name: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ImageError(name, f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
@@ -86,7 +106,7 @@ def _open(data: bytes, name: str) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(name, "image too large (decompression bomb protection)") from None
         except UnidentifiedImageError:
-            raise ImageError(name, "not a recognised image format") from None
+            raise ImageError(name, f"not a recognised image format (accepted: {', '.join(FORMATS)}, DICOM)") from None
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageError(name, f"corrupt or truncated image ({error})") from None
     image = ImageOps.exif_transpose(image)
@@ -125,57 +145,103 @@ def check_chest_radiograph(dataset, name: str) -> None:
 
 def _open_dicom(data: bytes, name: str) -> Image.Image:
     """A DICOM image as a radiologist's viewer shows it: modality LUT (rescale slope/intercept),
-    VOI LUT or window centre/width, MONOCHROME1 inverted, then scaled to 8 bits."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    VOI LUT or window centre/width, MONOCHROME1 inverted, then scaled to 8 bits. The header is
+    checked (what the image is, its size) before any pixel is decoded, and only the first frame is."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+    dataset = _dicom_header(data, name)
+    check_chest_radiograph(dataset, name)
+    _check_dicom_size(dataset, name)
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
-    except Exception as error:  # pydicom raises many types for broken or unsupported files
-        raise ImageError(name, f"unreadable DICOM ({type(error).__name__}: {error})") from None
-    check_chest_radiograph(dataset, name)  # before the pixels are decoded, let alone trusted
-    if "TransferSyntaxUID" not in dataset.get("file_meta", {}):  # written without file meta: as read
-        from pydicom.dataset import FileMetaDataset
-        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-        implicit, little = dataset.original_encoding
-        dataset.file_meta = dataset.get("file_meta") or FileMetaDataset()
-        dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    try:
-        pixels = dataset.pixel_array
+        pixels = pixel_array(dataset, index=0 if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else None)
     except Exception as error:
         raise ImageError(name, f"unreadable DICOM pixels ({type(error).__name__}: {error})") from None
-    if getattr(dataset, "NumberOfFrames", 1) not in (None, 1, "1") and pixels.ndim >= 3 and pixels.shape[0] > 1:
-        pixels = pixels[0]  # multi-frame: the first frame
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    # The lookup tables work in float64: on a large film, subsample first (the model sees 224 px).
+    stride = -(-max(pixels.shape[:2]) // DICOM_WORKING_SIDE)
+    pixels = pixels[::stride, ::stride]
     if pixels.ndim == 3:  # colour: pydicom already converted YBR to RGB
-        return Image.fromarray(_scale_to_uint8(pixels.astype(np.float64))).convert("RGB")
-    if pixels.shape[0] * pixels.shape[1] > MAX_PIXELS:
-        raise ImageError(name, f"image too large ({pixels.shape[1]}x{pixels.shape[0]} pixels)")
-    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+        return Image.fromarray(_scale_to_uint8(pixels)).convert("RGB")
+    try:
+        values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    except Exception as error:  # zero window width, unknown VOI function, odd LUT depth...
+        raise ImageError(name, f"unusable DICOM lookup table or window ({type(error).__name__}: {error})") from None
     gray = _scale_to_uint8(values)
-    if photometric == "MONOCHROME1":  # low values are bright
+    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":  # low values are bright
         gray = 255 - gray
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
+def _dicom_header(data: bytes, name: str):
+    """The data set, read without its pixels decoded; deflated files refused before inflating."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        if data[128:132] == b"DICM":
+            syntax = _transfer_syntax(data)
+            if syntax not in DICOM_SYNTAXES:
+                raise ImageError(name, f"DICOM transfer syntax {syntax or '(none)'} is not accepted (deflated or "
+                                       "unknown encodings cannot be size-checked before decoding)")
+        dataset = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except ImageError:
+        raise
+    except Exception as error:  # pydicom raises many types for broken or unsupported files
+        raise ImageError(name, f"unreadable DICOM ({type(error).__name__}: {error})") from None
+    if "TransferSyntaxUID" not in dataset.get("file_meta", {}):  # written without file meta: as read
+        implicit, little = dataset.original_encoding
+        dataset.file_meta = dataset.get("file_meta") or FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return dataset
+
+
+def _transfer_syntax(data: bytes) -> str:
+    """The Transfer Syntax UID of a Part 10 file, read from its file meta (always explicit VR little
+    endian) without letting pydicom touch the rest, which may be deflated."""
+    at = data.find(b"\x02\x00\x10\x00UI", 132, 132 + 8192)
+    if at < 0:
+        return ""
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    return data[at + 8:at + 8 + length].rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _check_dicom_size(dataset, name: str) -> None:
+    if "PixelData" not in dataset:
+        raise ImageError(name, "DICOM file holds no pixel data (truncated, or not an image)")
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    if not rows or not columns:
+        raise ImageError(name, f"DICOM image has no size (Rows {rows}, Columns {columns})")
+    if rows * columns > MAX_PIXELS:
+        raise ImageError(name, f"image too large ({columns}x{rows} pixels, limit {MAX_PIXELS})")
+    if samples not in (1, 3):
+        raise ImageError(name, f"DICOM SamplesPerPixel {samples} is not grey (1) or colour (3)")
+
+
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Stretch any numeric array's range to 0..255 (in float32: a large image's float64 copy is twice the memory)."""
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
+    scaled = values.astype(np.float32)
+    scaled -= low
+    scaled *= 255.0 / (high - low)
+    return np.round(scaled, out=scaled).astype(np.uint8)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, scaling high-bit-depth images instead of clipping them."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        # 16-bit PNGs decode to "I" or "I;16"; their full range is 0..65535.
-        pixels = np.clip(pixels, 0, 65535) / 65535.0 * 255.0
-        image = Image.fromarray(np.round(pixels).astype(np.uint8), mode="L")
+        # 16-bit PNGs decode to "I" or "I;16"; their full range 0..65535 maps to 0..255, rounded,
+        # in integers (a float64 copy of a large image is 8 bytes a pixel).
+        pixels = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        pixels *= 255
+        pixels += 32767
+        pixels //= 65535
+        image = Image.fromarray(pixels.astype(np.uint8), mode="L")
     elif image.mode == "F":
-        image = Image.fromarray(_scale_to_uint8(np.asarray(image, dtype=np.float64)), mode="L")
+        image = Image.fromarray(_scale_to_uint8(np.asarray(image)), mode="L")
     if image.mode == "RGB":
         return image
     # As Keras' load_img: convert("RGB"); alpha is dropped, palettes and CMYK are expanded.
