@@ -170,3 +170,40 @@ def test_metrics_reader_names_the_file_and_the_missing_keys(tmp_path):
         read_metrics(tmp_path)
     with pytest.raises(DataError, match="evaluate the model first"):
         read_metrics(tmp_path / "elsewhere")
+
+
+def test_crafted_model_files_are_refused(tmp_path):
+    """A Lambda layer (arbitrary code) and a config that switches safe mode off are refused by safe-mode loading."""
+    import zipfile
+
+    import keras
+
+    from lungxray.predict import Predictor
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    lambda_run = tmp_path / "lambda"
+    lambda_run.mkdir()
+    model.save(lambda_run / "model.keras")
+    (lambda_run / "model.json").write_text(json.dumps({"classes": ["a"], "image_size": 32}))
+    with pytest.raises(WeightsError, match="not a loadable Keras model"):
+        Predictor.load(lambda_run)
+
+    with zipfile.ZipFile(lambda_run / "model.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    layer = next(entry for entry in config["config"]["layers"] if entry["class_name"] == "Lambda")
+    layer["config"]["function"] = {"module": "keras.config", "class_name": "function", "registered_name": "function",
+                                   "config": "enable_unsafe_deserialization"}
+    members["config.json"] = json.dumps(config).encode()
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    with zipfile.ZipFile(crafted / "model.keras", "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    (crafted / "model.json").write_text(json.dumps({"classes": ["a"], "image_size": 32}))
+    with pytest.raises(WeightsError, match="not a loadable Keras model"):
+        Predictor.load(crafted)
+    from keras.src.saving.serialization_lib import in_safe_mode
+
+    assert in_safe_mode() is not False  # the crafted config did not switch safe mode off

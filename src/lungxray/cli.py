@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from lungxray.config import PRESETS, Config
-from lungxray.errors import LungxrayError
+from lungxray.errors import ConfigError, LungxrayError
 from lungxray.rundir import RunDir
 
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                        help="the recipe to start from; the settings below change it (default: reference)")
     start.add_argument("--config", help="JSON configuration file to start from (a run's config.json reruns it)")
+    start.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --out, with the configuration saved there")
     train.add_argument("--cache", help="feature cache folder (default: $LUNGXRAY_CACHE or ~/.cache/lungxray)")
     add_config_arguments(train.add_argument_group("settings (each overrides the preset or --config)"))
     train.set_defaults(run=run_train)
@@ -157,13 +159,19 @@ def _cache(args):
 def run_train(args) -> int:
     from lungxray.training import train
 
-    config = config_from_args(args)
-    result = train(args.data, args.out, config, cache_dir=_cache(args))
+    if args.resume:
+        changed = [f.name for f in dataclasses.fields(Config) if getattr(args, f.name) is not None]
+        if not args.out or changed:
+            raise ConfigError("--resume continues the run in --out with its own config.json: give --out, and no "
+                              f"settings{' (got ' + ', '.join(changed) + ')' if changed else ''}")
+        result = train(args.data, args.out, cache_dir=_cache(args), resume=True)
+    else:
+        result = train(args.data, args.out, config_from_args(args), cache_dir=_cache(args))
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:
         print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
     if result.external_metrics:
-        print(f"external ({config.holdout_source}) accuracy {result.external_metrics['accuracy']:.4f}")
+        print(f"external test (the held-out source) accuracy {result.external_metrics['accuracy']:.4f}")
     print(f"report: {result.run_dir / RunDir.REPORT}")
     return 0
 

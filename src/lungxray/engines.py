@@ -277,6 +277,8 @@ def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, c
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.CSVLogger(str(run.path(run.HISTORY)), append=initial_epoch > 0),
     ]
+    if holds == "model":  # end-to-end epochs are long: an interrupted run goes on from the last one finished
+        callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint.parent / "backup-model")))
     train_data, val_data = data
     if config.monitor == WORST_GROUP:
         callbacks.insert(1, WorstGroupAccuracy(val_data if val_inputs is None else val_inputs, plan))

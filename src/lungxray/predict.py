@@ -87,9 +87,8 @@ class Predictor:
         self._head = tf.function(lambda x: self.head(x, training=False), reduce_retracing=True)
 
     def save(self, run: RunDir) -> None:
-        """Write the model, its sidecar, the gate and the training images' hashes into `run`."""
-        with atomic_path(run.model) as temporary:
-            self.model.save(temporary)
+        """Write the sidecar, the gate, the segmenter and the training images' hashes into `run`, and
+        the model last: a folder with a model file always has everything that goes with it."""
         write_json(run.model_info, {**self.info, "classes": self.classes, "image_size": self.image_size,
                                     "interpolation": self.interpolation, "intensity": self.intensity,
                                     "crop": "lungs" if self.crop else "none", "temperature": self.temperature})
@@ -99,6 +98,8 @@ class Predictor:
             self.ood.save(run.path(run.OOD))
         if self.train_hashes is not None:
             run.write_train_hashes(sorted(self.train_hashes))
+        with atomic_path(run.model) as temporary:
+            self.model.save(temporary)
 
     @classmethod
     def load(cls, path: str | Path, runtime: str = "auto", cache_dir: Path | None = None) -> "Predictor":

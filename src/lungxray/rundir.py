@@ -51,14 +51,23 @@ class RunDir:
         self.model = Path(model_file) if model_file else self.folder / self.MODEL
 
     @classmethod
-    def create(cls, out: str | Path | None = None) -> "RunDir":
-        """A folder for a new run (default `runs/<timestamp>`); one that holds a model is refused."""
+    def create(cls, out: str | Path | None = None, resume: bool = False) -> "RunDir":
+        """A folder for a new run (default `runs/<timestamp>`), or, with `resume`, the folder of an
+        interrupted one. A finished run (it has its model) is never overwritten; temporary files
+        an interruption left behind are removed."""
         if out is None:
             out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = cls(out)
         if run.model.exists():
             raise DataError(f"{run.folder} already holds a trained model; choose another --out or remove it")
+        started = run.path(run.CONFIG).exists()
+        if started and not resume:
+            raise DataError(f"{run.folder} holds an interrupted run; add --resume to continue it, or choose another --out")
+        if resume and not started:
+            raise DataError(f"{run.folder} holds no run to resume (no {run.CONFIG})")
         run.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in run.folder.rglob(".tmp-*"):
+            leftover.unlink()
         return run
 
     @classmethod

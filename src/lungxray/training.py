@@ -35,15 +35,21 @@ log = logging.getLogger("lungxray")
 
 
 def train(data, out: str | Path | None = None, config: Config | None = None,
-          cache_dir: Path | None = None) -> TrainResult:
-    """Train the recipe on `data` (any layout `load_dataset` reads) into the run folder `out`."""
+          cache_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train the recipe on `data` (any layout `load_dataset` reads) into the run folder `out`.
+
+    `resume` continues an interrupted run in `out` with the configuration saved there: features
+    come back from the cache, head training is repeated (the same seeds give the same model), and
+    end-to-end phases (Keras engine, fine-tuning) go on from their last finished epoch."""
+    if resume:
+        config = Config.load(RunDir(out).path(RunDir.CONFIG))
     config = config or Config()
     keras.utils.set_random_seed(config.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with _timed(timings, "setup"):
         dataset, external = training_data(data, config)
-        run = start_run(out, config, dataset)
+        run = start_run(out, config, dataset, resume)
         model = network(config, len(dataset.classes))
         crop = LungCrop.trained(config.lung_masks, cache_dir) if config.crop == "lungs" else None
         engine = make_engine(model, config, run, cache_dir, crop)
@@ -81,9 +87,9 @@ def training_data(data, config: Config) -> tuple[Dataset, Dataset | None]:
     return dataset, external
 
 
-def start_run(out, config: Config, dataset: Dataset) -> RunDir:
-    """A new run folder holding what is needed to repeat the run: the configuration and the split."""
-    run = RunDir.create(out)
+def start_run(out, config: Config, dataset: Dataset, resume: bool = False) -> RunDir:
+    """A run folder holding what is needed to repeat the run: the configuration and the split."""
+    run = RunDir.create(out, resume)
     config.save(run.path(run.CONFIG))
     write_manifest(dataset, run.path(run.DATA))
     return run
