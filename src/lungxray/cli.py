@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")
     serve.add_argument("--refuse-ood", action="store_true",
                        help="withhold the class of images the out-of-distribution gate flags")
+    serve.add_argument("--max-pending", type=int, default=64,
+                       help="images waiting or running before new ones get 503 (a batch counts each) (default: 64)")
+    serve.add_argument("--max-connections", type=int, default=100,
+                       help="open connections before new ones get 503 (default: 100)")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds an upload may stall before it is cut off with 408 (default: 10)")
+    serve.add_argument("--api-docs", action="store_true",
+                       help="serve the interactive API docs at /docs (they load a script from a CDN)")
     serve.add_argument("--cache", help="feature cache folder")
     serve.set_defaults(run=run_serve)
 
@@ -246,8 +254,9 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
 def run_serve(args) -> int:
     from lungxray.serve import serve
 
-    print(f"serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
-    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
+    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood, args.max_pending,
+          args.max_connections, args.read_timeout, args.api_docs)
     return 0
 
 

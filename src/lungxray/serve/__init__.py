@@ -1,14 +1,16 @@
 """`lungxray serve`: a REST API and a one-page web app around a trained model.
 
-The model is loaded once (safe mode); inference runs in worker threads, at most one per CPU core,
-and requests beyond a bounded queue get 503 instead of waiting forever. Uploads are capped in size
-(413), sniffed by content rather than trusted by extension, and every bad request gets one JSON
-error, never a 500.
+The model is loaded once (safe mode); inference runs in worker threads, at most one per CPU core.
+Images beyond a bounded number in hand (a batch counts each image) get 503 at once instead of
+waiting; connections beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in
+stall time (408); work for a client that has gone is dropped. Uploads are sniffed by content
+rather than trusted by extension, and every bad request gets one JSON error, never a 500.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -31,64 +33,95 @@ from lungxray.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
-DEFAULT_MAX_PENDING = 64
+DEFAULT_MAX_PENDING = 64  # images waiting or running
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_READ_TIMEOUT = 10.0  # seconds an upload may stall between two chunks
+MAX_BATCH = 64
 NOTICE = "Research use only: not a medical device, not a diagnosis."
 
 
-class LimitUploadSize:
-    """ASGI middleware: refuse bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+class GuardRequests:
+    """ASGI middleware: refuse bodies over `max_bytes` with 413, whether or not Content-Length is
+    sent, and bodies that stall for `read_timeout` seconds between two chunks with 408 (a client
+    trickling an upload must not hold a connection and a worker forever)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout: float):
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _too_large(send, self.max_bytes)
-        received, too_large, answered = 0, False, False
+            return await _refuse(send, 413, f"upload larger than the {self.max_bytes // (1 << 20)} MB limit")
+        received, refusal, answered = 0, None, False
 
-        async def counting_receive():
-            nonlocal received, too_large
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, refusal
+            try:
+                with anyio.fail_after(self.read_timeout):
+                    message = await receive()
+            except TimeoutError:
+                refusal = (408, f"upload stalled for {self.read_timeout:g} s; send the body without pauses")
+                return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                too_large = True
+                refusal = (413, f"upload larger than the {self.max_bytes // (1 << 20)} MB limit")
                 return {"type": "http.disconnect"}  # the app stops reading; its answer is replaced below
             return message
 
         async def guarded_send(message):
             nonlocal answered
-            if too_large:
+            if refusal:
                 if not answered:
                     answered = True
-                    await _too_large(send, self.max_bytes)
+                    await _refuse(send, *refusal)
                 return
             answered = True
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not too_large:
+            if not refusal:
                 raise
-        if too_large and not answered:
-            await _too_large(send, self.max_bytes)
+        if refusal and not answered:
+            await _refuse(send, *refusal)
 
 
-async def _too_large(send, max_bytes: int) -> None:
-    body = json.dumps({"error": f"upload larger than the {max_bytes // (1 << 20)} MB limit"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _refuse(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class Admission:
+    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.lock = limit, 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def admit(self, images: int):
+        with self.lock:
+            if self.count + images > self.limit:
+                raise HTTPException(503, f"server busy: {self.count} images in hand, limit {self.limit}; "
+                                         "retry shortly")
+            self.count += images
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.count -= images
 
 
 def model_identity(predictor: Predictor, run: RunDir | None) -> dict:
     info = predictor.info
     identity = {"classes": predictor.classes, "image_size": predictor.image_size,
                 "temperature": predictor.temperature, "engine": info.get("engine"), "trained": info.get("trained"),
-                "training_data": info.get("data"), "training_counts": info.get("counts"),
+                "training_data": Path(str(info.get("data", ""))).name or None,  # a name, never a server path
+                "training_counts": info.get("counts"),
                 "ood_threshold": predictor.ood.threshold if predictor.ood else None}
     if run is not None:
         identity["sha256"] = hashlib.sha256(run.model.read_bytes()).hexdigest()
@@ -106,13 +139,16 @@ def png_data_url(image: np.ndarray) -> str:
 
 
 def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False) -> FastAPI:
-    """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null)."""
-    app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1")
+               max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
+               read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False) -> FastAPI:
+    """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null).
+    `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
+    default: they break offline); /openapi.json is always served."""
+    app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1",
+                  docs_url="/docs" if api_docs else None, redoc_url=None)
     identity = model_identity(predictor, run)
     limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
-    pending = {"n": 0}
-    pending_lock = threading.Lock()
+    admission = Admission(max_pending)
     gradcam = {}
 
     def explain(image: np.ndarray, class_index: int) -> str:
@@ -144,18 +180,12 @@ def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: f
             answer["gradcam"] = explain(image, predicted)
         return answer
 
-    async def run_prediction(upload: UploadFile, with_explanation: bool) -> dict:
-        with pending_lock:
-            if pending["n"] >= max_pending:
-                raise HTTPException(503, "server busy: too many requests waiting; retry shortly")
-            pending["n"] += 1
-        try:
-            data = await upload.read()
-            return await anyio.to_thread.run_sync(predict_bytes, data, upload.filename or "upload", with_explanation,
-                                                  limiter=limiter)
-        finally:
-            with pending_lock:
-                pending["n"] -= 1
+    async def run_prediction(request: Request, upload: UploadFile, with_explanation: bool) -> dict:
+        data = await upload.read()
+        if await request.is_disconnected():  # the client has gone: nobody will read the answer
+            raise HTTPException(499, "client closed the request")
+        return await anyio.to_thread.run_sync(predict_bytes, data, upload.filename or "upload", with_explanation,
+                                              limiter=limiter)
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, error: ImageError):
@@ -172,27 +202,31 @@ def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: f
                                       "in the field 'file' (or 'files' for /api/predict/batch)"}, status_code=422)
 
     @app.get("/api/health")
-    def health() -> dict:
-        return {"status": "ok", "model": identity["id"]}
+    async def health() -> dict:  # on the event loop: answers while every worker thread is busy
+        return {"status": "ok", "model": identity["id"], "images_in_hand": admission.count}
 
     @app.get("/api/model")
     def model() -> dict:
         return identity
 
     @app.post("/api/predict")
-    async def predict(file: UploadFile = File(...), explain: bool = False) -> dict:
+    async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
-        return await run_prediction(file, explain)
+        with admission.admit(1):
+            return await run_prediction(request, file, explain)
 
     @app.post("/api/predict/batch")
-    async def predict_batch(files: list[UploadFile] = File(...)) -> dict:
-        """Several images; each gets its result or its own error."""
+    async def predict_batch(request: Request, files: list[UploadFile] = File(...)) -> dict:
+        """Several images (at most MAX_BATCH); each gets its result or its own error."""
+        if len(files) > MAX_BATCH:
+            raise HTTPException(413, f"{len(files)} files in one batch; send at most {MAX_BATCH}")
         results = []
-        for upload in files:
-            try:
-                results.append(await run_prediction(upload, False))
-            except ImageError as error:
-                results.append({"file": upload.filename, "error": f"cannot read the image: {error.reason}"})
+        with admission.admit(len(files)):
+            for upload in files:
+                try:
+                    results.append(await run_prediction(request, upload, False))
+                except ImageError as error:
+                    results.append({"file": upload.filename, "error": f"cannot read the image: {error.reason}"})
         return {"results": results}
 
     @app.get("/", include_in_schema=False)
@@ -200,14 +234,20 @@ def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: f
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(LimitUploadSize, max_bytes=int(max_upload_mb * (1 << 20)))
+    app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout)
     return app
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-          cache_dir: Path | None = None, refuse_ood: bool = False) -> None:
+          cache_dir: Path | None = None, refuse_ood: bool = False, max_pending: int = DEFAULT_MAX_PENDING,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = DEFAULT_READ_TIMEOUT,
+          api_docs: bool = False) -> None:
+    """Serve until stopped. Beyond `max_connections` open connections uvicorn answers 503 at once;
+    idle keep-alive connections close after 5 s."""
     import uvicorn
 
     run = RunDir.open(model)
-    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb, refuse_ood=refuse_ood)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb, max_pending, refuse_ood,
+                     read_timeout, api_docs)
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
+                timeout_keep_alive=5)
