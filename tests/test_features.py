@@ -130,3 +130,17 @@ def test_pooling_is_part_of_the_cache_key(tmp_path, cache_dir):
     assert pooled["max"].cache.key != pooled["avg"].cache.key
     vectors = {p: e.extract(files).vectors["orig"] for p, e in pooled.items()}
     assert not np.allclose(vectors["max"], vectors["avg"], rtol=1e-3, atol=0)  # random weights: tiny values
+
+
+def test_stale_temporary_shards_are_removed(cache_dir):
+    import os
+    import time
+
+    backbone = build_backbone("none", TINY)
+    folder = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir).cache.folder
+    stale, fresh = folder / ".tmp-killed-shard.npz", folder / ".tmp-being-written-shard.npz"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    assert not stale.exists() and fresh.exists()

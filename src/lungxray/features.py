@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import queue
+import time
 import uuid
 from pathlib import Path
 
@@ -138,6 +139,10 @@ class FeatureCache:
         self.key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = Path(root) / "features" / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Shards a killed process was writing; an hour old, so that no live writer's is touched.
+        for leftover in self.folder.glob(".tmp-*"):
+            if time.time() - leftover.stat().st_mtime > 3600:
+                leftover.unlink(missing_ok=True)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
             write_json(meta_path, self.meta)
