@@ -54,7 +54,6 @@ def test_page_uploads_and_shows_probabilities_and_heat_map(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, xray, photo = server

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=run_evaluate)
 
     predict = commands.add_parser("predict", help="class probabilities for images")
-    predict.add_argument("--model", required=True, help="run folder or .keras file")
+    predict.add_argument("--model", required=True,
+                         help="run folder, .keras file, or a .tflite file from `lungxray export` (no TensorFlow needed)")
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the interactive API docs at /docs (they load a script from a CDN)")
     serve.add_argument("--cache", help="feature cache folder")
     serve.set_defaults(run=run_serve)
+
+    export = commands.add_parser("export", help="the whole model as one LiteRT file, checked against Keras")
+    export.add_argument("--model", required=True, help="run folder or .keras file")
+    export.add_argument("--out", help="the .tflite file to write (default: RUN/export/model.tflite)")
+    export.add_argument("--data", help="images to check the export on (default: the run's validation split)")
+    export.add_argument("--sample", type=int, default=200, help="how many images to check it on (default: 200)")
+    export.add_argument("--cache", help="feature cache folder")
+    export.set_defaults(run=run_export)
 
     compare = commands.add_parser("compare", help="compare evaluated runs on the same images (paired bootstrap)")
     compare.add_argument("runs", nargs="+", help="run folders (their evaluation/) or evaluation folders")
@@ -206,7 +215,7 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     from lungxray.data.records import IMAGE_SUFFIXES
-    from lungxray.predict import OOD_NOTE, Predictor, prediction_rows
+    from lungxray.predictions import OOD_NOTE, prediction_rows
 
     files: list[Path] = []
     for item in map(Path, args.images):
@@ -214,7 +223,7 @@ def run_predict(args) -> int:
             files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             files.append(item)
-    predictor = Predictor.load(args.model, cache_dir=_cache(args))
+    predictor = load_predictor(args.model, _cache(args))
     predictions = predictor.predict_files(files)
     rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
     print(format_predictions(rows, predictor.classes, args.format))
@@ -225,9 +234,35 @@ def run_predict(args) -> int:
     if args.explain:
         from lungxray.explain import explain_files
 
+        if not hasattr(predictor, "model"):
+            raise ConfigError("--explain needs the Keras model (a run folder or .keras file), not an exported one")
         written = explain_files(predictor, files, predictions.probabilities, Path(args.explain))
         print(f"{len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
     return 1 if predictions.errors and len(predictions.errors) == len(files) else 0
+
+
+def load_predictor(model: str, cache: Path | None):
+    """An exported .tflite model runs without TensorFlow; anything else is a Keras run."""
+    from lungxray.lite import EXPORT_SUFFIX
+
+    if Path(model).suffix == EXPORT_SUFFIX:
+        from lungxray.lite import LitePredictor
+
+        return LitePredictor.load(model)
+    from lungxray.predict import Predictor
+
+    return Predictor.load(model, cache_dir=cache)
+
+
+def run_export(args) -> int:
+    from lungxray.export import export_model
+
+    result = export_model(args.model, args.out, args.data, args.sample, _cache(args))
+    parity = result.parity
+    print(f"exported: {result.path} (with {result.path.with_suffix('.json').name}); checked on {parity['images']} "
+          f"images: largest probability difference {parity['max_abs_difference']:.2e} (tolerance "
+          f"{parity['tolerance']:.0e}), same class for {parity['label_agreement']:.1%}")
+    return 0
 
 
 def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:

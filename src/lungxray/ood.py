@@ -14,7 +14,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 
 from lungxray.io import atomic_path
 
@@ -35,6 +34,8 @@ class OutOfDistribution:
     @classmethod
     def fit(cls, train_features: np.ndarray, val_features: np.ndarray,
             quantile: float = VALIDATION_QUANTILE) -> "OutOfDistribution":
+        from sklearn.covariance import LedoitWolf  # fitting only: scoring needs NumPy alone
+
         covariance = LedoitWolf().fit(_scaled(train_features))
         gate = cls(covariance.location_, covariance.precision_, np.inf)
         gate.threshold = float(np.quantile(gate.score(val_features), quantile))

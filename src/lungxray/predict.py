@@ -7,7 +7,6 @@ The CLI, the evaluation code, the server and the Python API all go through `Pred
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import keras
@@ -16,51 +15,14 @@ import tensorflow as tf
 
 from lungxray.calibration import apply_temperature
 from lungxray.data.images import read_image
-from lungxray.errors import ImageError, WeightsError
+from lungxray.errors import WeightsError
 from lungxray.features import FeatureExtractor
 from lungxray.io import atomic_path, write_json
 from lungxray.lungs import LungCrop
 from lungxray.model import head_probabilities, load_model
 from lungxray.ood import OutOfDistribution
+from lungxray.predictions import Predictions
 from lungxray.rundir import RunDir
-
-
-@dataclasses.dataclass
-class Predictions:
-    """Per file: calibrated `probabilities` (what users see), `raw` softmax outputs, backbone
-    `features`, out-of-distribution score and flag (when the model has a gate), content hash.
-    Rows of unreadable files are NaN and their errors are listed."""
-
-    probabilities: np.ndarray
-    raw: np.ndarray
-    features: np.ndarray
-    ood_score: np.ndarray | None
-    ood: np.ndarray | None
-    errors: list[ImageError]
-    hashes: list[str | None]
-
-
-OOD_NOTE = ("unlike the chest X-rays the model was trained on (out-of-distribution score above the gate's "
-            "threshold): its class is not to be trusted")
-
-
-def prediction_rows(predictions: Predictions, files: list, classes: list[str], refuse_ood: bool = False) -> list[dict]:
-    """One dict per file, as the command line and the API show them: `predicted` and `probabilities`
-    (withheld for a flagged image when `refuse_ood`), `ood_score` and `ood`, or `error`."""
-    reasons = {e.path: e.reason for e in predictions.errors}
-    rows = []
-    for index, (path, probabilities) in enumerate(zip(files, predictions.probabilities)):
-        if str(path) in reasons:
-            rows.append({"file": str(path), "error": reasons[str(path)]})
-            continue
-        row = {"file": str(path), "predicted": classes[int(probabilities.argmax())],
-               "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)}}
-        if predictions.ood is not None:
-            row.update(ood_score=round(float(predictions.ood_score[index]), 4), ood=bool(predictions.ood[index]))
-            if row["ood"] and refuse_ood:
-                row.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
-        rows.append(row)
-    return rows
 
 
 class Predictor:

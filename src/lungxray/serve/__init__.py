@@ -28,7 +28,8 @@ from PIL import Image
 
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
-from lungxray.predict import OOD_NOTE, Predictor
+from lungxray.predict import Predictor
+from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"

@@ -1,0 +1,92 @@
+"""Prediction without TensorFlow: a model exported by `lungxray export` (LiteRT), its sidecar
+(classes, input contract, temperature) and its out-of-distribution gate, run with ai-edge-litert,
+NumPy, Pillow and pydicom alone (`pip install lungxray[lite]`).
+
+    predictor = LitePredictor.load("model.tflite")
+    predictions = predictor.predict_files(["chest.dcm"])   # the same Predictions as Predictor's
+
+Images are read exactly as for training (`read_image`: DICOM, resize, intensity normalisation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.calibration import apply_temperature
+from lungxray.data.images import read_image
+from lungxray.errors import ImageError, WeightsError
+from lungxray.litert import InterpreterPool, litert_available
+from lungxray.ood import OutOfDistribution
+from lungxray.parallel import bounded_map, progress
+from lungxray.predictions import Predictions
+
+EXPORT_SUFFIX = ".tflite"
+
+
+def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
+    """`model.tflite` → (`model.json`, `model.ood.npz`)."""
+    return model_path.with_suffix(".json"), model_path.with_suffix(".ood.npz")
+
+
+class LitePredictor:
+    def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None):
+        self.model_path, self.info, self.ood = Path(model_path), info, ood
+        self.classes = list(info["classes"])
+        contract = info["input"]
+        self.image_size, self.interpolation = contract["size"], contract["resize"]
+        self.intensity = contract.get("intensity", "none")
+        self.temperature = float(info.get("temperature", 1.0))
+        self.pool = InterpreterPool(self.model_path)
+        shapes = self.pool.output_shapes
+        # Which output is which, by shape: the probabilities have one value per class.
+        self._probabilities = next(i for i, shape in enumerate(shapes) if shape == (len(self.classes),))
+        self._features = 1 - self._probabilities
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LitePredictor":
+        path = Path(path)
+        if path.suffix != EXPORT_SUFFIX or not path.is_file():
+            raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a {EXPORT_SUFFIX} file")
+        if not litert_available():
+            raise WeightsError("running an exported model needs ai-edge-litert: pip install 'lungxray[lite]'")
+        info_path, gate_path = sidecar_paths(path)
+        if not info_path.is_file():
+            raise WeightsError(f"{info_path} is missing: it holds the classes and input contract of {path}")
+        info = json.loads(info_path.read_text())
+        return cls(path, info, OutOfDistribution.load(gate_path) if gate_path.is_file() else None)
+
+    def read(self, source, name: str | None = None) -> np.ndarray:
+        return read_image(source, self.image_size, self.interpolation, name, self.intensity)
+
+    def predict_images(self, images) -> Predictions:
+        """Predictions for uint8 RGB images already at the model's input size."""
+        outputs = self.pool(images)
+        return self._predictions(outputs[self._probabilities], outputs[self._features], [], [None] * len(images))
+
+    def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
+        n, dim = len(paths), self.pool.output_shapes[self._features][0]
+        raw = np.full((n, len(self.classes)), np.nan, np.float32)
+        features = np.full((n, dim), np.nan, np.float32)
+        errors: list[ImageError] = []
+
+        def one(index: int):
+            try:
+                outputs = self.pool([self.read(paths[index], str(paths[index]))])
+                return index, outputs, None
+            except ImageError as error:
+                return index, None, error
+
+        for index, outputs, error in progress(bounded_map(one, range(n)), n, desc):
+            if error is not None:
+                errors.append(error)
+            else:
+                raw[index], features[index] = outputs[self._probabilities][0], outputs[self._features][0]
+        return self._predictions(raw, features, errors, [None] * n)
+
+    def _predictions(self, raw, features, errors, hashes) -> Predictions:
+        scores = self.ood.score(features) if self.ood else None
+        flags = scores > self.ood.threshold if self.ood else None
+        return Predictions(apply_temperature(raw, self.temperature), raw, features, scores, flags, errors, hashes)

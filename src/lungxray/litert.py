@@ -1,0 +1,51 @@
+"""LiteRT interpreters shared by threads, without TensorFlow: the backbone runtime of the cached
+engine and the exported models of `lungxray export` both run through `InterpreterPool`.
+
+One single-threaded interpreter per core, borrowed by whichever thread needs one: measured here,
+two such interpreters in two threads give 1,160 images/s against 1,010 for one interpreter with
+two threads, and they do not stall when decoding threads take a core."""
+
+from __future__ import annotations
+
+import os
+import queue
+from pathlib import Path
+
+import numpy as np
+
+
+def litert_available() -> bool:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class InterpreterPool:
+    def __init__(self, model_path: Path, size: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(size or os.cpu_count() or 1):
+            interpreter = Interpreter(model_path=str(model_path), num_threads=1)
+            interpreter.allocate_tensors()
+            self._free.put(interpreter)
+        interpreter = self._free.queue[0]
+        self.input_shape = tuple(interpreter.get_input_details()[0]["shape"][1:])
+        self.output_shapes = [tuple(d["shape"][1:]) for d in interpreter.get_output_details()]
+
+    def __call__(self, images) -> list[np.ndarray]:
+        """Each output, (n, *shape), for a sequence or array of n images."""
+        interpreter = self._free.get()
+        try:
+            (source,), targets = interpreter.get_input_details(), interpreter.get_output_details()
+            outputs = [np.empty((len(images), *shape), np.float32) for shape in self.output_shapes]
+            for row, image in enumerate(images):
+                interpreter.set_tensor(source["index"], np.asarray(image, np.float32)[None])
+                interpreter.invoke()
+                for output, target in zip(outputs, targets):
+                    output[row] = interpreter.get_tensor(target["index"])[0]
+            return outputs
+        finally:
+            self._free.put(interpreter)

@@ -1,0 +1,75 @@
+"""`lungxray export`: one LiteRT file with its sidecar and gate, checked against Keras at export,
+and prediction from it in a process where TensorFlow cannot be imported."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lungxray import Predictor
+from lungxray.cli import main
+from lungxray.errors import WeightsError
+from lungxray.export import FLOAT_TOLERANCE, export_model
+from lungxray.lite import LitePredictor
+from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
+
+# Importing TensorFlow or Keras fails in this child, as in an install without them.
+WITHOUT_TENSORFLOW = """
+import sys
+for name in ("tensorflow", "keras", "tf_keras"):
+    sys.modules[name] = None
+from lungxray.cli import main
+code = main(sys.argv[1:])
+assert not any(m.startswith(("tensorflow", "keras")) for m in sys.modules if sys.modules[m] is not None)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):  # noqa: F811
+    run_dir, _, cache = run
+    return export_model(run_dir, tmp_path_factory.mktemp("export") / "model.tflite", cache_dir=cache)
+
+
+def test_export_writes_the_model_its_sidecar_and_gate_and_checks_them(exported):
+    assert exported.path.is_file() and exported.path.with_suffix(".ood.npz").is_file()
+    info = json.loads(exported.path.with_suffix(".json").read_text())
+    assert info["classes"] == ["covid", "normal", "pneumonia"] and info["input"]["size"] == 32
+    assert info["parity"]["images"] == 24 and info["parity"]["label_agreement"] == 1.0
+    assert info["parity"]["max_abs_difference"] <= FLOAT_TOLERANCE and info["training_data_fingerprint"]
+
+
+def test_exported_predictions_match_keras(run, exported):  # noqa: F811
+    run_dir, data, cache = run
+    files = sorted(data.rglob("*.png"))
+    keras_side = Predictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
+    lite_side = LitePredictor.load(exported.path).predict_files(files)
+    np.testing.assert_allclose(lite_side.probabilities, keras_side.probabilities, atol=FLOAT_TOLERANCE)
+    np.testing.assert_allclose(lite_side.ood_score, keras_side.ood_score, rtol=1e-3)
+    assert np.array_equal(lite_side.ood, keras_side.ood)
+
+
+def test_predict_from_an_export_without_tensorflow(run, exported, tmp_path):  # noqa: F811
+    _, data, _ = run
+    images = sorted((data / "test" / "covid").iterdir())[:3]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "predict", "--model", str(exported.path),
+                             "--format", "json", *map(str, images), str(tmp_path / "broken.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert all(r["predicted"] in {"covid", "normal", "pneumonia"} and "ood" in r for r in rows[:3])
+    assert "not a recognised image format" in rows[3]["error"]
+
+
+def test_export_cli_and_what_it_refuses(run, tmp_path, capsys):  # noqa: F811
+    run_dir, _, cache = run
+    out = tmp_path / "cli" / "model.tflite"
+    assert main(["export", "--model", str(run_dir), "--out", str(out), "--cache", str(cache), "--sample", "6"]) == 0
+    assert "checked on 6 images" in capsys.readouterr().out
+    assert main(["predict", "--model", str(out), "--explain", str(tmp_path / "x"), str(out)]) == 2
+    assert "needs the Keras model" in capsys.readouterr().err
+    with pytest.raises(WeightsError, match="not an exported model"):
+        LitePredictor.load(run_dir / "model.keras")
