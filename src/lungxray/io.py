@@ -17,6 +17,7 @@ def atomic_path(path: str | Path):
     # The suffix keeps the whole name: Keras checks for endings such as ".weights.h5".
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
     os.close(handle)
+    os.chmod(temporary, 0o644)  # mkstemp's 0600 would make every artefact private to its writer
     try:
         yield Path(temporary)
         os.replace(temporary, path)

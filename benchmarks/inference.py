@@ -1,0 +1,79 @@
+"""Prediction speed: the Keras run against its LiteRT export, in one run, decode included.
+
+    python benchmarks/inference.py --model RUN_DIR [--images ../shared/cxr/test] [--n 1000]
+
+Exports the run if RUN/export/model.tflite is missing. Rows: batch prediction from JPEG files on
+disk (images/s; the Keras predictor with an empty feature cache, so that nothing is read back),
+single-image latency on a decoded image (p50/p99 over 500 calls), and `lungxray predict one.jpg`
+as a whole process (median of 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.export import export_model
+from lungxray.lite import LitePredictor
+from lungxray.predict import Predictor
+
+
+def images_per_second(predictor, files: list[Path]) -> float:
+    started = time.perf_counter()
+    predictor.predict_files(files, desc="batch")
+    return len(files) / (time.perf_counter() - started)
+
+
+def latency_ms(predictor, image: np.ndarray, calls: int = 500) -> tuple[float, float]:
+    for _ in range(20):
+        predictor.predict_images(image[None])
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        predictor.predict_images(image[None])
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def process_seconds(model: Path, image: Path, runs: int = 5) -> float:
+    lungxray = str(Path(sys.executable).parent / "lungxray")
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([lungxray, "predict", "--model", str(model), str(image)], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=Path("../shared/cxr/test"))
+    parser.add_argument("--n", type=int, default=1000)
+    args = parser.parse_args()
+    exported = args.model / "export" / "model.tflite"
+    if not exported.is_file():
+        export_model(args.model)
+    files = sorted(args.images.rglob("*.jpg"))[: args.n]
+    with tempfile.TemporaryDirectory() as cache:
+        keras_side = Predictor.load(args.model, cache_dir=Path(cache))
+        lite_side = LitePredictor.load(exported)
+        image = lite_side.read(files[0])
+        rows = [("Keras run (LiteRT backbone, Keras head)", keras_side, args.model), ("LiteRT export", lite_side, exported)]
+        print(f"| predictor | batch images/s ({len(files)} JPEGs) | latency p50 ms | p99 ms | `lungxray predict one.jpg` s |")
+        print("|---|---|---|---|---|")
+        for name, predictor, path in rows:
+            rate = images_per_second(predictor, files)
+            p50, p99 = latency_ms(predictor, image)
+            print(f"| {name} | {rate:.0f} | {p50:.2f} | {p99:.2f} | {process_seconds(path, files[0]):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
