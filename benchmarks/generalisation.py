@@ -41,6 +41,8 @@ CONFIGURATIONS = {
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 MARKERS = ("<!-- generalisation table: start -->", "<!-- generalisation table: end -->")
+SOURCES = ("covid19-radiography-db", "kermany_224", "kermany_fullres", "covid-cxnet", "ieee8023_covid-chestxray",
+           "rsna_lung_opacity")
 
 
 def configuration(spec, weights: str, lung_masks: str | None) -> Config:
@@ -86,6 +88,18 @@ def row(name: str, runs: dict[str, RunDir]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def source_row(name: str, runs: dict[str, RunDir]) -> str:
+    """Internal test accuracy on each source's films (n in the header)."""
+    internal = read_metrics(runs["internal"].evaluation())
+    return "| " + " | ".join([name, *(group_accuracy(internal, "source", source) for source in SOURCES)]) + " |"
+
+
+def source_header(runs: dict[str, RunDir]) -> str:
+    groups = read_metrics(runs["internal"].evaluation()).get("subgroups", {}).get("source", {})
+    names = [f"{source} (n={groups[source]['n']})" if source in groups else source for source in SOURCES]
+    return "| internal test accuracy by source | " + " | ".join(names) + " |\n|---|" + "---|" * len(SOURCES)
+
+
 def read_timings(run_dir: RunDir) -> float:
     return json.loads(run_dir.path(run_dir.TIMINGS).read_text())["total"]
 
@@ -115,7 +129,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    rows = []
+    rows, by_source = [], []
     for name, spec in CONFIGURATIONS.items():
         if args.only and name not in args.only:
             continue
@@ -125,8 +139,9 @@ def main() -> None:
         for short, source in HELD_OUT.items():
             runs[short] = run(args.data, folder / f"without-{short}", config.replace(holdout_source=source), args.cache)
         rows.append(row(name, runs))
+        by_source.append(source_row(name, runs))
         print(rows[-1], flush=True)
-    table = HEADER + "\n" + "\n".join(rows)
+    table = HEADER + "\n" + "\n".join(rows) + "\n\n" + source_header(runs) + "\n" + "\n".join(by_source)
     print(table)
     if args.write_docs:
         write_docs(table)
