@@ -73,3 +73,17 @@ def test_export_cli_and_what_it_refuses(run, tmp_path, capsys):  # noqa: F811
     assert "needs the Keras model" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="not an exported model"):
         LitePredictor.load(run_dir / "model.keras")
+
+
+def test_serve_from_an_export(run, exported):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from lungxray.serve import create_app
+
+    _, data, _ = run
+    client = TestClient(create_app(LitePredictor.load(exported.path)))
+    image = sorted((data / "test" / "normal").iterdir())[0].read_bytes()
+    answer = client.post("/api/predict?explain=true", files={"file": ("x.png", image, "image/png")}).json()
+    assert answer["predicted"] in {"covid", "normal", "pneumonia"} and "ood" in answer
+    assert answer["image"].startswith("data:image/png") and "gradcam" not in answer
+    assert len(client.get("/api/model").json()["sha256"]) == 64

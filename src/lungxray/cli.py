@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=run_predict)
 
     serve = commands.add_parser("serve", help="REST API and web page for a trained model")
-    serve.add_argument("--model", required=True, help="run folder or .keras file")
+    serve.add_argument("--model", required=True, help="run folder, .keras file or exported .tflite file")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")

@@ -28,6 +28,7 @@ from PIL import Image
 
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
+from lungxray.lite import EXPORT_SUFFIX, LitePredictor
 from lungxray.predict import Predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
@@ -117,15 +118,18 @@ class Admission:
                 self.count -= images
 
 
-def model_identity(predictor: Predictor, run: RunDir | None) -> dict:
+def model_identity(predictor: Predictor | LitePredictor, run: RunDir | None) -> dict:
+    """What /api/model tells about the model: a run folder's, or an export's (`predictor.model_path`)."""
     info = predictor.info
     identity = {"classes": predictor.classes, "image_size": predictor.image_size,
                 "temperature": predictor.temperature, "engine": info.get("engine"), "trained": info.get("trained"),
                 "training_data": Path(str(info.get("data", ""))).name or None,  # a name, never a server path
                 "training_counts": info.get("counts"),
                 "ood_threshold": predictor.ood.threshold if predictor.ood else None}
+    model_file = run.model if run is not None else getattr(predictor, "model_path", None)
+    if model_file is not None:
+        identity["sha256"] = hashlib.sha256(model_file.read_bytes()).hexdigest()
     if run is not None:
-        identity["sha256"] = hashlib.sha256(run.model.read_bytes()).hexdigest()
         if (run.evaluation() / METRICS_FILE).is_file():
             metrics = read_metrics(run.evaluation())
             identity["test_metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auroc")}
@@ -139,7 +143,7 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null).
@@ -178,7 +182,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None, max_upload_mb: f
         if with_explanation:
             # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
             answer["image"] = png_data_url(image)
-            answer["gradcam"] = explain(image, predicted)
+            if isinstance(predictor, Predictor):  # Grad-CAM needs the Keras model, which an export does not carry
+                answer["gradcam"] = explain(image, predicted)
         return answer
 
     async def run_prediction(request: Request, upload: UploadFile, with_explanation: bool) -> dict:
@@ -247,8 +252,11 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
     idle keep-alive connections close after 5 s."""
     import uvicorn
 
-    run = RunDir.open(model)
-    app = create_app(Predictor.load(run.model, cache_dir=cache_dir), run, max_upload_mb, max_pending, refuse_ood,
-                     read_timeout, api_docs)
+    if Path(model).suffix == EXPORT_SUFFIX:  # an export: no TensorFlow, no Grad-CAM
+        predictor, run = LitePredictor.load(model), None
+    else:
+        run = RunDir.open(model)
+        predictor = Predictor.load(run.model, cache_dir=cache_dir)
+    app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=5)

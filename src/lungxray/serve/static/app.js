@@ -22,7 +22,8 @@ async function classify(file) {
 function show(file, answer) {
   // The image as the model saw it (decoded, cropped, resized): browsers cannot show DICOM.
   $("preview").src = answer.image;
-  $("heatmap").src = answer.gradcam;
+  $("heatmap").src = answer.gradcam || "";
+  $("toggle").disabled = !answer.gradcam;  // an exported model carries no Grad-CAM
   const ood = Boolean(answer.ood && answer.ood.flag);
   $("ood").hidden = !ood;
   $("ood").textContent = ood ? "This image does not look like the chest X-rays the model was trained on " +
@@ -47,7 +48,7 @@ function show(file, answer) {
 }
 
 function toggle() {
-  const on = $("toggle").checked;
+  const on = $("toggle").checked && !$("toggle").disabled;
   $("heatmap").hidden = !on;
   $("preview").hidden = on;
 }
