@@ -87,3 +87,24 @@ def test_serve_from_an_export(run, exported):  # noqa: F811
     assert answer["predicted"] in {"covid", "normal", "pneumonia"} and "ood" in answer
     assert answer["image"].startswith("data:image/png") and "gradcam" not in answer
     assert len(client.get("/api/model").json()["sha256"]) == 64
+
+
+SERVE_WITHOUT_TENSORFLOW = """
+import sys
+for name in ("tensorflow", "keras", "tf_keras"):
+    sys.modules[name] = None
+from fastapi.testclient import TestClient
+from lungxray.lite import LitePredictor
+from lungxray.serve import create_app
+client = TestClient(create_app(LitePredictor.load(sys.argv[1])))
+response = client.post("/api/predict", files={"file": ("x.png", open(sys.argv[2], "rb").read(), "image/png")})
+assert response.status_code == 200, response.text
+print(response.json()["predicted"])
+"""
+
+
+def test_serve_an_export_without_tensorflow(run, exported):  # noqa: F811
+    image = sorted((run[1] / "test" / "covid").iterdir())[0]
+    result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TENSORFLOW, str(exported.path), str(image)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() in {"covid", "normal", "pneumonia"}, result.stderr[-3000:]

@@ -18,6 +18,8 @@ import os
 import threading
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import anyio
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
@@ -29,9 +31,11 @@ from PIL import Image
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
 from lungxray.lite import EXPORT_SUFFIX, LitePredictor
-from lungxray.predict import Predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
+
+if TYPE_CHECKING:  # a server for an export runs without TensorFlow, which the Keras predictor imports
+    from lungxray.predict import Predictor
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -143,8 +147,8 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
+def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null).
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
@@ -182,7 +186,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None, 
         if with_explanation:
             # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
             answer["image"] = png_data_url(image)
-            if isinstance(predictor, Predictor):  # Grad-CAM needs the Keras model, which an export does not carry
+            if hasattr(predictor, "model"):  # Grad-CAM needs the Keras model, which an export does not carry
                 answer["gradcam"] = explain(image, predicted)
         return answer
 
@@ -255,6 +259,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
     if Path(model).suffix == EXPORT_SUFFIX:  # an export: no TensorFlow, no Grad-CAM
         predictor, run = LitePredictor.load(model), None
     else:
+        from lungxray.predict import Predictor
+
         run = RunDir.open(model)
         predictor = Predictor.load(run.model, cache_dir=cache_dir)
     app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs)
