@@ -1,8 +1,8 @@
-"""Prediction speed: the Keras run against its LiteRT export, in one run, decode included.
+"""Prediction speed: the Keras run against its LiteRT and ONNX exports, in one run, decode included.
 
     python benchmarks/inference.py --model RUN_DIR [--images ../shared/cxr/test] [--n 1000]
 
-Exports the run if RUN/export/model.tflite is missing. Rows: batch prediction from JPEG files on
+Exports the run where RUN/export/model.tflite or model.onnx is missing. Rows: batch prediction from JPEG files on
 disk (images/s; the Keras predictor with an empty feature cache, so that nothing is read back),
 single-image latency on a decoded image (p50/p99 over 500 calls), and `lungxray predict one.jpg`
 as a whole process (median of 5).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.export import export_model
-from lungxray.lite import LitePredictor
+from lungxray.lite import EXPORT_SUFFIXES, LitePredictor
 from lungxray.predict import Predictor
 
 
@@ -58,15 +58,16 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=Path("../shared/cxr/test"))
     parser.add_argument("--n", type=int, default=1000)
     args = parser.parse_args()
-    exported = args.model / "export" / "model.tflite"
-    if not exported.is_file():
-        export_model(args.model)
+    exports = {fmt: args.model / "export" / f"model{suffix}" for fmt, suffix in EXPORT_SUFFIXES.items()}
+    for fmt, path in exports.items():
+        if not path.is_file():
+            export_model(args.model, path, fmt=fmt)
     files = sorted(args.images.rglob("*.jpg"))[: args.n]
     with tempfile.TemporaryDirectory() as cache:
         keras_side = Predictor.load(args.model, cache_dir=Path(cache))
-        lite_side = LitePredictor.load(exported)
-        image = lite_side.read(files[0])
-        rows = [("Keras run (LiteRT backbone, Keras head)", keras_side, args.model), ("LiteRT export", lite_side, exported)]
+        image = keras_side.read(files[0])
+        rows = [("Keras run (LiteRT backbone, Keras head)", keras_side, args.model)]
+        rows += [(f"{fmt} export", LitePredictor.load(path), path) for fmt, path in exports.items()]
         print(f"| predictor | batch images/s ({len(files)} JPEGs) | latency p50 ms | p99 ms | `lungxray predict one.jpg` s |")
         print("|---|---|---|---|---|")
         for name, predictor, path in rows:

@@ -12,7 +12,7 @@ from lungxray import Predictor
 from lungxray.cli import main
 from lungxray.errors import WeightsError
 from lungxray.export import FLOAT_TOLERANCE, export_model
-from lungxray.lite import LitePredictor
+from lungxray.lite import LitePredictor, sidecar_paths
 from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 # Importing TensorFlow or Keras fails in this child, as in an install without them.
@@ -27,15 +27,19 @@ sys.exit(code)
 """
 
 
-@pytest.fixture(scope="module")
-def exported(run, tmp_path_factory):  # noqa: F811
+@pytest.fixture(scope="module", params=["litert", "onnx"])
+def exported(run, tmp_path_factory, request):  # noqa: F811
     run_dir, _, cache = run
-    return export_model(run_dir, tmp_path_factory.mktemp("export") / "model.tflite", cache_dir=cache)
+    suffix = {"litert": ".tflite", "onnx": ".onnx"}[request.param]
+    return export_model(run_dir, tmp_path_factory.mktemp("export") / f"model{suffix}", cache_dir=cache,
+                        fmt=request.param)
 
 
 def test_export_writes_the_model_its_sidecar_and_gate_and_checks_them(exported):
-    assert exported.path.is_file() and exported.path.with_suffix(".ood.npz").is_file()
-    info = json.loads(exported.path.with_suffix(".json").read_text())
+    info_path, gate_path = sidecar_paths(exported.path)
+    assert exported.path.is_file() and gate_path.is_file() and info_path.name == exported.path.name + ".json"
+    info = json.loads(info_path.read_text())
+    assert info["format"] == {".tflite": "litert", ".onnx": "onnx"}[exported.path.suffix]
     assert info["classes"] == ["covid", "normal", "pneumonia"] and info["input"]["size"] == 32
     assert info["parity"]["images"] == 24 and info["parity"]["label_agreement"] == 1.0
     assert info["parity"]["max_abs_difference"] <= FLOAT_TOLERANCE and info["training_data_fingerprint"]
@@ -94,7 +98,7 @@ import sys
 for name in ("tensorflow", "keras", "tf_keras"):
     sys.modules[name] = None
 from fastapi.testclient import TestClient
-from lungxray.lite import LitePredictor
+from lungxray.lite import LitePredictor, sidecar_paths
 from lungxray.serve import create_app
 client = TestClient(create_app(LitePredictor.load(sys.argv[1])))
 response = client.post("/api/predict", files={"file": ("x.png", open(sys.argv[2], "rb").read(), "image/png")})

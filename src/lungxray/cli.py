@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=run_evaluate)
 
     predict = commands.add_parser("predict", help="class probabilities for images")
-    predict.add_argument("--model", required=True,
-                         help="run folder, .keras file, or a .tflite file from `lungxray export` (no TensorFlow needed)")
+    predict.add_argument("--model", required=True, help="run folder, .keras file, or a .tflite or .onnx file from "
+                                                        "`lungxray export` (no TensorFlow needed)")
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=run_predict)
 
     serve = commands.add_parser("serve", help="REST API and web page for a trained model")
-    serve.add_argument("--model", required=True, help="run folder, .keras file or exported .tflite file")
+    serve.add_argument("--model", required=True, help="run folder, .keras file or exported .tflite or .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")
@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache", help="feature cache folder")
     serve.set_defaults(run=run_serve)
 
-    export = commands.add_parser("export", help="the whole model as one LiteRT file, checked against Keras")
+    export = commands.add_parser("export", help="the whole model as one LiteRT or ONNX file, checked against Keras")
     export.add_argument("--model", required=True, help="run folder or .keras file")
-    export.add_argument("--out", help="the .tflite file to write (default: RUN/export/model.tflite)")
+    export.add_argument("--format", choices=["litert", "onnx"], default="litert", help="(default: litert)")
+    export.add_argument("--out", help="the file to write (default: RUN/export/model.tflite or .onnx)")
     export.add_argument("--data", help="images to check the export on (default: the run's validation split)")
     export.add_argument("--sample", type=int, default=200, help="how many images to check it on (default: 200)")
     export.add_argument("--cache", help="feature cache folder")
@@ -243,9 +244,9 @@ def run_predict(args) -> int:
 
 def load_predictor(model: str, cache: Path | None):
     """An exported .tflite model runs without TensorFlow; anything else is a Keras run."""
-    from lungxray.lite import EXPORT_SUFFIX
+    from lungxray.lite import is_export
 
-    if Path(model).suffix == EXPORT_SUFFIX:
+    if is_export(model):
         from lungxray.lite import LitePredictor
 
         return LitePredictor.load(model)
@@ -257,9 +258,9 @@ def load_predictor(model: str, cache: Path | None):
 def run_export(args) -> int:
     from lungxray.export import export_model
 
-    result = export_model(args.model, args.out, args.data, args.sample, _cache(args))
+    result = export_model(args.model, args.out, args.data, args.sample, _cache(args), args.format)
     parity = result.parity
-    print(f"exported: {result.path} (with {result.path.with_suffix('.json').name}); checked on {parity['images']} "
+    print(f"exported: {result.path} (and its .json and .ood.npz); checked on {parity['images']} "
           f"images: largest probability difference {parity['max_abs_difference']:.2e} (tolerance "
           f"{parity['tolerance']:.0e}), same class for {parity['label_agreement']:.1%}")
     return 0

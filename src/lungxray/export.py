@@ -1,13 +1,13 @@
 """Take a model anywhere: `lungxray export` writes the whole network (backbone and head) as one
-LiteRT file, with a sidecar that carries everything needed to use it correctly (classes, input
+LiteRT (or ONNX) file, with a sidecar that carries everything needed to use it correctly (classes, input
 contract, calibration temperature, provenance) and the out-of-distribution gate beside it, then
 checks the exported model against the Keras model on real images and refuses to leave a file that
 disagrees.
 
-    RUN/export/model.tflite      inputs: (1, size, size, 3) float32 RGB in [0, 255]
-                                 outputs: softmax probabilities (before temperature), backbone features
-    RUN/export/model.json        classes, input contract, temperature, parity, provenance
-    RUN/export/model.ood.npz     the gate (Mahalanobis on the features output)
+    RUN/export/model.tflite          inputs: (1, size, size, 3) float32 RGB in [0, 255] (ONNX: a batch)
+                                     outputs: softmax probabilities (before temperature), backbone features
+    RUN/export/model.tflite.json     classes, input contract, temperature, parity, provenance
+    RUN/export/model.tflite.ood.npz  the gate (Mahalanobis on the features output)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lungxray import __version__
 from lungxray.data.records import load_dataset
 from lungxray.errors import DataError, WeightsError
 from lungxray.io import atomic_path, write_json
-from lungxray.lite import LitePredictor, sidecar_paths
+from lungxray.lite import EXPORT_SUFFIXES, LitePredictor, sidecar_paths
 from lungxray.predict import Predictor
 from lungxray.rundir import RunDir
 
@@ -40,19 +40,23 @@ class ExportResult:
 
 
 def export_model(model: str | Path, out: str | Path | None = None, data: str | Path | None = None,
-                 sample_size: int = SAMPLE_SIZE, cache_dir: Path | None = None) -> ExportResult:
-    """Export a run's model to LiteRT, then check it on `sample_size` validation images (from the
-    run's data.csv, or `data`)."""
+                 sample_size: int = SAMPLE_SIZE, cache_dir: Path | None = None, fmt: str = "litert") -> ExportResult:
+    """Export a run's model to `fmt` (litert or onnx), then check it on `sample_size` validation
+    images (from the run's data.csv, or `data`)."""
+    if fmt not in EXPORT_SUFFIXES:
+        raise WeightsError(f"unknown export format {fmt!r}; formats are {sorted(EXPORT_SUFFIXES)}")
     run = RunDir.open(model)
     predictor = Predictor.load(run.model, runtime="keras", cache_dir=cache_dir)
     if predictor.crop is not None:
         raise WeightsError("a model trained with crop=lungs cannot be exported yet: its lung segmenter would "
                            "have to travel with it")
     sample = parity_sample(run, data, sample_size)
-    out = Path(out) if out else run.path("export") / "model.tflite"
-    write_litert(predictor.model, out)
+    out = Path(out) if out else run.path("export") / f"model{EXPORT_SUFFIXES[fmt]}"
+    if out.suffix != EXPORT_SUFFIXES[fmt]:
+        raise WeightsError(f"a {fmt} export is a {EXPORT_SUFFIXES[fmt]} file, not {out.name}")
+    write_exported(predictor.model, out, fmt)
     info_path, gate_path = sidecar_paths(out)
-    write_json(info_path, sidecar(predictor))
+    write_json(info_path, sidecar(predictor, fmt))
     if predictor.ood is not None:
         predictor.ood.save(gate_path)
     parity = check_parity(predictor, LitePredictor.load(out), sample)
@@ -61,27 +65,28 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
             path.unlink(missing_ok=True)
         raise WeightsError(f"the exported model disagrees with the Keras model by {parity['max_abs_difference']:.2e} "
                            f"(tolerance {FLOAT_TOLERANCE:.0e}); nothing was written")
-    write_json(info_path, {**sidecar(predictor), "parity": parity})
+    write_json(info_path, {**sidecar(predictor, fmt), "parity": parity})
     return ExportResult(out, parity)
 
 
-def write_litert(network: keras.Model, out: Path) -> None:
+def write_exported(network: keras.Model, out: Path, fmt: str) -> None:
     """The network with a second output, the backbone's features, which the gate reads."""
     backbone, head = network.get_layer("backbone"), network.get_layer("head")
     image = keras.Input(backbone.input_shape[1:], name="image")
     features = backbone(image)
     both = keras.Model(image, [head(features), features], name="lungxray_export")
+    both(np.zeros((1, *backbone.input_shape[1:]), np.float32))  # the ONNX exporter wants a model that has run
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
     with atomic_path(out) as temporary:
-        both.export(str(temporary), format="litert", verbose=False)
+        both.export(str(temporary), format=fmt, verbose=False)
 
 
-def sidecar(predictor: Predictor) -> dict:
+def sidecar(predictor: Predictor, fmt: str) -> dict:
     hashes = "".join(sorted(predictor.train_hashes or []))
     return {
-        "format": "litert", "lungxray_version": __version__, "classes": predictor.classes,
+        "format": fmt, "lungxray_version": __version__, "classes": predictor.classes,
         "input": {"size": predictor.image_size, "channels": 3, "dtype": "float32", "range": [0, 255],
                   "order": "RGB", "resize": predictor.interpolation, "intensity": predictor.intensity},
         "outputs": ["probabilities (softmax, before temperature scaling)", "backbone features"],

@@ -22,7 +22,7 @@ from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
-from lungxray.litert import InterpreterPool, litert_available
+from lungxray.runtimes import InterpreterPool, litert_available
 from lungxray.model import model_fingerprint
 from lungxray.parallel import bounded_map, progress
 
@@ -35,7 +35,7 @@ class ModelRuntime:
     """Runs a frozen Keras model (the backbone, on RGB images in [0, 255]; the lung segmenter) on
     batches of images. `keras` is the reference; `litert` (LiteRT with XNNPACK) computes the same
     function ~4x faster on CPU, within ~1e-4 (tests check), on a pool of interpreters
-    (`lungxray.litert.InterpreterPool`) that any thread may borrow from."""
+    (`lungxray.runtimes.InterpreterPool`) that any thread may borrow from."""
 
     def __init__(self, model: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
         if runtime == "auto":

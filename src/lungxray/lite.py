@@ -1,8 +1,8 @@
-"""Prediction without TensorFlow: a model exported by `lungxray export` (LiteRT), its sidecar
-(classes, input contract, temperature) and its out-of-distribution gate, run with ai-edge-litert,
-NumPy, Pillow and pydicom alone (`pip install lungxray[lite]`).
+"""Prediction without TensorFlow: a model exported by `lungxray export` (LiteRT or ONNX), its
+sidecar (classes, input contract, temperature) and its out-of-distribution gate, run with
+ai-edge-litert or onnxruntime, NumPy, Pillow and pydicom alone.
 
-    predictor = LitePredictor.load("model.tflite")
+    predictor = LitePredictor.load("model.tflite")   # or model.onnx
     predictions = predictor.predict_files(["chest.dcm"])   # the same Predictions as Predictor's
 
 Images are read exactly as for training (`read_image`: DICOM, resize, intensity normalisation).
@@ -18,17 +18,21 @@ import numpy as np
 from lungxray.calibration import apply_temperature
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError, WeightsError
-from lungxray.litert import InterpreterPool, litert_available
+from lungxray.runtimes import InterpreterPool, OnnxSession, litert_available
 from lungxray.ood import OutOfDistribution
 from lungxray.parallel import bounded_map, progress
 from lungxray.predictions import Predictions
 
-EXPORT_SUFFIX = ".tflite"
+EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
+
+
+def is_export(path: str | Path) -> bool:
+    return Path(path).suffix in EXPORT_SUFFIXES.values()
 
 
 def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
-    """`model.tflite` → (`model.json`, `model.ood.npz`)."""
-    return model_path.with_suffix(".json"), model_path.with_suffix(".ood.npz")
+    """`model.tflite` → (`model.tflite.json`, `model.tflite.ood.npz`): two formats side by side keep theirs."""
+    return model_path.with_name(model_path.name + ".json"), model_path.with_name(model_path.name + ".ood.npz")
 
 
 class LitePredictor:
@@ -39,7 +43,7 @@ class LitePredictor:
         self.image_size, self.interpolation = contract["size"], contract["resize"]
         self.intensity = contract.get("intensity", "none")
         self.temperature = float(info.get("temperature", 1.0))
-        self.pool = InterpreterPool(self.model_path)
+        self.pool = OnnxSession(self.model_path) if self.model_path.suffix == ".onnx" else InterpreterPool(self.model_path)
         shapes = self.pool.output_shapes
         # Which output is which, by shape: the probabilities have one value per class.
         self._probabilities = next(i for i, shape in enumerate(shapes) if shape == (len(self.classes),))
@@ -48,10 +52,10 @@ class LitePredictor:
     @classmethod
     def load(cls, path: str | Path) -> "LitePredictor":
         path = Path(path)
-        if path.suffix != EXPORT_SUFFIX or not path.is_file():
-            raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a {EXPORT_SUFFIX} file")
-        if not litert_available():
-            raise WeightsError("running an exported model needs ai-edge-litert: pip install 'lungxray[lite]'")
+        if not is_export(path) or not path.is_file():
+            raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a .tflite or .onnx file")
+        if path.suffix == ".tflite" and not litert_available():
+            raise WeightsError("running a LiteRT model needs ai-edge-litert: pip install ai-edge-litert")
         info_path, gate_path = sidecar_paths(path)
         if not info_path.is_file():
             raise WeightsError(f"{info_path} is missing: it holds the classes and input contract of {path}")

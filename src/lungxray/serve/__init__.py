@@ -30,7 +30,7 @@ from PIL import Image
 
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
-from lungxray.lite import EXPORT_SUFFIX, LitePredictor
+from lungxray.lite import LitePredictor, is_export
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
 
@@ -256,7 +256,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
     idle keep-alive connections close after 5 s."""
     import uvicorn
 
-    if Path(model).suffix == EXPORT_SUFFIX:  # an export: no TensorFlow, no Grad-CAM
+    if is_export(model):  # an export: no TensorFlow, no Grad-CAM
         predictor, run = LitePredictor.load(model), None
     else:
         from lungxray.predict import Predictor
