@@ -112,3 +112,15 @@ def test_serve_an_export_without_tensorflow(run, exported):  # noqa: F811
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TENSORFLOW, str(exported.path), str(image)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() in {"covid", "normal", "pneumonia"}, result.stderr[-3000:]
+
+
+
+def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch):  # noqa: F811
+    import lungxray.export as export
+
+    run_dir, _, cache = run
+    monkeypatch.setattr(export, "FLOAT_TOLERANCE", -1.0)  # no export can pass
+    out = tmp_path / "model.tflite"
+    with pytest.raises(WeightsError, match="nothing was written"):
+        export_model(run_dir, out, cache_dir=cache, sample_size=4)
+    assert not list(tmp_path.iterdir())

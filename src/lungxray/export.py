@@ -28,7 +28,7 @@ from lungxray.predict import Predictor
 from lungxray.rundir import RunDir
 
 # Largest difference in any class probability between the exported and the Keras model on the
-# sample: LiteRT (XNNPACK) and TensorFlow order float32 operations differently.
+# sample: LiteRT (XNNPACK), onnxruntime and TensorFlow order float32 operations differently.
 FLOAT_TOLERANCE = 1e-4
 SAMPLE_SIZE = 200
 
@@ -54,22 +54,32 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
     out = Path(out) if out else run.path("export") / f"model{EXPORT_SUFFIXES[fmt]}"
     if out.suffix != EXPORT_SUFFIXES[fmt]:
         raise WeightsError(f"a {fmt} export is a {EXPORT_SUFFIXES[fmt]} file, not {out.name}")
-    write_exported(predictor.model, out, fmt)
     info_path, gate_path = sidecar_paths(out)
-    write_json(info_path, sidecar(predictor, fmt))
-    if predictor.ood is not None:
-        predictor.ood.save(gate_path)
-    parity = check_parity(predictor, LitePredictor.load(out), sample)
-    if parity["max_abs_difference"] > FLOAT_TOLERANCE:
+    try:
+        write_export(predictor, out, fmt)
+        parity = check_parity(predictor, LitePredictor.load(out), sample)
+        if parity["max_abs_difference"] > FLOAT_TOLERANCE:
+            raise WeightsError(f"the exported model disagrees with the Keras model by "
+                               f"{parity['max_abs_difference']:.2e} (tolerance {FLOAT_TOLERANCE:.0e}); nothing was written")
+    except BaseException:  # no half-checked export is left behind, whatever went wrong
         for path in (out, info_path, gate_path):
             path.unlink(missing_ok=True)
-        raise WeightsError(f"the exported model disagrees with the Keras model by {parity['max_abs_difference']:.2e} "
-                           f"(tolerance {FLOAT_TOLERANCE:.0e}); nothing was written")
+        raise
     write_json(info_path, {**sidecar(predictor, fmt), "parity": parity})
     return ExportResult(out, parity)
 
 
-def write_exported(network: keras.Model, out: Path, fmt: str) -> None:
+def write_export(predictor: Predictor, out: Path, fmt: str) -> None:
+    """The model file, its sidecar (parity still to come) and its gate."""
+    with atomic_path(out) as temporary:
+        with_features(predictor.model).export(str(temporary), format=fmt, verbose=False)
+    info_path, gate_path = sidecar_paths(out)
+    write_json(info_path, sidecar(predictor, fmt))
+    if predictor.ood is not None:
+        predictor.ood.save(gate_path)
+
+
+def with_features(network: keras.Model) -> keras.Model:
     """The network with a second output, the backbone's features, which the gate reads."""
     backbone, head = network.get_layer("backbone"), network.get_layer("head")
     image = keras.Input(backbone.input_shape[1:], name="image")
@@ -78,9 +88,8 @@ def write_exported(network: keras.Model, out: Path, fmt: str) -> None:
     both(np.zeros((1, *backbone.input_shape[1:]), np.float32))  # the ONNX exporter wants a model that has run
     import tensorflow as tf
 
-    tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
-    with atomic_path(out) as temporary:
-        both.export(str(temporary), format=fmt, verbose=False)
+    tf.get_logger().setLevel("ERROR")  # the exporters log every asset they write
+    return both
 
 
 def sidecar(predictor: Predictor, fmt: str) -> dict:
