@@ -147,3 +147,11 @@ def test_non_radiographs_are_named_and_nothing_prints_a_traceback(trained_run, c
     assert errors["mr.dcm"].startswith("MR image (DICOM Modality MR), not a chest radiograph")
     assert errors["ct.dcm"].startswith("CT image") and "DICOM" in errors["broken.dcm"]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("ratios", ["0.5,0.5", "a,b,c", "0.5,0.4,0.4"])
+def test_bad_split_ratios_give_one_line(trained_run, capsys, tmp_path, ratios):
+    _, data, _ = trained_run
+    assert main(["data", "split", str(data), "--out", str(tmp_path / "s.csv"), "--ratios", ratios]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ratios" in err and len(err.splitlines()) == 1

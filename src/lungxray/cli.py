@@ -321,7 +321,7 @@ def run_split(args) -> int:
     try:
         ratios = check_ratios(args.ratios.split(","))
     except ValueError:
-        raise ValueError(f"--ratios {args.ratios}: give three numbers summing to 1, such as 0.7,0.2,0.1") from None
+        raise ConfigError(f"--ratios {args.ratios}: give three numbers summing to 1, such as 0.7,0.2,0.1") from None
     dataset = leakage_free_split(load_dataset(args.data), ratios, args.seed, args.group_by, args.dedupe)
     out = Path(args.out)
     out = out if out.suffix.lower() == ".csv" else out / "split.csv"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -144,7 +144,7 @@ def _records_from_csv(csv_path: Path) -> list[Record]:
 def check_ratios(ratios) -> tuple[float, float, float]:
     ratios = tuple(float(r) for r in ratios)
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-        raise ValueError(f"split ratios {ratios} must be three non-negative numbers summing to 1, e.g. 0.7,0.2,0.1")
+        raise ConfigError(f"split ratios {ratios} must be three non-negative numbers summing to 1, e.g. 0.7,0.2,0.1")
     return ratios
 
 
