@@ -25,7 +25,7 @@ LAYERS = [
     {"model", "ood"},
     {"features", "lite"},
     {"lungs", "predict", "probe"},
-    {"engines"},
+    {"engines", "loader"},
     {"evaluate", "explain", "export"},
     {"report", "training", "serve"},
     {"cli", "__init__"},

@@ -224,6 +224,8 @@ def run_predict(args) -> int:
             files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             files.append(item)
+    from lungxray.loader import load_predictor
+
     predictor = load_predictor(args.model, _cache(args))
     predictions = predictor.predict_files(files)
     rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
@@ -240,19 +242,6 @@ def run_predict(args) -> int:
         written = explain_files(predictor, files, predictions.probabilities, Path(args.explain))
         print(f"{len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
     return 1 if predictions.errors and len(predictions.errors) == len(files) else 0
-
-
-def load_predictor(model: str, cache: Path | None):
-    """An exported .tflite model runs without TensorFlow; anything else is a Keras run."""
-    from lungxray.lite import is_export
-
-    if is_export(model):
-        from lungxray.lite import LitePredictor
-
-        return LitePredictor.load(model)
-    from lungxray.predict import Predictor
-
-    return Predictor.load(model, cache_dir=cache)
 
 
 def run_export(args) -> int:

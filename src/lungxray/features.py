@@ -22,9 +22,9 @@ from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError
 from lungxray.io import atomic_path, write_json
-from lungxray.runtimes import InterpreterPool, litert_available
 from lungxray.model import model_fingerprint
 from lungxray.parallel import bounded_map, progress
+from lungxray.runtimes import InterpreterPool, litert_available
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
 VIEWS = ("orig", "flip")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.calibration import apply_temperature
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError, WeightsError
 from lungxray.runtimes import InterpreterPool, OnnxSession, litert_available
@@ -68,7 +67,8 @@ class LitePredictor:
     def predict_images(self, images) -> Predictions:
         """Predictions for uint8 RGB images already at the model's input size."""
         outputs = self.pool(images)
-        return self._predictions(outputs[self._probabilities], outputs[self._features], [], [None] * len(images))
+        return Predictions.from_outputs(outputs[self._probabilities], outputs[self._features], self.temperature,
+                                        self.ood, [], [None] * len(images))
 
     def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
         n, dim = len(paths), self.pool.output_shapes[self._features][0]
@@ -88,9 +88,4 @@ class LitePredictor:
                 errors.append(error)
             else:
                 raw[index], features[index] = outputs[self._probabilities][0], outputs[self._features][0]
-        return self._predictions(raw, features, errors, [None] * n)
-
-    def _predictions(self, raw, features, errors, hashes) -> Predictions:
-        scores = self.ood.score(features) if self.ood else None
-        flags = scores > self.ood.threshold if self.ood else None
-        return Predictions(apply_temperature(raw, self.temperature), raw, features, scores, flags, errors, hashes)
+        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, [None] * n)

@@ -16,6 +16,7 @@ import numpy as np
 
 from lungxray.errors import WeightsError
 
+
 def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max") -> keras.Model:
     """MobileNetV3Small without its top, frozen. It takes RGB in [0, 255] (it rescales itself).
 

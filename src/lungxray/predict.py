@@ -85,9 +85,7 @@ class Predictor:
 
     def _predictions(self, features: np.ndarray, errors, hashes) -> Predictions:
         raw = self.predict_features(features, calibrated=False)
-        scores = self.ood.score(features) if self.ood else None
-        flags = scores > self.ood.threshold if self.ood else None
-        return Predictions(apply_temperature(raw, self.temperature), raw, features, scores, flags, errors, hashes)
+        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, hashes)
 
     def predict_features(self, features: np.ndarray, calibrated: bool = True) -> np.ndarray:
         probabilities = head_probabilities(self._head, features, len(self.classes))

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from lungxray.calibration import apply_temperature
 from lungxray.errors import ImageError
 
 OOD_NOTE = ("unlike the chest X-rays the model was trained on (out-of-distribution score above the gate's "
@@ -26,6 +27,14 @@ class Predictions:
     ood: np.ndarray | None
     errors: list[ImageError]
     hashes: list[str | None]
+
+    @classmethod
+    def from_outputs(cls, raw: np.ndarray, features: np.ndarray, temperature: float, ood, errors: list[ImageError],
+                     hashes: list[str | None]) -> "Predictions":
+        """Calibrate the head's softmax outputs and score the features with the gate (`ood`, or None)."""
+        scores = ood.score(features) if ood else None
+        flags = scores > ood.threshold if ood else None
+        return cls(apply_temperature(raw, temperature), raw, features, scores, flags, errors, hashes)
 
 
 def prediction_rows(predictions: Predictions, files: list, classes: list[str], refuse_ood: bool = False) -> list[dict]:

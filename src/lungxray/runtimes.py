@@ -25,9 +25,13 @@ def litert_available() -> bool:
 
 class InterpreterPool:
     def __init__(self, model_path: Path, size: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
         self._free: queue.Queue = queue.Queue()
         for _ in range(size or os.cpu_count() or 1):
-            self._free.put(_interpreter(model_path))
+            interpreter = Interpreter(model_path=str(model_path), num_threads=1)
+            interpreter.allocate_tensors()
+            self._free.put(interpreter)
         interpreter = self._free.queue[0]
         self.input_shape = tuple(interpreter.get_input_details()[0]["shape"][1:])
         self.output_shapes = [tuple(d["shape"][1:]) for d in interpreter.get_output_details()]
@@ -46,14 +50,6 @@ class InterpreterPool:
             return outputs
         finally:
             self._free.put(interpreter)
-
-
-def _interpreter(model_path: Path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(model_path), num_threads=1)
-    interpreter.allocate_tensors()
-    return interpreter
 
 
 class OnnxSession:

@@ -31,6 +31,7 @@ from PIL import Image
 from lungxray.errors import ImageError
 from lungxray.evaluate.schema import METRICS_FILE, read_metrics
 from lungxray.lite import LitePredictor, is_export
+from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
 
@@ -256,13 +257,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
     idle keep-alive connections close after 5 s."""
     import uvicorn
 
-    if is_export(model):  # an export: no TensorFlow, no Grad-CAM
-        predictor, run = LitePredictor.load(model), None
-    else:
-        from lungxray.predict import Predictor
-
-        run = RunDir.open(model)
-        predictor = Predictor.load(run.model, cache_dir=cache_dir)
+    run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
+    predictor = load_predictor(run.model if run else model, cache_dir)
     app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=5)
