@@ -1,7 +1,10 @@
-"""`lungxray export`: one LiteRT file with its sidecar and gate, checked against Keras at export,
-and prediction from it in a process where TensorFlow cannot be imported."""
+"""`lungxray export`: one LiteRT or ONNX file (or a SavedModel folder) with its sidecar and gate,
+checked against Keras at export, prediction from it in a process where TensorFlow cannot be
+imported, and `--runtime` choosing an export for a run folder."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -114,13 +117,53 @@ def test_serve_an_export_without_tensorflow(run, exported):  # noqa: F811
     assert result.returncode == 0 and result.stdout.strip() in {"covid", "normal", "pneumonia"}, result.stderr[-3000:]
 
 
-
-def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("name", ["model.tflite", "model.savedmodel"])
+def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch, name):  # noqa: F811
     import lungxray.export as export
 
     run_dir, _, cache = run
     monkeypatch.setattr(export, "FLOAT_TOLERANCE", -1.0)  # no export can pass
-    out = tmp_path / "model.tflite"
+    out = tmp_path / name
     with pytest.raises(WeightsError, match="nothing was written"):
-        export_model(run_dir, out, cache_dir=cache, sample_size=4)
+        export_model(run_dir, out, cache_dir=cache, sample_size=4, fmt="savedmodel" if name.endswith("savedmodel") else "litert")
     assert not list(tmp_path.iterdir())
+
+
+def test_savedmodel_export_matches_keras(run, tmp_path):  # noqa: F811
+    run_dir, data, cache = run
+    result = export_model(run_dir, tmp_path / "model.savedmodel", cache_dir=cache, fmt="savedmodel", sample_size=8)
+    assert (result.path / "saved_model.pb").is_file() and result.parity["label_agreement"] == 1.0
+    info_path, gate_path = sidecar_paths(result.path)
+    assert json.loads(info_path.read_text())["format"] == "savedmodel" and gate_path.is_file()
+    files = sorted(data.rglob("*.png"))[:10]
+    keras_side = Predictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
+    np.testing.assert_allclose(LitePredictor.load(result.path).predict_files(files).probabilities,
+                               keras_side.probabilities, atol=FLOAT_TOLERANCE)
+
+
+def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):  # noqa: F811
+    run_dir, data, cache = run
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    images = [str(p) for p in sorted((data / "test").rglob("*.png"))[:4]]
+
+    def predicted(runtime: str) -> list[dict]:
+        assert main(["predict", "--model", str(copy), "--runtime", runtime, "--format", "json",
+                     "--cache", str(cache), *images]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    keras_rows = predicted("keras")
+    lite_rows = predicted("litert")
+    exported = copy / "export" / "model.tflite"
+    assert exported.is_file() and (copy / "export" / "model.tflite.json").is_file()
+    for keras_row, lite_row in zip(keras_rows, lite_rows):
+        assert lite_row["predicted"] == keras_row["predicted"]
+        assert all(abs(lite_row["probabilities"][c] - keras_row["probabilities"][c]) <= FLOAT_TOLERANCE
+                   for c in ("covid", "normal", "pneumonia"))
+    made = exported.stat().st_mtime_ns
+    predicted("litert")
+    assert exported.stat().st_mtime_ns == made  # reused, not exported again
+    os.utime(copy / "model.keras", ns=(made + 10**9, made + 10**9))  # a newer model: exported again
+    predicted("litert")
+    assert exported.stat().st_mtime_ns > made
+    assert main(["predict", "--model", str(exported), "--runtime", "onnx", *images]) == 2
+    assert "runs in its own runtime" in capsys.readouterr().err

@@ -25,8 +25,8 @@ LAYERS = [
     {"model", "ood"},
     {"features", "lite"},
     {"lungs", "predict", "probe"},
-    {"engines", "loader"},
-    {"evaluate", "explain", "export"},
+    {"engines"},
+    {"evaluate", "explain", "export", "loader"},
     {"report", "training", "serve"},
     {"cli", "__init__"},
 ]

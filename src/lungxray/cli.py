@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lungxray.config import PRESETS, Config
 from lungxray.errors import ConfigError, LungxrayError
+from lungxray.loader import RUNTIMES
 from lungxray.rundir import RunDir
 
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
     predict.add_argument("--refuse-ood", action="store_true",
                          help="withhold the class of images the out-of-distribution gate flags")
+    predict.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                         help="for a run folder: keras, or its LiteRT or ONNX export (made and checked on first "
+                              "use); auto: Keras with the backbone in LiteRT, or an export's own (default: auto)")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
@@ -86,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an upload may stall before it is cut off with 408 (default: 10)")
     serve.add_argument("--api-docs", action="store_true",
                        help="serve the interactive API docs at /docs (they load a script from a CDN)")
+    serve.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     serve.add_argument("--cache", help="feature cache folder")
     serve.set_defaults(run=run_serve)
 
-    export = commands.add_parser("export", help="the whole model as one LiteRT or ONNX file, checked against Keras")
+    export = commands.add_parser("export", help="the whole model as one LiteRT, ONNX or SavedModel export, "
+                                                "checked against Keras")
     export.add_argument("--model", required=True, help="run folder or .keras file")
-    export.add_argument("--format", choices=["litert", "onnx"], default="litert", help="(default: litert)")
-    export.add_argument("--out", help="the file to write (default: RUN/export/model.tflite or .onnx)")
+    export.add_argument("--format", choices=["litert", "onnx", "savedmodel"], default="litert",
+                        help="(default: litert)")
+    export.add_argument("--out", help="where to write it (default: RUN/export/model.tflite, .onnx or .savedmodel)")
     export.add_argument("--data", help="images to check the export on (default: the run's validation split)")
     export.add_argument("--sample", type=int, default=200, help="how many images to check it on (default: 200)")
     export.add_argument("--cache", help="feature cache folder")
@@ -226,7 +233,7 @@ def run_predict(args) -> int:
             files.append(item)
     from lungxray.loader import load_predictor
 
-    predictor = load_predictor(args.model, _cache(args))
+    predictor = load_predictor(args.model, _cache(args), args.runtime)
     predictions = predictor.predict_files(files)
     rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
     print(format_predictions(rows, predictor.classes, args.format))
@@ -281,7 +288,7 @@ def run_serve(args) -> int:
 
     print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
     serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood, args.max_pending,
-          args.max_connections, args.read_timeout, args.api_docs)
+          args.max_connections, args.read_timeout, args.api_docs, args.runtime)
     return 0
 
 

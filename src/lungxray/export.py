@@ -1,10 +1,10 @@
 """Take a model anywhere: `lungxray export` writes the whole network (backbone and head) as one
-LiteRT (or ONNX) file, with a sidecar that carries everything needed to use it correctly (classes, input
+LiteRT or ONNX file (or a TensorFlow SavedModel folder), with a sidecar that carries everything needed to use it correctly (classes, input
 contract, calibration temperature, provenance) and the out-of-distribution gate beside it, then
 checks the exported model against the Keras model on real images and refuses to leave a file that
 disagrees.
 
-    RUN/export/model.tflite          inputs: (1, size, size, 3) float32 RGB in [0, 255] (ONNX: a batch)
+    RUN/export/model.tflite          inputs: (1, size, size, 3) float32 RGB in [0, 255] (ONNX, SavedModel: a batch)
                                      outputs: softmax probabilities (before temperature), backbone features
     RUN/export/model.tflite.json     classes, input contract, temperature, parity, provenance
     RUN/export/model.tflite.ood.npz  the gate (Mahalanobis on the features output)
@@ -22,7 +22,7 @@ import numpy as np
 from lungxray import __version__
 from lungxray.data.records import load_dataset
 from lungxray.errors import DataError, WeightsError
-from lungxray.io import atomic_path, write_json
+from lungxray.io import atomic_folder, atomic_path, remove, write_json
 from lungxray.lite import EXPORT_SUFFIXES, LitePredictor, sidecar_paths
 from lungxray.predict import Predictor
 from lungxray.rundir import RunDir
@@ -41,7 +41,7 @@ class ExportResult:
 
 def export_model(model: str | Path, out: str | Path | None = None, data: str | Path | None = None,
                  sample_size: int = SAMPLE_SIZE, cache_dir: Path | None = None, fmt: str = "litert") -> ExportResult:
-    """Export a run's model to `fmt` (litert or onnx), then check it on `sample_size` validation
+    """Export a run's model to `fmt` (litert, onnx or savedmodel), then check it on `sample_size` validation
     images (from the run's data.csv, or `data`)."""
     if fmt not in EXPORT_SUFFIXES:
         raise WeightsError(f"unknown export format {fmt!r}; formats are {sorted(EXPORT_SUFFIXES)}")
@@ -51,7 +51,7 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
         raise WeightsError("a model trained with crop=lungs cannot be exported yet: its lung segmenter would "
                            "have to travel with it")
     sample = parity_sample(run, data, sample_size)
-    out = Path(out) if out else run.path("export") / f"model{EXPORT_SUFFIXES[fmt]}"
+    out = Path(out) if out else run.export(EXPORT_SUFFIXES[fmt])
     if out.suffix != EXPORT_SUFFIXES[fmt]:
         raise WeightsError(f"a {fmt} export is a {EXPORT_SUFFIXES[fmt]} file, not {out.name}")
     info_path, gate_path = sidecar_paths(out)
@@ -63,7 +63,7 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
                                f"{parity['max_abs_difference']:.2e} (tolerance {FLOAT_TOLERANCE:.0e}); nothing was written")
     except BaseException:  # no half-checked export is left behind, whatever went wrong
         for path in (out, info_path, gate_path):
-            path.unlink(missing_ok=True)
+            remove(path)
         raise
     write_json(info_path, {**sidecar(predictor, fmt), "parity": parity})
     return ExportResult(out, parity)
@@ -71,8 +71,9 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
 
 def write_export(predictor: Predictor, out: Path, fmt: str) -> None:
     """The model file, its sidecar (parity still to come) and its gate."""
-    with atomic_path(out) as temporary:
-        with_features(predictor.model).export(str(temporary), format=fmt, verbose=False)
+    keras_format = {"savedmodel": "tf_saved_model"}.get(fmt, fmt)
+    with (atomic_folder if fmt == "savedmodel" else atomic_path)(out) as temporary:
+        with_features(predictor.model).export(str(temporary), format=keras_format, verbose=False)
     info_path, gate_path = sidecar_paths(out)
     write_json(info_path, sidecar(predictor, fmt))
     if predictor.ood is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,29 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """`atomic_path` for a folder (a SavedModel): a temporary folder beside `path` replaces it whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}"))
+    os.chmod(temporary, 0o755)
+    try:
+        yield temporary
+        remove(path)
+        os.replace(temporary, path)
+    finally:
+        remove(temporary)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

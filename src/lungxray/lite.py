@@ -1,6 +1,6 @@
-"""Prediction without TensorFlow: a model exported by `lungxray export` (LiteRT or ONNX), its
-sidecar (classes, input contract, temperature) and its out-of-distribution gate, run with
-ai-edge-litert or onnxruntime, NumPy, Pillow and pydicom alone.
+"""Prediction from a model exported by `lungxray export`, its sidecar (classes, input contract,
+temperature) and its out-of-distribution gate. LiteRT and ONNX exports run without TensorFlow, with
+ai-edge-litert or onnxruntime, NumPy, Pillow and pydicom alone; a SavedModel runs with TensorFlow.
 
     predictor = LitePredictor.load("model.tflite")   # or model.onnx
     predictions = predictor.predict_files(["chest.dcm"])   # the same Predictions as Predictor's
@@ -17,12 +17,13 @@ import numpy as np
 
 from lungxray.data.images import read_image
 from lungxray.errors import ImageError, WeightsError
-from lungxray.runtimes import InterpreterPool, OnnxSession, litert_available
+from lungxray.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
 from lungxray.ood import OutOfDistribution
 from lungxray.parallel import bounded_map, progress
 from lungxray.predictions import Predictions
 
-EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
+EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx", "savedmodel": ".savedmodel"}  # a SavedModel is a folder
+RUNNERS = {".tflite": InterpreterPool, ".onnx": OnnxSession, ".savedmodel": SavedModelRunner}
 
 
 def is_export(path: str | Path) -> bool:
@@ -42,7 +43,7 @@ class LitePredictor:
         self.image_size, self.interpolation = contract["size"], contract["resize"]
         self.intensity = contract.get("intensity", "none")
         self.temperature = float(info.get("temperature", 1.0))
-        self.pool = OnnxSession(self.model_path) if self.model_path.suffix == ".onnx" else InterpreterPool(self.model_path)
+        self.pool = RUNNERS[self.model_path.suffix](self.model_path)
         shapes = self.pool.output_shapes
         # Which output is which, by shape: the probabilities have one value per class.
         self._probabilities = next(i for i, shape in enumerate(shapes) if shape == (len(self.classes),))
@@ -51,8 +52,9 @@ class LitePredictor:
     @classmethod
     def load(cls, path: str | Path) -> "LitePredictor":
         path = Path(path)
-        if not is_export(path) or not path.is_file():
-            raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a .tflite or .onnx file")
+        if not is_export(path) or not path.exists():
+            raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a .tflite or .onnx file "
+                               "or a .savedmodel folder")
         if path.suffix == ".tflite" and not litert_available():
             raise WeightsError("running a LiteRT model needs ai-edge-litert: pip install ai-edge-litert")
         info_path, gate_path = sidecar_paths(path)

@@ -17,6 +17,8 @@ RUN/
   evaluation/           metrics.json (see evaluate.schema), plots, predictions.csv, report.html
   evaluation-external/  the same for a held-out source (--holdout-source)
   report.md             the run's summary, linking all of the above
+  export/               `lungxray export`: model.tflite, model.onnx or model.savedmodel/, each with
+                        its sidecar (FILE.json) and gate (FILE.ood.npz)
 ```
 A model can also be used from a bare `.keras` file with its `.json` beside it.
 """
@@ -28,7 +30,7 @@ import datetime
 from pathlib import Path
 
 from lungxray.errors import DataError, WeightsError
-from lungxray.io import atomic_path, read_json, write_json, write_text
+from lungxray.io import atomic_path, read_json, remove, write_json, write_text
 
 
 class RunDir:
@@ -45,6 +47,7 @@ class RunDir:
     EVALUATION = "evaluation"
     EXTERNAL_EVALUATION = "evaluation-external"
     REPORT = "report.md"
+    EXPORT = "export"
 
     def __init__(self, folder: str | Path, model_file: str | Path | None = None):
         self.folder = Path(folder)
@@ -67,7 +70,7 @@ class RunDir:
             raise DataError(f"{run.folder} holds no run to resume (no {run.CONFIG})")
         run.folder.mkdir(parents=True, exist_ok=True)
         for leftover in run.folder.rglob(".tmp-*"):
-            leftover.unlink()
+            remove(leftover)
         return run
 
     @classmethod
@@ -88,6 +91,10 @@ class RunDir:
     def model_info(self) -> Path:
         """The sidecar that travels with the model file: `model.keras` → `model.json`."""
         return self.model.with_suffix(".json")
+
+    def export(self, suffix: str) -> Path:
+        """Where `lungxray export` puts the model in the format with this suffix (".tflite"...)."""
+        return self.folder / self.EXPORT / f"model{suffix}"
 
     def checkpoint(self, holds: str) -> Path:
         """Where the best weights of a phase are kept: `holds` is "head" or "model"."""

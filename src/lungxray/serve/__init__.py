@@ -252,13 +252,13 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
           cache_dir: Path | None = None, refuse_ood: bool = False, max_pending: int = DEFAULT_MAX_PENDING,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = DEFAULT_READ_TIMEOUT,
-          api_docs: bool = False) -> None:
+          api_docs: bool = False, runtime: str = "auto") -> None:
     """Serve until stopped. Beyond `max_connections` open connections uvicorn answers 503 at once;
     idle keep-alive connections close after 5 s."""
     import uvicorn
 
     run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
-    predictor = load_predictor(run.model if run else model, cache_dir)
+    predictor = load_predictor(run.model if run else model, cache_dir, runtime)
     app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=5)
