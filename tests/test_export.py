@@ -167,3 +167,60 @@ def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):
     assert exported.stat().st_mtime_ns > made
     assert main(["predict", "--model", str(exported), "--runtime", "onnx", *images]) == 2
     assert "runs in its own runtime" in capsys.readouterr().err
+
+
+# In a child where TensorFlow cannot be imported: predict from an export and build its server, then
+# print the distributions whose modules were imported.
+IMPORTED_DISTRIBUTIONS = "import sys; startup = set(sys.modules)\n" + WITHOUT_TENSORFLOW.split("code = main")[0] + """
+import importlib.metadata, json
+code = main(sys.argv[2:])
+from lungxray.lite import LitePredictor
+from lungxray.serve import create_app
+import uvicorn
+create_app(LitePredictor.load(sys.argv[1]))
+owners = importlib.metadata.packages_distributions()
+tops = {name.split(".")[0] for name, module in list(sys.modules.items()) if module is not None and name not in startup}
+print(json.dumps(sorted({owner for top in tops for owner in owners.get(top, [])})))
+sys.exit(code)
+"""
+
+
+def base_install() -> set[str]:
+    """lungxray's distributions without extras, and everything they require, transitively."""
+    from importlib.metadata import PackageNotFoundError, requires
+    from packaging.requirements import Requirement
+
+    def canonical(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    found, todo = set(), ["lungxray"]
+    while todo:
+        name = todo.pop()
+        if canonical(name) in found:
+            continue
+        found.add(canonical(name))
+        try:
+            requirements = [Requirement(text) for text in requires(name) or []]
+        except PackageNotFoundError:  # an optional requirement of some package, not installed here
+            continue
+        todo += [r.name for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return found
+
+
+def test_an_export_needs_only_the_base_install(run, exported):  # noqa: F811
+    image = sorted((run[1] / "test" / "covid").iterdir())[0]
+    result = subprocess.run([sys.executable, "-c", IMPORTED_DISTRIBUTIONS, str(exported.path), "predict", "--model",
+                             str(exported.path), str(image)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {name.lower().replace("_", "-") for name in json.loads(result.stdout.splitlines()[-1])}
+    extra = "onnxruntime" if exported.path.suffix == ".onnx" else None  # the [onnx] extra's runtime
+    optional = {"sniffio"}  # anyio imports it when it happens to be installed, and does not require it
+    assert imported - base_install() - {extra} - optional == set()
+    assert {"tensorflow", "keras", "scikit-learn", "matplotlib", "scipy"}.isdisjoint(base_install())
+
+
+def test_the_base_install_says_what_training_needs(tmp_path):
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "train", "--data", str(tmp_path),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "pip install 'lungxray[full]'" in result.stderr and "Traceback" not in result.stderr

@@ -4,7 +4,6 @@ sharpens the model's probabilities without changing which class wins."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -20,6 +19,7 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
 
 def fit_temperature(probabilities: np.ndarray, y_true: np.ndarray) -> float:
     """The temperature in [0.05, 20] minimising the negative log-likelihood of `y_true`."""
+    from scipy.optimize import minimize_scalar  # fitting is training's; applying needs NumPy alone (lite install)
 
     def nll(log_t: float) -> float:
         scaled = apply_temperature(probabilities.astype(np.float64), float(np.exp(log_t)))

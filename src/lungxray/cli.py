@@ -15,6 +15,10 @@ from lungxray.errors import ConfigError, LungxrayError
 from lungxray.loader import RUNTIMES
 from lungxray.rundir import RunDir
 
+# Modules the base install lacks, and the extra that brings each (pyproject.toml).
+EXTRA_PROVIDING = {"tensorflow": "full", "keras": "full", "sklearn": "full", "matplotlib": "full", "scipy": "full",
+                   "imagehash": "full", "onnxruntime": "onnx", "tf2onnx": "onnx"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -26,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except LungxrayError as error:
         print(f"lungxray {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        extra = EXTRA_PROVIDING.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"lungxray {args.command}: error: this needs {error.name}, which the base install leaves out "
+              f"(it runs exported models); pip install 'lungxray[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lungxray {args.command}: interrupted", file=sys.stderr)

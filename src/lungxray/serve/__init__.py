@@ -29,7 +29,6 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from lungxray.errors import ImageError
-from lungxray.evaluate.schema import METRICS_FILE, read_metrics
 from lungxray.lite import LitePredictor, is_export
 from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
@@ -133,13 +132,25 @@ def model_identity(predictor: Predictor | LitePredictor, run: RunDir | None) -> 
                 "ood_threshold": predictor.ood.threshold if predictor.ood else None}
     model_file = run.model if run is not None else getattr(predictor, "model_path", None)
     if model_file is not None:
-        identity["sha256"] = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        identity["sha256"] = sha256_of(model_file)
     if run is not None:
+        # The evaluate package imports scikit-learn and matplotlib, which an export's server lacks.
+        from lungxray.evaluate.schema import METRICS_FILE, read_metrics
+
         if (run.evaluation() / METRICS_FILE).is_file():
             metrics = read_metrics(run.evaluation())
             identity["test_metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auroc")}
     identity["id"] = identity.get("sha256", "unsaved")[:12]
     return identity
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, or a folder's (a SavedModel): its files' names and contents in order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def png_data_url(image: np.ndarray) -> str:
