@@ -27,7 +27,7 @@ LAYERS = [
     {"lungs", "predict", "probe"},
     {"engines"},
     {"evaluate", "explain", "export", "loader"},
-    {"report", "training", "serve"},
+    {"report", "training", "serve", "batch"},
     {"cli", "__init__"},
 ]
 

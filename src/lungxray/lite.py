@@ -10,12 +10,13 @@ Images are read exactly as for training (`read_image`: DICOM, resize, intensity 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from lungxray.data.images import read_image
+from lungxray.data.images import read_bytes, read_image
 from lungxray.errors import ImageError, WeightsError
 from lungxray.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
 from lungxray.ood import OutOfDistribution
@@ -36,21 +37,23 @@ def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
 
 
 class LitePredictor:
-    def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None):
-        self.model_path, self.info, self.ood = Path(model_path), info, ood
+    def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None, threads: int | None = None):
+        """`threads`: images decoded and run at once (default: one per core)."""
+        self.model_path, self.info, self.ood, self.threads = Path(model_path), info, ood, threads
         self.classes = list(info["classes"])
         contract = info["input"]
         self.image_size, self.interpolation = contract["size"], contract["resize"]
         self.intensity = contract.get("intensity", "none")
         self.temperature = float(info.get("temperature", 1.0))
-        self.pool = RUNNERS[self.model_path.suffix](self.model_path)
+        runner = RUNNERS[self.model_path.suffix]
+        self.pool = runner(self.model_path, threads) if runner is InterpreterPool else runner(self.model_path)
         shapes = self.pool.output_shapes
         # Which output is which, by shape: the probabilities have one value per class.
         self._probabilities = next(i for i, shape in enumerate(shapes) if shape == (len(self.classes),))
         self._features = 1 - self._probabilities
 
     @classmethod
-    def load(cls, path: str | Path) -> "LitePredictor":
+    def load(cls, path: str | Path, threads: int | None = None) -> "LitePredictor":
         path = Path(path)
         if not is_export(path) or not path.exists():
             raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a .tflite or .onnx file "
@@ -61,7 +64,7 @@ class LitePredictor:
         if not info_path.is_file():
             raise WeightsError(f"{info_path} is missing: it holds the classes and input contract of {path}")
         info = json.loads(info_path.read_text())
-        return cls(path, info, OutOfDistribution.load(gate_path) if gate_path.is_file() else None)
+        return cls(path, info, OutOfDistribution.load(gate_path) if gate_path.is_file() else None, threads)
 
     def read(self, source, name: str | None = None) -> np.ndarray:
         return read_image(source, self.image_size, self.interpolation, name, self.intensity)
@@ -77,17 +80,20 @@ class LitePredictor:
         raw = np.full((n, len(self.classes)), np.nan, np.float32)
         features = np.full((n, dim), np.nan, np.float32)
         errors: list[ImageError] = []
+        hashes: list[str | None] = [None] * n
 
         def one(index: int):
+            path = str(paths[index])
             try:
-                outputs = self.pool([self.read(paths[index], str(paths[index]))])
-                return index, outputs, None
+                data = read_bytes(path, path)  # read once: hashed, then decoded
+                return index, hashlib.sha256(data).hexdigest(), self.pool([self.read(data, path)]), None
             except ImageError as error:
-                return index, None, error
+                return index, None, None, error
 
-        for index, outputs, error in progress(bounded_map(one, range(n)), n, desc):
+        for index, digest, outputs, error in progress(bounded_map(one, range(n), self.threads), n, desc):
             if error is not None:
                 errors.append(error)
             else:
+                hashes[index] = digest
                 raw[index], features[index] = outputs[self._probabilities][0], outputs[self._features][0]
-        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, [None] * n)
+        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, hashes)

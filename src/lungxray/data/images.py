@@ -61,7 +61,7 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     """
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    data = _read_bytes(source, name)
+    data = read_bytes(source, name)
     if not data:
         raise ImageError(name, "file is empty (0 bytes)")
     try:
@@ -79,7 +79,8 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     return np.asarray(image, dtype=np.uint8)
 
 
-def _read_bytes(source, name: str) -> bytes:
+def read_bytes(source, name: str) -> bytes:
+    """The file's bytes (bytes pass through), or an ImageError naming `name` and why not."""
     if isinstance(source, (bytes, bytearray)):
         return bytes(source)
     try:

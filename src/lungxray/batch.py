@@ -1,0 +1,194 @@
+"""Scoring an archive: many files in, Parquet out, in this process or on a Ray cluster.
+
+    OUT/part-<batch id>.parquet   one per batch of files, written whole or not at all:
+                                  file, sha256, predicted, p_<class>..., ood_score, ood, error
+    OUT/predictions.csv           all parts in one CSV (on request)
+
+A batch's part is written atomically when the batch is done, so an interrupted job loses at most
+the batches in flight, and running the same command again scores only the files no part holds yet.
+Unreadable files are rows with an `error`, never a failed job. On Ray (Ray Data `map_batches` over
+the file names), each worker (an actor) loads the exported model once and writes the parts of the
+batches it is given; the driver only lists files. Workers read the files and write OUT themselves: on a cluster both must be on storage every
+node sees (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from lungxray.data.records import IMAGE_SUFFIXES
+from lungxray.errors import DataError
+from lungxray.io import atomic_path
+from lungxray.lite import LitePredictor
+from lungxray.parallel import progress
+
+PART_GLOB = "part-*.parquet"
+CSV_FILE = "predictions.csv"
+FILE_COLUMNS = ("file", "path")  # what a manifest or Parquet input may call its file column
+
+
+def list_inputs(items: list[str | Path]) -> list[str]:
+    """Image files from files, folders (searched recursively), manifest CSVs and Parquet files
+    with a `file` or `path` column (relative paths are relative to the manifest)."""
+    files: list[str] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += sorted(str(p) for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.suffix.lower() in (".csv", ".parquet"):
+            files += [str(item.parent / name) for name in _listed(item)]
+        else:
+            files.append(str(item))
+    return files
+
+
+def _listed(manifest: Path) -> list[str]:
+    if not manifest.is_file():
+        raise DataError(f"{manifest} does not exist")
+    if manifest.suffix.lower() == ".csv":
+        with manifest.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            column = next((c for c in FILE_COLUMNS if c in (reader.fieldnames or [])), None)
+            if column is None:
+                raise DataError(f"{manifest} has no 'file' or 'path' column (columns: {reader.fieldnames})")
+            return [row[column] for row in reader]
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(manifest).names
+    column = next((c for c in FILE_COLUMNS if c in names), None)
+    if column is None:
+        raise DataError(f"{manifest} has no 'file' or 'path' column (columns: {names})")
+    return [str(name) for name in pq.read_table(manifest, columns=[column]).column(column).to_pylist()]
+
+
+def scored_files(out: Path) -> set[str]:
+    """Files the parts in `out` already hold. A part that cannot be read (written by something
+    else, or damaged) is set aside as `.bad` and its files are scored again."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for part in sorted(out.glob(PART_GLOB)):
+        try:
+            done.update(pq.read_table(part, columns=["file"]).column("file").to_pylist())
+        except Exception:  # any unreadable part: its files are simply scored again
+            part.rename(part.with_name(part.name + ".bad"))
+    return done
+
+
+def score_table(predictor: LitePredictor, files: list[str]):
+    """One row per file: content hash, class probabilities, prediction, OOD score and flag, or the error."""
+    import numpy as np
+    import pyarrow as pa
+
+    predictions = predictor.predict_files([Path(f) for f in files], desc="scoring")
+    reasons = {error.path: error.reason for error in predictions.errors}
+    ok = np.array([f not in reasons for f in files])
+    columns = {"file": pa.array(files, pa.string()), "sha256": pa.array(predictions.hashes, pa.string()),
+               "predicted": pa.array([predictor.classes[int(row.argmax())] if good else None
+                                      for row, good in zip(predictions.probabilities, ok)], pa.string())}
+    for index, name in enumerate(predictor.classes):
+        columns[f"p_{name}"] = pa.array(predictions.probabilities[:, index], pa.float32(), mask=~ok)
+    if predictions.ood is not None:
+        columns["ood_score"] = pa.array(predictions.ood_score, pa.float32(), mask=~ok)
+        columns["ood"] = pa.array(predictions.ood, pa.bool_(), mask=~ok)
+    columns["error"] = pa.array([reasons.get(f) for f in files], pa.string())
+    return pa.table(columns)
+
+
+def write_part(out: Path, files: list[str], table) -> Path:
+    """The batch's part, named after its files (the same batch always lands in the same part)."""
+    import pyarrow.parquet as pq
+
+    part = out / f"part-{hashlib.sha256(chr(10).join(files).encode()).hexdigest()[:16]}.parquet"
+    with atomic_path(part) as temporary:
+        pq.write_table(table, temporary)
+    return part
+
+
+@dataclasses.dataclass
+class ScoringResult:
+    out: Path
+    scored: int  # files scored by this call
+    skipped: int  # files earlier calls had scored
+    errors: int  # of the files scored, how many could not be read
+    csv: Path | None = None
+
+
+def score(export: Path, items: list[str | Path], out: Path, engine: str = "local", address: str | None = None,
+          workers: int | None = None, batch_size: int = 512, write_csv: bool = False) -> ScoringResult:
+    """Score every image `items` name with the exported model `export` into `out`, skipping files
+    already there; `engine` "local" (this process, one thread per core) or "ray"."""
+    if batch_size < 1:
+        raise DataError(f"'batch_size' must be at least 1. Got {batch_size} instead.")
+    files = list(dict.fromkeys(list_inputs(items)))
+    out.mkdir(parents=True, exist_ok=True)
+    done = scored_files(out)
+    todo = [f for f in files if f not in done]
+    if engine == "ray":
+        errors = _score_on_ray(export, todo, out, address, workers, batch_size)
+    elif engine == "local":
+        predictor, errors = LitePredictor.load(export), 0
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        for batch in progress(batches, len(batches), "batches", unit="batch"):
+            table = score_table(predictor, batch)
+            write_part(out, batch, table)
+            errors += unreadable(table)
+    else:
+        raise DataError(f"'engine' must be 'local' or 'ray'. Got {engine!r} instead.")
+    result = ScoringResult(out, len(todo), len(files) - len(todo), errors)
+    if write_csv:
+        result.csv = write_combined_csv(out)
+    return result
+
+
+class _PartWriter:
+    """A Ray actor: the model, loaded once; each batch of file names in, its part written, a count out."""
+
+    def __init__(self, export: str, out: str):
+        # One thread and one interpreter per actor: Ray gives each actor a core.
+        self.predictor, self.out = LitePredictor.load(export, threads=1), Path(out)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        files = [str(f) for f in batch["file"]]
+        table = score_table(self.predictor, files)
+        write_part(self.out, files, table)
+        return {"errors": np.array([unreadable(table)])}
+
+
+def _score_on_ray(export: Path, files: list[str], out: Path, address: str | None, workers: int | None,
+                  batch_size: int) -> int:
+    import ray
+
+    if not files:
+        return 0
+    # No address: a Ray instance of this machine's, started here and stopped at the end.
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        written = ray.data.from_items([{"file": f} for f in files]).map_batches(
+            _PartWriter, batch_size=batch_size, concurrency=workers, num_cpus=1, batch_format="numpy",
+            fn_constructor_kwargs={"export": str(export.resolve()), "out": str(out.resolve())})
+        return int(sum(row["errors"] for row in written.iter_rows()))
+    finally:
+        if address is None:
+            ray.shutdown()
+
+
+def unreadable(table) -> int:
+    return table.num_rows - table.column("error").null_count
+
+
+def write_combined_csv(out: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(part) for part in sorted(out.glob(PART_GLOB))]
+    path = out / CSV_FILE
+    with atomic_path(path) as temporary:
+        pacsv.write_csv(pa.concat_tables(parts) if parts else pa.table({"file": pa.array([], pa.string())}), temporary)
+    return path
