@@ -17,7 +17,7 @@ from lungxray.rundir import RunDir
 
 # Modules the base install lacks, and the extra that brings each (pyproject.toml).
 EXTRA_PROVIDING = {"tensorflow": "full", "keras": "full", "sklearn": "full", "matplotlib": "full", "scipy": "full",
-                   "imagehash": "full", "onnxruntime": "onnx", "tf2onnx": "onnx"}
+                   "imagehash": "full", "pyarrow": "full", "onnxruntime": "onnx", "tf2onnx": "onnx", "ray": "ray"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="class probabilities for images")
     predict.add_argument("--model", required=True, help="run folder, .keras file, or a .tflite or .onnx file from "
                                                         "`lungxray export` (no TensorFlow needed)")
-    predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    predict.add_argument("images", nargs="+", help="image files, folders, or manifests (.csv or .parquet with a "
+                                                   "'file' or 'path' column)")
+    predict.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                         help="(with --out: csv adds OUT/predictions.csv to the Parquet parts)")
+    predict.add_argument("--out", metavar="DIR", help="score into Parquet parts here instead of printing: resumable, "
+                                                      "files already there are skipped (an exported model runs)")
+    predict.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="with --out: this process, or Ray Data workers (pip install 'lungxray[ray]')")
+    predict.add_argument("--address", help="Ray cluster to use (ray://HOST:PORT or auto; default: start one here)")
+    predict.add_argument("--workers", type=int, help="Ray workers, one core each (default: every core of the cluster)")
+    predict.add_argument("--batch-size", type=int, default=512, help="files per Parquet part (default: 512)")
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
     predict.add_argument("--refuse-ood", action="store_true",
                          help="withhold the class of images the out-of-distribution gate flags")
@@ -233,16 +242,15 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from lungxray.data.records import IMAGE_SUFFIXES
+    if args.out:
+        return run_scoring(args)
+    if args.engine == "ray":
+        raise ConfigError("--engine ray writes its results as Parquet: give --out DIR")
+    from lungxray.batch import list_inputs
+    from lungxray.loader import load_predictor
     from lungxray.predictions import OOD_NOTE, prediction_rows
 
-    files: list[Path] = []
-    for item in map(Path, args.images):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(item)
-    from lungxray.loader import load_predictor
+    files = [Path(f) for f in list_inputs(args.images)]
 
     predictor = load_predictor(args.model, _cache(args), args.runtime)
     predictions = predictor.predict_files(files)
@@ -260,6 +268,23 @@ def run_predict(args) -> int:
         written = explain_files(predictor, files, predictions.probabilities, Path(args.explain))
         print(f"{len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
     return 1 if predictions.errors and len(predictions.errors) == len(files) else 0
+
+
+def run_scoring(args) -> int:
+    from lungxray.batch import score
+    from lungxray.lite import is_export
+    from lungxray.loader import run_export
+
+    if args.explain or args.runtime == "keras":
+        raise ConfigError("scoring into --out runs an exported model: --explain and --runtime keras need a "
+                          "terminal table; leave out --out")
+    export = Path(args.model) if is_export(args.model) else run_export(
+        args.model, "onnx" if args.runtime == "onnx" else "litert", _cache(args))
+    result = score(export, args.images, Path(args.out), args.engine, args.address, args.workers, args.batch_size,
+                   write_csv=args.format == "csv")
+    print(f"scored {result.scored} files ({result.errors} unreadable: rows with their error), "
+          f"{result.skipped} already scored; {result.csv or result.out}")
+    return 0
 
 
 def run_export(args) -> int:

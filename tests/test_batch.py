@@ -1,0 +1,90 @@
+"""Scoring an archive into Parquet parts (`lungxray predict --out`): every input kind, unreadable
+files as rows, resuming, damaged parts, and the same table from a local 2-worker Ray instance."""
+
+import csv
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lungxray.batch import PART_GLOB, score
+from lungxray.cli import main
+from lungxray.export import export_model
+from lungxray.lite import LitePredictor
+from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
+
+
+@pytest.fixture(scope="module")
+def export(run, tmp_path_factory):  # noqa: F811
+    run_dir, _, cache = run
+    return export_model(run_dir, tmp_path_factory.mktemp("batch") / "model.tflite", cache_dir=cache, sample_size=8).path
+
+
+@pytest.fixture
+def inputs(run, tmp_path):  # noqa: F811
+    """A folder, a manifest CSV (relative paths), a Parquet list and a broken file: 36 images + 1."""
+    data = run[1]
+    manifest = data / "val" / "list.csv"
+    with open(manifest, "w", newline="") as handle:
+        csv.writer(handle).writerows([["file"]] + [[f"covid/{p.name}"] for p in sorted((data / "val" / "covid").glob("*.png"))])
+    listed = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": [str(p) for p in sorted((data / "val" / "normal").glob("*.png"))]}), listed)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    return [str(data / "train"), str(manifest), str(listed), str(broken)]
+
+
+def table_of(out):
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob(PART_GLOB))]).sort_by("file")
+
+
+def test_scores_every_input_once_and_resumes(export, inputs, tmp_path):
+    out = tmp_path / "scored"
+    first = score(export, inputs, out, batch_size=10)
+    assert (first.scored, first.skipped, first.errors) == (24 + 8 + 8 + 1, 0, 1)
+    table = table_of(out)
+    assert table.num_rows == 41 and len(set(table.column("file").to_pylist())) == 41
+    broken = table.filter(pa.compute.ends_with(table.column("file"), "broken.png")).to_pylist()[0]
+    assert "not a recognised image format" in broken["error"] and broken["p_covid"] is None and broken["sha256"] is None
+    good = table.filter(table.column("error").is_null())
+    files = good.column("file").to_pylist()
+    expected = LitePredictor.load(export).predict_files(files)
+    got = np.stack([good.column(f"p_{c}").to_numpy() for c in ("covid", "normal", "pneumonia")], axis=1)
+    np.testing.assert_allclose(got, expected.probabilities, atol=1e-6)
+    assert good.column("sha256").to_pylist() == expected.hashes
+    assert good.column("ood").null_count == 0
+
+    again = score(export, inputs, out, batch_size=10)
+    assert (again.scored, again.skipped) == (0, 41)
+
+    parts = sorted(out.glob(PART_GLOB))
+    lost, damaged = (pq.read_table(part).num_rows for part in parts[:2])
+    parts[0].unlink()  # as if the job had been killed before writing this batch
+    parts[1].write_bytes(b"half a parquet file")  # and this one damaged
+    resumed = score(export, inputs, out, batch_size=10, write_csv=True)
+    assert (resumed.scored, resumed.skipped) == (lost + damaged, 41 - lost - damaged)
+    assert [p.name for p in out.glob("*.bad")] == [parts[1].name + ".bad"] and table_of(out).num_rows == 41
+    with open(resumed.csv) as handle:
+        assert sum(1 for _ in csv.DictReader(handle)) == 41
+
+
+def test_ray_with_two_workers_gives_the_local_table(export, inputs, tmp_path):
+    local = score(export, inputs, tmp_path / "local", batch_size=8)
+    on_ray = score(export, inputs, tmp_path / "ray", engine="ray", workers=2, batch_size=8)
+    assert (on_ray.scored, on_ray.errors) == (local.scored, local.errors)
+    a, b = table_of(tmp_path / "local"), table_of(tmp_path / "ray")
+    assert a.column_names == b.column_names and a.column("file").equals(b.column("file"))
+    for name in ("p_covid", "p_normal", "p_pneumonia", "ood_score"):
+        np.testing.assert_allclose(b.column(name).to_numpy(zero_copy_only=False),
+                                   a.column(name).to_numpy(zero_copy_only=False), atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "ray").glob(PART_GLOB)) == \
+        sorted(p.name for p in (tmp_path / "local").glob(PART_GLOB))
+
+
+def test_cli_scoring_and_what_it_refuses(export, inputs, tmp_path, capsys):
+    assert main(["predict", "--model", str(export), "--out", str(tmp_path / "o"), "--format", "csv", *inputs]) == 0
+    assert "scored 41 files (1 unreadable" in capsys.readouterr().out and (tmp_path / "o" / "predictions.csv").is_file()
+    assert main(["predict", "--model", str(export), "--engine", "ray", *inputs]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert main(["predict", "--model", str(export), "--out", str(tmp_path / "o"), "--batch-size", "0", *inputs]) == 2
