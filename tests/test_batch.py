@@ -10,6 +10,7 @@ import pytest
 
 from lungxray.batch import PART_GLOB, score
 from lungxray.cli import main
+from lungxray.cluster import RayCluster
 from lungxray.export import export_model
 from lungxray.lite import LitePredictor
 from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
@@ -71,7 +72,7 @@ def test_scores_every_input_once_and_resumes(export, inputs, tmp_path):
 
 def test_ray_with_two_workers_gives_the_local_table(export, inputs, tmp_path):
     local = score(export, inputs, tmp_path / "local", batch_size=8)
-    on_ray = score(export, inputs, tmp_path / "ray", engine="ray", workers=2, batch_size=8)
+    on_ray = score(export, inputs, tmp_path / "ray", RayCluster(workers=2), batch_size=8)
     assert (on_ray.scored, on_ray.errors) == (local.scored, local.errors)
     a, b = table_of(tmp_path / "local"), table_of(tmp_path / "ray")
     assert a.column_names == b.column_names and a.column("file").equals(b.column("file"))

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lungxray"
 LAYERS = [
     {"errors", "io", "parallel", "config", "calibration", "rundir", "runtimes", "predictions"},
     {"data"},
-    {"model", "ood"},
+    {"model", "ood", "cluster", "distribute"},
     {"features", "lite"},
     {"lungs", "predict", "probe"},
     {"engines"},

@@ -6,9 +6,9 @@
 
 A batch's part is written atomically when the batch is done, so an interrupted job loses at most
 the batches in flight, and running the same command again scores only the files no part holds yet.
-Unreadable files are rows with an `error`, never a failed job. On Ray (Ray Data `map_batches` over
-the file names), each worker (an actor) loads the exported model once and writes the parts of the
-batches it is given; the driver only lists files. Workers read the files and write OUT themselves: on a cluster both must be on storage every
+Unreadable files are rows with an `error`, never a failed job. On Ray (`lungxray.cluster`), each
+worker (an actor) loads the exported model once and writes the parts of the batches it is given;
+the driver only lists files. Workers read the files and write OUT themselves: on a cluster both must be on storage every
 node sees (docs/scale.md).
 """
 
@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+from lungxray.cluster import RayCluster
 from lungxray.data.records import IMAGE_SUFFIXES
 from lungxray.errors import DataError
 from lungxray.io import atomic_path
@@ -116,34 +117,33 @@ class ScoringResult:
     csv: Path | None = None
 
 
-def score(export: Path, items: list[str | Path], out: Path, engine: str = "local", address: str | None = None,
-          workers: int | None = None, batch_size: int = 512, write_csv: bool = False) -> ScoringResult:
+def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster | None = None, batch_size: int = 512,
+          write_csv: bool = False) -> ScoringResult:
     """Score every image `items` name with the exported model `export` into `out`, skipping files
-    already there; `engine` "local" (this process, one thread per core) or "ray"."""
+    already there: in this process (one thread per core), or on `cluster`'s Ray workers."""
     if batch_size < 1:
         raise DataError(f"'batch_size' must be at least 1. Got {batch_size} instead.")
     files = list(dict.fromkeys(list_inputs(items)))
     out.mkdir(parents=True, exist_ok=True)
     done = scored_files(out)
     todo = [f for f in files if f not in done]
-    if engine == "ray":
-        errors = _score_on_ray(export, todo, out, address, workers, batch_size)
-    elif engine == "local":
+    if cluster is not None:
+        counts = cluster.map_files(todo, PartWriter, batch_size, export=str(export.resolve()), out=str(out.resolve()))
+        errors = int(sum(batch["errors"].sum() for batch in counts))
+    else:
         predictor, errors = LitePredictor.load(export), 0
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in progress(batches, len(batches), "batches", unit="batch"):
             table = score_table(predictor, batch)
             write_part(out, batch, table)
             errors += unreadable(table)
-    else:
-        raise DataError(f"'engine' must be 'local' or 'ray'. Got {engine!r} instead.")
     result = ScoringResult(out, len(todo), len(files) - len(todo), errors)
     if write_csv:
         result.csv = write_combined_csv(out)
     return result
 
 
-class _PartWriter:
+class PartWriter:
     """A Ray actor: the model, loaded once; each batch of file names in, its part written, a count out."""
 
     def __init__(self, export: str, out: str):
@@ -157,25 +157,6 @@ class _PartWriter:
         table = score_table(self.predictor, files)
         write_part(self.out, files, table)
         return {"errors": np.array([unreadable(table)])}
-
-
-def _score_on_ray(export: Path, files: list[str], out: Path, address: str | None, workers: int | None,
-                  batch_size: int) -> int:
-    import ray
-
-    if not files:
-        return 0
-    # No address: a Ray instance of this machine's, started here and stopped at the end.
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        written = ray.data.from_items([{"file": f} for f in files]).map_batches(
-            _PartWriter, batch_size=batch_size, concurrency=workers, num_cpus=1, batch_format="numpy",
-            fn_constructor_kwargs={"export": str(export.resolve()), "out": str(out.resolve())})
-        return int(sum(row["errors"] for row in written.iter_rows()))
-    finally:
-        if address is None:
-            ray.shutdown()
 
 
 def unreadable(table) -> int:

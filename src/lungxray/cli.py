@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true",
                        help="continue the interrupted run in --out, with the configuration saved there")
     train.add_argument("--cache", help="feature cache folder (default: $LUNGXRAY_CACHE or ~/.cache/lungxray)")
+    train.add_argument("--extract-engine", choices=["local", "ray"], default="local",
+                       help="compute the backbone features the cache lacks here or on Ray workers "
+                            "(pip install 'lungxray[ray]'); the model is the same (default: local)")
+    train.add_argument("--address", help="with --extract-engine ray: the Ray cluster (ray://HOST:PORT or auto; "
+                                         "default: start one here)")
+    train.add_argument("--workers", type=int, help="with --extract-engine ray: workers, one core each (default: all)")
+    train.add_argument("--strategy", choices=["auto", "none", "mirrored", "multi-worker"], default="auto",
+                       help="tf.distribute for Keras' fit: multi-worker runs this command on every worker named "
+                            "in TF_CONFIG (auto: multi-worker when TF_CONFIG is set, mirrored on 2+ GPUs, else none)")
     add_config_arguments(train.add_argument_group("settings (each overrides the preset or --config)"))
     train.set_defaults(run=run_train)
 
@@ -201,6 +210,15 @@ def _cache(args):
     return Path(args.cache) if getattr(args, "cache", None) else None
 
 
+def _cluster(args, engine: str):
+    """The Ray cluster an `--engine ray` (or `--extract-engine ray`) command runs on; None for local."""
+    if engine != "ray":
+        return None
+    from lungxray.cluster import RayCluster
+
+    return RayCluster(args.address, args.workers)
+
+
 def run_train(args) -> int:
     from lungxray.training import train
 
@@ -209,9 +227,16 @@ def run_train(args) -> int:
         if not args.out or changed:
             raise ConfigError("--resume continues the run in --out with its own config.json: give --out, and no "
                               f"settings{' (got ' + ', '.join(changed) + ')' if changed else ''}")
-        result = train(args.data, args.out, cache_dir=_cache(args), resume=True)
+        result = train(args.data, args.out, cache_dir=_cache(args), resume=True,
+                       cluster=_cluster(args, args.extract_engine), strategy=args.strategy)
     else:
-        result = train(args.data, args.out, config_from_args(args), cache_dir=_cache(args))
+        result = train(args.data, args.out, config_from_args(args), cache_dir=_cache(args),
+                       cluster=_cluster(args, args.extract_engine), strategy=args.strategy)
+    from lungxray.distribute import is_chief
+
+    if not is_chief():
+        print("worker done; the chief wrote the run folder")
+        return 0
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:
         print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
@@ -280,7 +305,7 @@ def run_scoring(args) -> int:
                           "terminal table; leave out --out")
     export = Path(args.model) if is_export(args.model) else run_export(
         args.model, "onnx" if args.runtime == "onnx" else "litert", _cache(args))
-    result = score(export, args.images, Path(args.out), args.engine, args.address, args.workers, args.batch_size,
+    result = score(export, args.images, Path(args.out), _cluster(args, args.engine), args.batch_size,
                    write_csv=args.format == "csv")
     print(f"scored {result.scored} files ({result.errors} unreadable: rows with their error), "
           f"{result.skipped} already scored; {result.csv or result.out}")

@@ -27,10 +27,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from lungxray.cluster import RayCluster
 from lungxray.config import Config
+from lungxray.distribute import build_before_fit, distributed
 from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
 from lungxray.data.records import Dataset, Record, balancing_weights
-from lungxray.errors import DataError, ImageError
+from lungxray.errors import ConfigError, DataError, ImageError
 from lungxray.features import FeatureExtractor, file_hashes
 from lungxray.lungs import LungCrop
 from lungxray.model import compile_for_training
@@ -169,9 +171,9 @@ class CachedEngine(Engine):
     name = "cached"
 
     def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
-                 crop: LungCrop | None = None):
+                 crop: LungCrop | None = None, cluster: RayCluster | None = None):
         super().__init__(model, config, run, cache_dir, crop)
-        self.extractor = feature_extractor(model, config, cache_dir, crop)
+        self.extractor = feature_extractor(model, config, cache_dir, crop, cluster)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
         """Backbone features of every training image and its mirror image, and of val and test."""
@@ -189,8 +191,10 @@ class CachedEngine(Engine):
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
         epochs, val_epochs = epoch_plans(plan, self.config)
         classes = len(plan.classes)
-        data = (feature_batches(epochs, plan.train_table, plan.train_labels, classes, plan.train_weights),
-                feature_batches(val_epochs, plan.val_table, plan.val_labels, classes))
+        data = (distributed(lambda shares: feature_batches(epochs, plan.train_table, plan.train_labels, classes,
+                                                           plan.train_weights, shares)),
+                distributed(lambda shares: feature_batches(val_epochs, plan.val_table, plan.val_labels, classes,
+                                                           shares=shares)))
         # One graph execution per epoch: the fewest Python round trips for the same steps.
         return fit_phase(self.model.get_layer("head"), plan, epochs, data, self.config, self.run, "head",
                          self.config.learning_rate, self.config.epochs, steps_per_execution=epochs.steps,
@@ -220,9 +224,9 @@ class KerasEngine(Engine):
 
 
 def feature_extractor(model: keras.Model, config: Config, cache_dir: Path | None,
-                      crop: LungCrop | None) -> FeatureExtractor:
+                      crop: LungCrop | None, cluster: RayCluster | None = None) -> FeatureExtractor:
     return FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
-                            config.feature_runtime, cache_dir, intensity=config.intensity, crop=crop)
+                            config.feature_runtime, cache_dir, intensity=config.intensity, crop=crop, cluster=cluster)
 
 
 ENGINES = {engine.name: engine for engine in (CachedEngine, KerasEngine)}
@@ -237,10 +241,16 @@ def choose_engine(config: Config) -> tuple[str, str]:
 
 
 def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
-                crop: LungCrop | None = None) -> Engine:
+                crop: LungCrop | None = None, cluster: RayCluster | None = None) -> Engine:
+    """The engine for `config`; with a Ray `cluster`, the cached engine's features are computed there."""
     name, reason = choose_engine(config)
     log.info("engine: %s (%s)", name, reason)
-    return ENGINES[name](model, config, run, cache_dir, crop)
+    if cluster is None:
+        return ENGINES[name](model, config, run, cache_dir, crop)
+    if name != CachedEngine.name:
+        raise ConfigError("features on Ray fill the feature cache, which only the cached engine reads: "
+                          "use engine auto or cached")
+    return CachedEngine(model, config, run, cache_dir, crop, cluster)
 
 
 def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPlan]:
@@ -255,8 +265,10 @@ def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_ep
     shape, classes = model.input_shape[1:], len(plan.classes)
     load = [image_loader(records, config.image_size, config.interpolation, config.intensity, crop)
             for records in (plan.train, plan.val)]
-    return (image_batches(epochs, load[0], plan.train_labels, classes, shape, plan.train_weights),
-            image_batches(val_epochs, load[1], plan.val_labels, classes, shape))
+    return (distributed(lambda shares: image_batches(epochs, load[0], plan.train_labels, classes, shape,
+                                                     plan.train_weights, shares)),
+            distributed(lambda shares: image_batches(val_epochs, load[1], plan.val_labels, classes, shape,
+                                                     shares=shares)))
 
 
 def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, config: Config, run: RunDir,
@@ -267,6 +279,7 @@ def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, c
     without improvement, log each epoch to the run's history. `val_inputs` (default: the validation
     batches) is what the worst-group metric predicts on."""
     compile_for_training(model, learning_rate, min(steps_per_execution, epochs.steps))
+    build_before_fit(model)
     mode, checkpoint = monitor_mode(config.monitor), run.checkpoint(holds)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [

@@ -20,8 +20,8 @@ import numpy as np
 
 from lungxray.config import default_cache_dir
 from lungxray.data.images import read_image
-from lungxray.errors import ImageError
-from lungxray.io import atomic_path, write_json
+from lungxray.errors import ConfigError, ImageError
+from lungxray.io import atomic_path, file_hash, write_json
 from lungxray.model import model_fingerprint
 from lungxray.parallel import bounded_map, progress
 from lungxray.runtimes import InterpreterPool, litert_available
@@ -44,7 +44,8 @@ class ModelRuntime:
         self.fingerprint = model_fingerprint(model)
         self.input_shape, self.output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
         if runtime == "litert":
-            self._pool = InterpreterPool(self._litert_model(Path(cache_dir or default_cache_dir())))
+            self.litert_path = self._litert_model(Path(cache_dir or default_cache_dir()))
+            self._pool = InterpreterPool(self.litert_path)
 
     def _litert_model(self, cache_dir: Path) -> Path:
         """The model converted to LiteRT once per weights fingerprint and input size (~7 s for the backbone)."""
@@ -63,10 +64,6 @@ class ModelRuntime:
             batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
             return np.asarray(self.model(batch, training=False), dtype=np.float32)
         return self._pool(images)[0]
-
-
-def file_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def file_hashes(paths: list[Path]) -> list[str | None]:
@@ -155,21 +152,27 @@ class Extraction:
 
 class FeatureExtractor:
     """Features for lists of image files, through the cache; files are read, hashed and decoded in
-    threads ahead of the backbone."""
+    threads ahead of the backbone. With a `cluster` (`lungxray.cluster.RayCluster`), the features the
+    cache lacks are first computed by Ray workers and stored, and extraction then reads them back."""
 
     def __init__(self, backbone: keras.Model, image_size: int, interpolation: str = "nearest",
                  runtime: str = "auto", cache_dir: Path | None = None, workers: int | None = None,
-                 intensity: str = "none", crop=None):
+                 intensity: str = "none", crop=None, cluster=None):
         cache_dir = Path(cache_dir or default_cache_dir())
         self.runtime = ModelRuntime(backbone, runtime, cache_dir)
         self.cache = FeatureCache(cache_dir, self.runtime, interpolation, intensity, crop and crop.fingerprint)
         self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
-        self.workers = workers
+        self.workers, self.cluster = workers, cluster
         self.feature_dim = backbone.output_shape[-1]
+        if cluster is not None and (self.runtime.name != "litert" or crop is not None):
+            raise ConfigError("features on Ray are computed by the LiteRT backbone on whole images: they need "
+                              "feature_runtime auto or litert, and crop none")
 
     def extract(self, paths: list[Path], flips: bool = False, desc: str = "features") -> Extraction:
         """Features of each file, and of its mirror image when `flips`."""
         views = VIEWS if flips else VIEWS[:1]
+        if self.cluster is not None:
+            self._fill_on_cluster(paths, views)
         out = {v: np.full((len(paths), self.feature_dim), np.nan, np.float32) for v in views}
         errors: list[ImageError] = []
         hashes: list[str | None] = [None] * len(paths)
@@ -209,3 +212,20 @@ class FeatureExtractor:
                 pending = []
         self.cache.add(pending)
         return Extraction(out, errors, hashes, computed)
+
+    def _fill_on_cluster(self, paths: list[Path], views: tuple[str, ...]) -> None:
+        """Store in the cache the features of `paths` it lacks, computed by the cluster's workers."""
+        from lungxray.cluster import BackboneWorker
+
+        missing = [str(path) for path, content_hash in zip(paths, file_hashes(paths))
+                   if content_hash is not None and any(self.cache.get(content_hash, v) is None for v in views)]
+        pending: list[tuple[str, str, np.ndarray]] = []
+        for batch in self.cluster.map_files(missing, BackboneWorker, batch_size=64, model_path=str(self.runtime.litert_path),
+                                            image_size=self.image_size, interpolation=self.interpolation,
+                                            intensity=self.intensity, flips=len(views) == 2):
+            pending += [(content_hash, v, batch[v][row]) for row, content_hash in enumerate(batch["sha256"])
+                        if content_hash is not None for v in views]
+            if len(pending) >= SHARD_SIZE:
+                self.cache.add(pending)
+                pending = []
+        self.cache.add(pending)

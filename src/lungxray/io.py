@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +49,11 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def file_hash(data: bytes) -> str:
+    """A file's identity wherever lungxray keys on content (feature cache, training overlap, outputs)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -10,7 +10,6 @@ Images are read exactly as for training (`read_image`: DICOM, resize, intensity 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from lungxray.data.images import read_bytes, read_image
 from lungxray.errors import ImageError, WeightsError
+from lungxray.io import file_hash
 from lungxray.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
 from lungxray.ood import OutOfDistribution
 from lungxray.parallel import bounded_map, progress
@@ -86,7 +86,7 @@ class LitePredictor:
             path = str(paths[index])
             try:
                 data = read_bytes(path, path)  # read once: hashed, then decoded
-                return index, hashlib.sha256(data).hexdigest(), self.pool([self.read(data, path)]), None
+                return index, file_hash(data), self.pool([self.read(data, path)]), None
             except ImageError as error:
                 return index, None, None, error
 

@@ -50,15 +50,16 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int = 256, dropout: float = 0.2,
-               seed: int = 21) -> keras.Model:
+               seed: int = 21, synchronized: bool = False) -> keras.Model:
     """Dense(relu) -> BatchNormalization -> Dropout -> Dense(softmax), seeded so both engines
-    start from the same weights and draw the same dropout masks."""
+    start from the same weights and draw the same dropout masks. `synchronized`: batch statistics
+    over the whole batch when replicas each hold a share of it (`tf.distribute`)."""
     return keras.Sequential(
         [
             keras.Input((feature_dim,)),
             keras.layers.Dense(dense_units, activation="relu",
                                kernel_initializer=keras.initializers.GlorotUniform(seed=seed)),
-            keras.layers.BatchNormalization(),
+            keras.layers.BatchNormalization(synchronized=synchronized),
             keras.layers.Dropout(dropout, seed=seed),
             keras.layers.Dense(num_classes, activation="softmax",
                                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1)),

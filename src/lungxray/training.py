@@ -18,9 +18,12 @@ import keras
 import numpy as np
 
 from lungxray.calibration import fit_temperature
+from lungxray.cluster import RayCluster
 from lungxray.config import Config
 from lungxray.data.records import Dataset, assign_splits, hold_out_source, load_dataset, write_manifest
-from lungxray.engines import FittedModel, TrainingPlan, make_engine
+from lungxray.distribute import make_strategy, run_folder
+from lungxray.engines import WORST_GROUP, FittedModel, TrainingPlan, make_engine
+from lungxray.errors import ConfigError
 from lungxray.evaluate import evaluate
 from lungxray.evaluate.plots import plot_history
 from lungxray.evaluate.schema import Metrics
@@ -35,24 +38,40 @@ log = logging.getLogger("lungxray")
 
 
 def train(data, out: str | Path | None = None, config: Config | None = None,
-          cache_dir: Path | None = None, resume: bool = False) -> TrainResult:
+          cache_dir: Path | None = None, resume: bool = False, cluster: RayCluster | None = None,
+          strategy: str = "auto") -> TrainResult:
     """Train the recipe on `data` (any layout `load_dataset` reads) into the run folder `out`.
 
     `resume` continues an interrupted run in `out` with the configuration saved there: features
     come back from the cache, head training is repeated (the same seeds give the same model), and
-    end-to-end phases (Keras engine, fine-tuning) go on from their last finished epoch."""
+    end-to-end phases (Keras engine, fine-tuning) go on from their last finished epoch.
+
+    Where the work runs is not part of the config (the model is the same, up to float rounding):
+    `cluster` (`lungxray.cluster.RayCluster`) computes the backbone features the cache lacks on Ray
+    workers (the same bits); `strategy` (`lungxray.distribute`) spreads Keras' fit over devices or
+    over workers named by TF_CONFIG, every worker running this same call."""
     if resume:
         config = Config.load(RunDir(out).path(RunDir.CONFIG))
     config = config or Config()
+    distribution = make_strategy(strategy)  # first: a multi-worker strategy must exist before TensorFlow runs
+    if distribution.num_replicas_in_sync > 1 and config.monitor == WORST_GROUP:
+        raise ConfigError(f"monitor={WORST_GROUP} ranks epochs by predictions in dataset order, which a strategy "
+                          "with several replicas does not keep: use monitor val_loss, or --strategy none")
+    with run_folder(out) as folder, distribution.scope():
+        return _train(data, folder, config, cache_dir, resume, cluster, distribution.num_replicas_in_sync)
+
+
+def _train(data, out, config: Config, cache_dir: Path | None, resume: bool, cluster: RayCluster | None,
+           replicas: int) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with _timed(timings, "setup"):
         dataset, external = training_data(data, config)
         run = start_run(out, config, dataset, resume)
-        model = network(config, len(dataset.classes))
+        model = network(config, len(dataset.classes), synchronized=replicas > 1)
         crop = LungCrop.trained(config.lung_masks, cache_dir) if config.crop == "lungs" else None
-        engine = make_engine(model, config, run, cache_dir, crop)
+        engine = make_engine(model, config, run, cache_dir, crop, cluster)
     with _timed(timings, "prepare"):
         plan = engine.plan(dataset)
     fitted = engine.fit(plan)
@@ -95,9 +114,10 @@ def start_run(out, config: Config, dataset: Dataset, resume: bool = False) -> Ru
     return run
 
 
-def network(config: Config, num_classes: int) -> keras.Model:
+def network(config: Config, num_classes: int, synchronized: bool = False) -> keras.Model:
     backbone = build_backbone(config.weights, config.image_size, config.pooling)
-    head = build_head(backbone.output_shape[-1], num_classes, config.dense_units, config.dropout, config.seed)
+    head = build_head(backbone.output_shape[-1], num_classes, config.dense_units, config.dropout, config.seed,
+                      synchronized)
     return build_model(backbone, head)
 
 

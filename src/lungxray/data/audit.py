@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import io
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from PIL import Image, ImageOps
 from lungxray.data.images import is_dicom, read_image
 from lungxray.data.records import Dataset, Record
 from lungxray.errors import ImageError
-from lungxray.io import write_json, write_text
+from lungxray.io import file_hash, write_json, write_text
 from lungxray.parallel import bounded_map, progress
 
 NEAR_DUPLICATE_DISTANCE = 10
@@ -52,7 +51,7 @@ def image_facts(record: Record) -> ImageFacts:
         data = record.path.read_bytes()
     except OSError as error:
         return ImageFacts(error=f"cannot read file ({error.strerror or error})")
-    facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
+    facts = ImageFacts(sha256=file_hash(data))
     try:
         pixels = read_image(data, name=str(record.path))
         if is_dicom(data):  # Pillow cannot open DICOM; the decoded pixels give the size

@@ -8,6 +8,7 @@ That is what makes the two engines train on exactly the same batches with exactl
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -47,22 +48,31 @@ class EpochPlan:
         for start in range(0, self.num_samples, self.batch_size):
             yield order[start:start + self.batch_size], flips[start:start + self.batch_size]
 
-    def dataset(self) -> tf.data.Dataset:
-        """The same batches as a tf.data pipeline; each pass over it asks for the plan once."""
+    def dataset(self, shares: Shares | None = None) -> tf.data.Dataset:
+        """The same batches as a tf.data pipeline; each pass over it asks for the plan once.
+
+        `shares` `((i, j...), n)`: of every batch, only shares i, j... of n (share i: samples i, i+n...),
+        one after the other: what one input pipeline feeds its replicas under `tf.distribute`."""
         plan = tf.data.Dataset.range(1).map(
             lambda _: tuple(tf.numpy_function(lambda: self.epoch_arrays(self.epoch), [], [tf.int64, tf.bool],
                                               stateful=True)))
         batched = plan.flat_map(lambda order, flips: tf.data.Dataset.from_tensor_slices(
             (tf.ensure_shape(order, (self.num_samples,)), tf.ensure_shape(flips, (self.num_samples,)))
         ).batch(self.batch_size))
-        return batched.apply(tf.data.experimental.assert_cardinality(self.steps))
+        if shares is None:
+            return batched.apply(tf.data.experimental.assert_cardinality(self.steps))
+        indices, count = shares
+        return batched.flat_map(lambda order, flips: functools.reduce(tf.data.Dataset.concatenate, [
+            tf.data.Dataset.from_tensors((order[i::count], flips[i::count])) for i in indices]))
 
 
 BatchLoader = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Shares = tuple[tuple[int, ...], int]
 
 
 def image_batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_classes: int,
-                  input_shape: tuple[int, ...], weights: np.ndarray | None = None) -> tf.data.Dataset:
+                  input_shape: tuple[int, ...], weights: np.ndarray | None = None,
+                  shares: Shares | None = None) -> tf.data.Dataset:
     """(images, one-hot labels[, sample weights]) batches following `plan`; `load(indices, flips)`
     decodes the images."""
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
@@ -76,11 +86,11 @@ def image_batches(plan: EpochPlan, load: BatchLoader, labels: np.ndarray, num_cl
         batch = tf.ensure_shape(x, (None, *input_shape)), tf.ensure_shape(y, (None, num_classes))
         return batch if weights is None else (*batch, tf.gather(weights, indices))
 
-    return plan.dataset().map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+    return plan.dataset(shares).map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
 def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_classes: int,
-                    weights: np.ndarray | None = None) -> tf.data.Dataset:
+                    weights: np.ndarray | None = None, shares: Shares | None = None) -> tf.data.Dataset:
     """(features, one-hot labels[, sample weights]) batches following `plan`, looked up in the graph.
 
     `table` is (samples, views, dim): view 0 is the image's features, view 1 its mirror image's.
@@ -94,7 +104,7 @@ def feature_batches(plan: EpochPlan, table: np.ndarray, labels: np.ndarray, num_
         batch = tf.gather_nd(table, tf.stack([indices, view], axis=1)), tf.gather(one_hot, indices)
         return batch if weights is None else (*batch, tf.gather(weights, indices))
 
-    return plan.dataset().map(lookup).prefetch(2)
+    return plan.dataset(shares).map(lookup).prefetch(2)
 
 
 def image_loader(records: list[Record], image_size: int, interpolation: str = "nearest",
