@@ -2,6 +2,7 @@
 same model as one process (each takes half of every batch; gradients and batch statistics are
 all-reduced), and only the chief writes the run folder."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -46,10 +47,17 @@ def test_each_replica_gets_its_share_of_every_batch():
     assert [pair for pairs in zip(*halves) for pair in pairs] == both[0]
 
 
-def test_two_workers_on_loopback_train_the_model_one_process_trains(tmp_path):
+# The Keras engine on images; the cached engine's head on features, then fine-tuning on images.
+SETUPS = {"keras engine": CONFIG, "cached engine, fine-tuned": dataclasses.replace(
+    CONFIG, engine="cached", fine_tune_epochs=1, fine_tune_layers=5)}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_two_workers_on_loopback_train_the_model_one_process_trains(tmp_path, setup):
+    config = SETUPS[setup]
     data = write_class_folders(tmp_path / "data", per_class=8, splits=["train", "val", "test"])
-    alone = train(data, tmp_path / "alone", CONFIG, cache_dir=tmp_path / "cache", strategy="none")
-    CONFIG.save(tmp_path / "config.json")
+    alone = train(data, tmp_path / "alone", config, cache_dir=tmp_path / "cache", strategy="none")
+    config.save(tmp_path / "config.json")
     ports = free_ports(2)
     lungxray = str(Path(sys.executable).parent / "lungxray")
     workers = []
@@ -78,7 +86,7 @@ def test_two_workers_on_loopback_train_the_model_one_process_trains(tmp_path):
     np.testing.assert_allclose(together.predict_files(files).probabilities, head.predict_files(files).probabilities,
                                atol=TOLERANCE)
     history = [(run / "history.csv").read_text().splitlines() for run in (alone.run_dir, tmp_path / "together")]
-    assert len(history[0]) == len(history[1]) == 1 + CONFIG.epochs
+    assert len(history[0]) == len(history[1]) == 1 + config.epochs + config.fine_tune_epochs
 
 
 def test_multi_worker_without_tf_config_says_what_is_missing(tmp_path, capsys, monkeypatch):

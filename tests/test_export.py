@@ -224,3 +224,17 @@ def test_the_base_install_says_what_training_needs(tmp_path):
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "pip install 'lungxray[full]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predictor_load_opens_an_export_with_or_without_tensorflow(run, exported):  # noqa: F811
+    image = sorted((run[1] / "test" / "covid").iterdir())[0]
+    assert isinstance(Predictor.load(exported.path), LitePredictor)
+    code = WITHOUT_TENSORFLOW.split("from lungxray.cli")[0] + """
+import lungxray
+predictor = lungxray.Predictor.load(sys.argv[1])
+print(type(predictor).__name__, predictor.predict_files([sys.argv[2]]).probabilities.shape)
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(exported.path), str(image)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["LitePredictor", "(1,", "3)"]

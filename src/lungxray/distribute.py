@@ -81,20 +81,24 @@ def run_folder(out: str | Path | None) -> Iterator[str | Path | None]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def replicas() -> int:
+    """How many replicas the strategy in scope trains on (1 outside any)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 def distributed(make_dataset: Callable[[Shares | None], tf.data.Dataset]):
     """`make_dataset(shares)` as the strategy in scope wants it: whole batches with one replica; with
     n, every batch cut into n shares, each input pipeline yielding those of its own replicas."""
-    strategy = tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
-    if replicas == 1:
+    count = replicas()
+    if count == 1:
         return make_dataset(None)
 
     def pipeline(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        local = replicas // context.num_input_pipelines
+        local = count // context.num_input_pipelines
         first = context.input_pipeline_id * local
-        return make_dataset((tuple(range(first, first + local)), replicas))
+        return make_dataset((tuple(range(first, first + local)), count))
 
-    return strategy.distribute_datasets_from_function(pipeline)
+    return tf.distribute.get_strategy().distribute_datasets_from_function(pipeline)
 
 
 def build_before_fit(model) -> None:

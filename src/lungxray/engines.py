@@ -29,7 +29,7 @@ import numpy as np
 
 from lungxray.cluster import RayCluster
 from lungxray.config import Config
-from lungxray.distribute import build_before_fit, distributed
+from lungxray.distribute import build_before_fit, distributed, replicas
 from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
 from lungxray.data.records import Dataset, Record, balancing_weights
 from lungxray.errors import ConfigError, DataError, ImageError
@@ -278,6 +278,8 @@ def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, c
     `holds` as they improve, and restored at the end), stop after `early_stopping_patience` epochs
     without improvement, log each epoch to the run's history. `val_inputs` (default: the validation
     batches) is what the worst-group metric predicts on."""
+    if replicas() > 1:  # Keras' multi-step loop fails on distributed iterators ("must feed a value for placeholder")
+        steps_per_execution = 1
     compile_for_training(model, learning_rate, min(steps_per_execution, epochs.steps))
     build_before_fit(model)
     mode, checkpoint = monitor_mode(config.monitor), run.checkpoint(holds)

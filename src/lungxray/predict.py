@@ -18,6 +18,7 @@ from lungxray.data.images import read_image
 from lungxray.errors import WeightsError
 from lungxray.features import FeatureExtractor
 from lungxray.io import atomic_path, write_json
+from lungxray.lite import LitePredictor, is_export
 from lungxray.lungs import LungCrop
 from lungxray.model import head_probabilities, load_model
 from lungxray.ood import OutOfDistribution
@@ -64,7 +65,11 @@ class Predictor:
             self.model.save(temporary)
 
     @classmethod
-    def load(cls, path: str | Path, runtime: str = "auto", cache_dir: Path | None = None) -> "Predictor":
+    def load(cls, path: str | Path, runtime: str = "auto", cache_dir: Path | None = None) -> "Predictor | LitePredictor":
+        """A run folder's or `.keras` file's model; an export (`.tflite`, `.onnx`, `.savedmodel`) opens as
+        the `LitePredictor` that runs it, with the same methods."""
+        if is_export(path):
+            return LitePredictor.load(path)
         run = RunDir.open(path)
         model = load_model(run.model)
         info = run.read_model_info()
