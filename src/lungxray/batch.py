@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from lungxray.cluster import RayCluster
 from lungxray.data.records import IMAGE_SUFFIXES
 from lungxray.errors import DataError
-from lungxray.io import atomic_path
+from lungxray.io import atomic_path, file_hash
 from lungxray.lite import LitePredictor
 from lungxray.parallel import progress
 
@@ -80,10 +81,9 @@ def scored_files(out: Path) -> set[str]:
 
 def score_table(predictor: LitePredictor, files: list[str]):
     """One row per file: content hash, class probabilities, prediction, OOD score and flag, or the error."""
-    import numpy as np
     import pyarrow as pa
 
-    predictions = predictor.predict_files([Path(f) for f in files], desc="scoring")
+    predictions = predictor.predict_files([Path(f) for f in files], desc=None)  # the batches show progress
     reasons = {error.path: error.reason for error in predictions.errors}
     ok = np.array([f not in reasons for f in files])
     columns = {"file": pa.array(files, pa.string()), "sha256": pa.array(predictions.hashes, pa.string()),
@@ -102,7 +102,7 @@ def write_part(out: Path, files: list[str], table) -> Path:
     """The batch's part, named after its files (the same batch always lands in the same part)."""
     import pyarrow.parquet as pq
 
-    part = out / f"part-{hashlib.sha256(chr(10).join(files).encode()).hexdigest()[:16]}.parquet"
+    part = out / f"part-{file_hash(chr(10).join(files).encode())[:16]}.parquet"
     with atomic_path(part) as temporary:
         pq.write_table(table, temporary)
     return part
@@ -151,8 +151,6 @@ class PartWriter:
         self.predictor, self.out = LitePredictor.load(export, threads=1), Path(out)
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
         files = [str(f) for f in batch["file"]]
         table = score_table(self.predictor, files)
         write_part(self.out, files, table)

@@ -36,9 +36,13 @@ def cluster_spec() -> dict | None:
         return None
     try:
         spec = json.loads(text)
-        spec["cluster"], spec["task"]["type"], spec["task"]["index"]  # noqa: B018  (what every TF_CONFIG needs)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"TF_CONFIG is not a tf.distribute cluster description ({error}); see docs/scale.md") from None
+        task = spec["task"]
+        valid = task["type"] in spec["cluster"] and isinstance(task["index"], int)
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise ConfigError("TF_CONFIG is not a tf.distribute cluster description (it needs \"cluster\" and a "
+                          "\"task\" with the type and index of this worker); see docs/scale.md")
     return spec
 
 

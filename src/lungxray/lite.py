@@ -75,7 +75,7 @@ class LitePredictor:
         return Predictions.from_outputs(outputs[self._probabilities], outputs[self._features], self.temperature,
                                         self.ood, [], [None] * len(images))
 
-    def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
+    def predict_files(self, paths: list[Path], desc: str | None = "predicting") -> Predictions:
         n, dim = len(paths), self.pool.output_shapes[self._features][0]
         raw = np.full((n, len(self.classes)), np.nan, np.float32)
         features = np.full((n, dim), np.nan, np.float32)

@@ -37,9 +37,13 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
             yield pending.popleft().result()
 
 
-def progress(items: Iterable[T], total: int, desc: str, unit: str = "img") -> Iterator[T]:
+def progress(items: Iterable[T], total: int, desc: str | None, unit: str = "img") -> Iterator[T]:
     """`items`, with a progress bar on a terminal; elsewhere (CI logs, nohup, files), where a bar's
-    carriage returns pile up into one enormous line, a log line at every tenth and at the end."""
+    carriage returns pile up into one enormous line, a log line at every tenth and at the end.
+    `desc` None: no progress shown (the caller shows its own)."""
+    if desc is None:
+        yield from items
+        return
     if sys.stderr.isatty():
         yield from tqdm(items, total=total, desc=desc, unit=unit)
         return
