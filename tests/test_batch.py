@@ -2,6 +2,7 @@
 files as rows, resuming, damaged parts, and the same table from a local 2-worker Ray instance."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ from lungxray.cli import main
 from lungxray.cluster import RayCluster
 from lungxray.export import export_model
 from lungxray.lite import LitePredictor
+from lungxray.ood import OutOfDistribution
 from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 
@@ -89,3 +91,18 @@ def test_cli_scoring_and_what_it_refuses(export, inputs, tmp_path, capsys):
     assert main(["predict", "--model", str(export), "--engine", "ray", *inputs]) == 2
     assert "give --out DIR" in capsys.readouterr().err
     assert main(["predict", "--model", str(export), "--out", str(tmp_path / "o"), "--batch-size", "0", *inputs]) == 2
+
+
+def test_refuse_ood_keeps_the_flag_and_withholds_the_class(export, inputs, tmp_path, monkeypatch):
+    predictor = LitePredictor.load(export)
+    gate = predictor.ood
+    gate.threshold = float(np.median(predictor.predict_files(sorted(Path(inputs[0]).rglob("*.png"))).ood_score))
+    monkeypatch.setattr(OutOfDistribution, "load", classmethod(lambda cls, path: gate))  # half of them flagged
+    score(export, [inputs[0]], tmp_path / "o", refuse_ood=True)
+    table = table_of(tmp_path / "o")
+    flagged = table.filter(table.column("ood"))
+    assert 0 < flagged.num_rows < table.num_rows
+    assert flagged.column("predicted").null_count == flagged.num_rows == flagged.column("p_covid").null_count
+    assert flagged.column("ood_score").null_count == 0
+    kept = table.filter(pa.compute.invert(table.column("ood")))
+    assert kept.column("predicted").null_count == 0 and kept.column("p_covid").null_count == 0

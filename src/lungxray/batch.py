@@ -79,21 +79,23 @@ def scored_files(out: Path) -> set[str]:
     return done
 
 
-def score_table(predictor: LitePredictor, files: list[str]):
-    """One row per file: content hash, class probabilities, prediction, OOD score and flag, or the error."""
+def score_table(predictor: LitePredictor, files: list[str], refuse_ood: bool = False):
+    """One row per file: content hash, class probabilities, prediction, OOD score and flag, or the error.
+    `refuse_ood`: flagged files keep their score and flag, not their class and probabilities."""
     import pyarrow as pa
 
     predictions = predictor.predict_files([Path(f) for f in files], desc=None)  # the batches show progress
     reasons = {error.path: error.reason for error in predictions.errors}
-    ok = np.array([f not in reasons for f in files])
+    read = np.array([f not in reasons for f in files])
+    shown = read & ~predictions.ood if refuse_ood and predictions.ood is not None else read
     columns = {"file": pa.array(files, pa.string()), "sha256": pa.array(predictions.hashes, pa.string()),
                "predicted": pa.array([predictor.classes[int(row.argmax())] if good else None
-                                      for row, good in zip(predictions.probabilities, ok)], pa.string())}
+                                      for row, good in zip(predictions.probabilities, shown)], pa.string())}
     for index, name in enumerate(predictor.classes):
-        columns[f"p_{name}"] = pa.array(predictions.probabilities[:, index], pa.float32(), mask=~ok)
+        columns[f"p_{name}"] = pa.array(predictions.probabilities[:, index], pa.float32(), mask=~shown)
     if predictions.ood is not None:
-        columns["ood_score"] = pa.array(predictions.ood_score, pa.float32(), mask=~ok)
-        columns["ood"] = pa.array(predictions.ood, pa.bool_(), mask=~ok)
+        columns["ood_score"] = pa.array(predictions.ood_score, pa.float32(), mask=~read)
+        columns["ood"] = pa.array(predictions.ood, pa.bool_(), mask=~read)
     columns["error"] = pa.array([reasons.get(f) for f in files], pa.string())
     return pa.table(columns)
 
@@ -118,7 +120,7 @@ class ScoringResult:
 
 
 def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster | None = None, batch_size: int = 512,
-          write_csv: bool = False) -> ScoringResult:
+          write_csv: bool = False, refuse_ood: bool = False) -> ScoringResult:
     """Score every image `items` name with the exported model `export` into `out`, skipping files
     already there: in this process (one thread per core), or on `cluster`'s Ray workers."""
     if batch_size < 1:
@@ -128,13 +130,14 @@ def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster 
     done = scored_files(out)
     todo = [f for f in files if f not in done]
     if cluster is not None:
-        counts = cluster.map_files(todo, PartWriter, batch_size, export=str(export.resolve()), out=str(out.resolve()))
+        counts = cluster.map_files(todo, PartWriter, batch_size, export=str(export.resolve()), out=str(out.resolve()),
+                                   refuse_ood=refuse_ood)
         errors = int(sum(batch["errors"].sum() for batch in counts))
     else:
         predictor, errors = LitePredictor.load(export), 0
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in progress(batches, len(batches), "batches", unit="batch"):
-            table = score_table(predictor, batch)
+            table = score_table(predictor, batch, refuse_ood)
             write_part(out, batch, table)
             errors += unreadable(table)
     result = ScoringResult(out, len(todo), len(files) - len(todo), errors)
@@ -146,13 +149,13 @@ def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster 
 class PartWriter:
     """A Ray actor: the model, loaded once; each batch of file names in, its part written, a count out."""
 
-    def __init__(self, export: str, out: str):
+    def __init__(self, export: str, out: str, refuse_ood: bool):
         # One thread and one interpreter per actor: Ray gives each actor a core.
-        self.predictor, self.out = LitePredictor.load(export, threads=1), Path(out)
+        self.predictor, self.out, self.refuse_ood = LitePredictor.load(export, threads=1), Path(out), refuse_ood
 
     def __call__(self, batch: dict) -> dict:
         files = [str(f) for f in batch["file"]]
-        table = score_table(self.predictor, files)
+        table = score_table(self.predictor, files, self.refuse_ood)
         write_part(self.out, files, table)
         return {"errors": np.array([unreadable(table)])}
 

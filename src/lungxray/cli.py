@@ -306,7 +306,7 @@ def run_scoring(args) -> int:
     export = Path(args.model) if is_export(args.model) else run_export(
         args.model, "onnx" if args.runtime == "onnx" else "litert", _cache(args))
     result = score(export, args.images, Path(args.out), _cluster(args, args.engine), args.batch_size,
-                   write_csv=args.format == "csv")
+                   write_csv=args.format == "csv", refuse_ood=args.refuse_ood)
     print(f"scored {result.scored} files ({result.errors} unreadable: rows with their error), "
           f"{result.skipped} already scored; {result.csv or result.out}")
     return 0
