@@ -24,7 +24,7 @@ from lungxray.errors import ConfigError, ImageError
 from lungxray.io import atomic_path, file_hash, write_json
 from lungxray.model import model_fingerprint
 from lungxray.parallel import bounded_map, progress
-from lungxray.runtimes import InterpreterPool, litert_available
+from lungxray.runtimes import InterpreterPool, as_batch, litert_available
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
 VIEWS = ("orig", "flip")
@@ -61,8 +61,7 @@ class ModelRuntime:
     def __call__(self, images) -> np.ndarray:
         """Outputs (n, *output_shape) of images: an (n, H, W, C) array or a sequence of (H, W, C) arrays."""
         if self.name == "keras":
-            batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
-            return np.asarray(self.model(batch, training=False), dtype=np.float32)
+            return np.asarray(self.model(as_batch(images), training=False), dtype=np.float32)
         return self._pool(images)[0]
 
 

@@ -24,6 +24,11 @@ def litert_available() -> bool:
     return True
 
 
+def as_batch(images) -> np.ndarray:
+    """An (n, H, W, C) float32 array from an array or a sequence of (H, W, C) arrays."""
+    return np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
+
+
 class InterpreterPool:
     def __init__(self, model_path: Path, size: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
@@ -64,7 +69,7 @@ class OnnxSession:
         self.output_shapes = [tuple(output.shape[1:]) for output in self.session.get_outputs()]
 
     def __call__(self, images) -> list[np.ndarray]:
-        batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
+        batch = as_batch(images)
         return [np.asarray(output, np.float32) for output in self.session.run(None, {self.input_name: batch})]
 
 
@@ -83,6 +88,6 @@ class SavedModelRunner:
         self._signature, self._tf = signature, tf
 
     def __call__(self, images) -> list[np.ndarray]:
-        batch = np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)
+        batch = as_batch(images)
         outputs = self._signature(**{self.input_name: self._tf.constant(batch)})
         return [outputs[name].numpy() for name in self._names]
