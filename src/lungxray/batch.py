@@ -8,8 +8,8 @@ A batch's part is written atomically when the batch is done, so an interrupted j
 the batches in flight, and running the same command again scores only the files no part holds yet.
 Unreadable files are rows with an `error`, never a failed job. On Ray (`lungxray.cluster`), each
 worker (an actor) loads the exported model once and writes the parts of the batches it is given;
-the driver only lists files. Workers read the files and write OUT themselves: on a cluster both must be on storage every
-node sees (docs/scale.md).
+the driver only lists files. Workers read the files and write OUT themselves: on a cluster both
+must be on storage every node sees (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -52,17 +52,19 @@ def _listed(manifest: Path) -> list[str]:
     if manifest.suffix.lower() == ".csv":
         with manifest.open(newline="") as handle:
             reader = csv.DictReader(handle)
-            column = next((c for c in FILE_COLUMNS if c in (reader.fieldnames or [])), None)
-            if column is None:
-                raise DataError(f"{manifest} has no 'file' or 'path' column (columns: {reader.fieldnames})")
+            column = _file_column(manifest, reader.fieldnames or [])
             return [row[column] for row in reader]
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(manifest).names
-    column = next((c for c in FILE_COLUMNS if c in names), None)
-    if column is None:
-        raise DataError(f"{manifest} has no 'file' or 'path' column (columns: {names})")
+    column = _file_column(manifest, pq.read_schema(manifest).names)
     return [str(name) for name in pq.read_table(manifest, columns=[column]).column(column).to_pylist()]
+
+
+def _file_column(manifest: Path, columns: list[str]) -> str:
+    column = next((c for c in FILE_COLUMNS if c in columns), None)
+    if column is None:
+        raise DataError(f"{manifest} has no 'file' or 'path' column (columns: {columns})")
+    return column
 
 
 def scored_files(out: Path) -> set[str]:

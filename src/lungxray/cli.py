@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=run_evaluate)
 
     predict = commands.add_parser("predict", help="class probabilities for images")
-    predict.add_argument("--model", required=True, help="run folder, .keras file, or a .tflite or .onnx file from "
-                                                        "`lungxray export` (no TensorFlow needed)")
+    predict.add_argument("--model", required=True, help="run folder, .keras file, or an export from `lungxray "
+                                                        "export` (.tflite, .onnx: no TensorFlow needed; .savedmodel)")
     predict.add_argument("images", nargs="+", help="image files, folders, or manifests (.csv or .parquet with a "
                                                    "'file' or 'path' column)")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=run_predict)
 
     serve = commands.add_parser("serve", help="REST API and web page for a trained model")
-    serve.add_argument("--model", required=True, help="run folder, .keras file or exported .tflite or .onnx file")
+    serve.add_argument("--model", required=True, help="run folder, .keras file or export (.tflite, .onnx, .savedmodel)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")

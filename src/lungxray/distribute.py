@@ -58,7 +58,11 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "multi-worker" and spec is None:
         raise ConfigError("--strategy multi-worker needs TF_CONFIG, naming every worker and this one's index; "
                           "see docs/scale.md")
-    strategy = tf.distribute.MirroredStrategy() if name == "mirrored" else tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        _reduce_scalars_over_workers()
     logging.getLogger("lungxray").info("strategy: %s, %d replicas", name, strategy.num_replicas_in_sync)
     return strategy
 
@@ -124,7 +128,6 @@ def build_before_fit(model) -> None:
             model._symbolic_build(data_batch=local)
 
     model._maybe_symbolic_build = from_local_share
-    _reduce_scalars_over_workers()
 
 
 def _reduce_scalars_over_workers() -> None:

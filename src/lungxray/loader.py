@@ -27,7 +27,7 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
         return LitePredictor.load(run_export(model, runtime, cache_dir))
     from lungxray.predict import Predictor  # imports TensorFlow: only when a Keras model is asked for
 
-    return Predictor.load(model, runtime="keras" if runtime == "keras" else "auto", cache_dir=cache_dir)
+    return Predictor.load(model, runtime=runtime, cache_dir=cache_dir)  # "keras", or "auto": the backbone in LiteRT
 
 
 def run_export(model: str | Path, fmt: str, cache_dir: Path | None = None) -> Path:
