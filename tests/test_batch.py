@@ -91,6 +91,10 @@ def test_cli_scoring_and_what_it_refuses(export, inputs, tmp_path, capsys):
     assert main(["predict", "--model", str(export), "--engine", "ray", *inputs]) == 2
     assert "give --out DIR" in capsys.readouterr().err
     assert main(["predict", "--model", str(export), "--out", str(tmp_path / "o"), "--batch-size", "0", *inputs]) == 2
+    capsys.readouterr()
+    assert main(["predict", "--model", str(export), "--out", str(tmp_path / "new"), "--engine", "ray",
+                 "--address", "auto", *inputs]) == 2  # no Ray instance runs here
+    assert "cannot reach the Ray cluster at --address auto" in capsys.readouterr().err
 
 
 def test_refuse_ood_keeps_the_flag_and_withholds_the_class(export, inputs, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from lungxray.data.images import read_bytes, read_image
-from lungxray.errors import ImageError
+from lungxray.errors import ConfigError, ImageError
 from lungxray.io import file_hash
 from lungxray.runtimes import InterpreterPool
 
@@ -38,7 +38,10 @@ class RayCluster:
         import ray
 
         started_here = not ray.is_initialized()
-        ray.init(address=self.address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=self.address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        except ConnectionError as error:
+            raise ConfigError(f"cannot reach the Ray cluster at --address {self.address}: {error}") from None
         try:
             yield self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         finally:
