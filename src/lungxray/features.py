@@ -61,7 +61,8 @@ class ModelRuntime:
     def __call__(self, images) -> np.ndarray:
         """Outputs (n, *output_shape) of images: an (n, H, W, C) array or a sequence of (H, W, C) arrays."""
         if self.name == "keras":
-            return np.asarray(self.model(as_batch(images), training=False), dtype=np.float32)
+            # Keras' compiled predict step: an eager call dispatches every layer from Python, ~15x slower.
+            return np.asarray(self.model.predict_on_batch(as_batch(images)), dtype=np.float32)
         return self._pool(images)[0]
 
 
