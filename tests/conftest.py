@@ -53,6 +53,33 @@ def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """One tiny trained run for the tests of what a trained model does (serve, export, batch scoring,
+    the page, hostile input, overload), trained once a session: (run folder, data, cache). Tests copy
+    it before changing it."""
+    from lungxray import Config, train
+
+    root = tmp_path_factory.mktemp("serve")
+    data = write_class_folders(root / "data", per_class=8, splits=["train", "val", "test"])
+    config = Config(weights="none", image_size=TINY, epochs=2, batch_size=8, dense_units=16)
+    result = train(data, root / "run", config, cache_dir=root / "cache")
+    return result.run_dir, data, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    """FastAPI's test client on the shared run, uploads limited to 1 MB."""
+    from fastapi.testclient import TestClient
+
+    from lungxray import Predictor, RunDir
+    from lungxray.serve import create_app
+
+    run_dir, _, cache = run
+    predictor = Predictor.load(run_dir, cache_dir=cache)
+    return TestClient(create_app(predictor, RunDir.open(run_dir), max_upload_mb=1))
+
+
 def require_shared():
     if not CXR.is_dir() or not WEIGHTS.is_file():
         pytest.fail(f"integration tests need {CXR} and {WEIGHTS} (the project's ../shared folder)")

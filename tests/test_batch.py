@@ -15,17 +15,16 @@ from lungxray.cluster import RayCluster
 from lungxray.export import export_model
 from lungxray.lite import LitePredictor
 from lungxray.ood import OutOfDistribution
-from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 
 @pytest.fixture(scope="module")
-def export(run, tmp_path_factory):  # noqa: F811
+def export(run, tmp_path_factory):
     run_dir, _, cache = run
     return export_model(run_dir, tmp_path_factory.mktemp("batch") / "model.tflite", cache_dir=cache, sample_size=8).path
 
 
 @pytest.fixture
-def inputs(run, tmp_path):  # noqa: F811
+def inputs(run, tmp_path):
     """A folder, a manifest CSV (relative paths), a Parquet list and a broken file: 36 images + 1."""
     data = run[1]
     manifest = data / "val" / "list.csv"

@@ -12,7 +12,6 @@ from PIL import Image
 
 from lungxray import Predictor, RunDir
 from lungxray.serve import create_app
-from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -23,7 +22,7 @@ def noise_photo(path):
 
 
 @pytest.fixture
-def server(run, tmp_path):  # noqa: F811
+def server(run, tmp_path):
     """The app, its gate's threshold set between a test X-ray's score and a noise photo's, so that
     the photo is flagged and the X-ray is not."""
     run_dir, data, cache = run

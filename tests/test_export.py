@@ -16,7 +16,6 @@ from lungxray.cli import main
 from lungxray.errors import WeightsError
 from lungxray.export import FLOAT_TOLERANCE, export_model
 from lungxray.lite import LitePredictor, sidecar_paths
-from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 # Importing TensorFlow or Keras fails in this child, as in an install without them.
 WITHOUT_TENSORFLOW = """
@@ -31,7 +30,7 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module", params=["litert", "onnx"])
-def exported(run, tmp_path_factory, request):  # noqa: F811
+def exported(run, tmp_path_factory, request):
     run_dir, _, cache = run
     suffix = {"litert": ".tflite", "onnx": ".onnx"}[request.param]
     return export_model(run_dir, tmp_path_factory.mktemp("export") / f"model{suffix}", cache_dir=cache,
@@ -48,7 +47,7 @@ def test_export_writes_the_model_its_sidecar_and_gate_and_checks_them(exported):
     assert info["parity"]["max_abs_difference"] <= FLOAT_TOLERANCE and info["training_data_fingerprint"]
 
 
-def test_exported_predictions_match_keras(run, exported):  # noqa: F811
+def test_exported_predictions_match_keras(run, exported):
     run_dir, data, cache = run
     files = sorted(data.rglob("*.png"))
     keras_side = Predictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
@@ -58,7 +57,7 @@ def test_exported_predictions_match_keras(run, exported):  # noqa: F811
     assert np.array_equal(lite_side.ood, keras_side.ood)
 
 
-def test_predict_from_an_export_without_tensorflow(run, exported, tmp_path):  # noqa: F811
+def test_predict_from_an_export_without_tensorflow(run, exported, tmp_path):
     _, data, _ = run
     images = sorted((data / "test" / "covid").iterdir())[:3]
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -71,7 +70,7 @@ def test_predict_from_an_export_without_tensorflow(run, exported, tmp_path):  # 
     assert "not a recognised image format" in rows[3]["error"]
 
 
-def test_export_cli_and_what_it_refuses(run, tmp_path, capsys):  # noqa: F811
+def test_export_cli_and_what_it_refuses(run, tmp_path, capsys):
     run_dir, _, cache = run
     out = tmp_path / "cli" / "model.tflite"
     assert main(["export", "--model", str(run_dir), "--out", str(out), "--cache", str(cache), "--sample", "6"]) == 0
@@ -82,7 +81,7 @@ def test_export_cli_and_what_it_refuses(run, tmp_path, capsys):  # noqa: F811
         LitePredictor.load(run_dir / "model.keras")
 
 
-def test_serve_from_an_export(run, exported):  # noqa: F811
+def test_serve_from_an_export(run, exported):
     from fastapi.testclient import TestClient
 
     from lungxray.serve import create_app
@@ -110,7 +109,7 @@ print(response.json()["predicted"])
 """
 
 
-def test_serve_an_export_without_tensorflow(run, exported):  # noqa: F811
+def test_serve_an_export_without_tensorflow(run, exported):
     image = sorted((run[1] / "test" / "covid").iterdir())[0]
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TENSORFLOW, str(exported.path), str(image)],
                             capture_output=True, text=True, timeout=120)
@@ -118,7 +117,7 @@ def test_serve_an_export_without_tensorflow(run, exported):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["model.tflite", "model.savedmodel"])
-def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch, name):  # noqa: F811
+def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch, name):
     import lungxray.export as export
 
     run_dir, _, cache = run
@@ -129,7 +128,7 @@ def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch, name):  # no
     assert not list(tmp_path.iterdir())
 
 
-def test_savedmodel_export_matches_keras(run, tmp_path):  # noqa: F811
+def test_savedmodel_export_matches_keras(run, tmp_path):
     run_dir, data, cache = run
     result = export_model(run_dir, tmp_path / "model.savedmodel", cache_dir=cache, fmt="savedmodel", sample_size=8)
     assert (result.path / "saved_model.pb").is_file() and result.parity["label_agreement"] == 1.0
@@ -141,7 +140,7 @@ def test_savedmodel_export_matches_keras(run, tmp_path):  # noqa: F811
                                keras_side.probabilities, atol=FLOAT_TOLERANCE)
 
 
-def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):  # noqa: F811
+def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):
     run_dir, data, cache = run
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
     images = [str(p) for p in sorted((data / "test").rglob("*.png"))[:4]]
@@ -207,7 +206,7 @@ def base_install() -> set[str]:
     return found
 
 
-def test_an_export_needs_only_the_base_install(run, exported):  # noqa: F811
+def test_an_export_needs_only_the_base_install(run, exported):
     image = sorted((run[1] / "test" / "covid").iterdir())[0]
     result = subprocess.run([sys.executable, "-c", IMPORTED_DISTRIBUTIONS, str(exported.path), "predict", "--model",
                              str(exported.path), str(image)], capture_output=True, text=True, timeout=120)
@@ -226,7 +225,7 @@ def test_the_base_install_says_what_training_needs(tmp_path):
     assert "pip install 'lungxray[full]'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_predictor_load_opens_an_export_with_or_without_tensorflow(run, exported):  # noqa: F811
+def test_predictor_load_opens_an_export_with_or_without_tensorflow(run, exported):
     image = sorted((run[1] / "test" / "covid").iterdir())[0]
     assert isinstance(Predictor.load(exported.path), LitePredictor)
     code = WITHOUT_TENSORFLOW.split("from lungxray.cli")[0] + """

@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from lungxray.cli import main
-from tests.test_serve import client, run  # noqa: F401  (the trained-model fixtures)
 
 MAX_SECONDS = 10.0
 MAX_EXTRA_MB = 300  # over the idle process, for any single file
@@ -139,7 +138,7 @@ def test_multiframe_decodes_the_first_frame_only(files):
     assert image[:8].min() == 255 and image[8:].max() == 0  # frame 0's band, and nothing of the others
 
 
-def test_predict_lists_every_file_with_its_reason(run, files, capsys):  # noqa: F811
+def test_predict_lists_every_file_with_its_reason(run, files, capsys):
     run_dir, _, cache = run
     capsys.readouterr()
     main(["predict", "--model", str(run_dir), "--cache", str(cache), "--format", "json", str(files)])
@@ -155,7 +154,7 @@ def test_predict_lists_every_file_with_its_reason(run, files, capsys):  # noqa: 
     assert "Traceback" not in err
 
 
-def test_api_answers_each_file_with_json(client, files):  # noqa: F811
+def test_api_answers_each_file_with_json(client, files):
     for name, (content, expected) in corpus().items():
         response = client.post("/api/predict", files={"file": (name, content, "application/octet-stream")})
         if expected is None:

@@ -19,6 +19,11 @@ def cached_run(cxr_subset, tmp_path_factory):
     return train(cxr_subset, tmp_path_factory.mktemp("runs") / "cached", config, cache_dir=cache), cache
 
 
+def correct(metrics) -> int:
+    """Test images classified right, counted from the confusion matrix."""
+    return int(np.trace(np.array(metrics["confusion_matrix"])))
+
+
 def test_cached_engine_learns_real_xrays(cached_run):
     result, _ = cached_run
     assert result.engine == "cached"
@@ -27,7 +32,7 @@ def test_cached_engine_learns_real_xrays(cached_run):
     # Ten short epochs on 240 images: well above the 1/3 of chance, if not yet at the reference 0.94.
     # (With 120 images, enough on version 1 of ../shared/cxr, version 2's adult pneumonia films
     # brought the same run to 0.578, the old code and this one alike.)
-    assert metrics["accuracy"] > 0.6
+    assert correct(metrics) > 27  # more than 0.6 of 45
     assert np.array(metrics["confusion_matrix"]).sum() == 45
 
 
@@ -38,7 +43,9 @@ def test_keras_engine_matches_cached_on_real_xrays(cached_run, cxr_subset, tmp_p
     # The cached run used LiteRT features (within ~1e-4 of Keras'). Training amplifies such rounding
     # differences a little over 80 steps (measured: <= 0.006 in loss), so compare to 15%.
     np.testing.assert_allclose(keras_run.history["loss"], result.history["loss"], rtol=0.15)
-    assert abs(keras_run.test_metrics["accuracy"] - result.test_metrics["accuracy"]) <= 2 / 45
+    # At most two films of the 45 more or fewer right. Counted: a difference of two float accuracies
+    # can land one ulp above 2 / 45 (0.7333 vs 0.7778 failed so).
+    assert abs(correct(keras_run.test_metrics) - correct(result.test_metrics)) <= 2
 
 
 def test_evaluate_keeps_manifest_columns(cached_run, cxr_subset, tmp_path):

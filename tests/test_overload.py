@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serve import run  # noqa: F401  (the trained-model fixture)
 
 MAX_PENDING, MAX_CONNECTIONS, READ_TIMEOUT = 8, 12, 1.0
 
@@ -31,7 +30,7 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(run):  # noqa: F811
+def server(run):
     run_dir, _, cache = run
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -8,26 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lungxray import Config, Predictor, RunDir, train
+from lungxray import Predictor, RunDir
 from lungxray.serve import create_app
-from tests.conftest import TINY, write_class_folders
+from tests.conftest import TINY
 from tests.test_dicom import make_dicom
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data = write_class_folders(root / "data", per_class=8, splits=["train", "val", "test"])
-    config = Config(weights="none", image_size=TINY, epochs=2, batch_size=8, dense_units=16)
-    result = train(data, root / "run", config, cache_dir=root / "cache")
-    return result.run_dir, data, root / "cache"
-
-
-@pytest.fixture(scope="module")
-def client(run):
-    run_dir, _, cache = run
-    predictor = Predictor.load(run_dir, cache_dir=cache)
-    return TestClient(create_app(predictor, RunDir.open(run_dir), max_upload_mb=1))
 
 
 def png_bytes(size=64, value=128) -> bytes:
