@@ -6,6 +6,10 @@ RUN ?= runs/reference-$(shell date +%Y%m%d-%H%M%S)
 
 SUDO = $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
+# The published label files of NIH, CheXpert, PadChest and RSNA that the importer tests read (data
+# files of the torchxrayvision wheel, fetched without torch, never imported).
+LABELS = $(VENV)/published-labels/torchxrayvision-1.5.7-py3-none-any.whl
+
 .PHONY: setup reference test browser
 
 $(BIN)/lungxray: pyproject.toml
@@ -13,6 +17,9 @@ $(BIN)/lungxray: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
+
+$(LABELS): | $(BIN)/lungxray
+	$(BIN)/python -m pip download -q --no-deps torchxrayvision==1.5.7 -d $(dir $@)
 
 setup: $(BIN)/lungxray
 
@@ -22,7 +29,7 @@ reference: setup
 	data="$${LUNGXRAY_DATA:-$$($(BIN)/lungxray data fetch --print-path)}" && \
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
-test: setup browser
+test: setup browser $(LABELS)
 	$(BIN)/python -m pytest -q
 
 # The browser test drives Debian's Chromium through Selenium: install it where it is missing.

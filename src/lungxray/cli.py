@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from lungxray.config import PRESETS, Config
+from lungxray.data.importers import COLLECTIONS
 from lungxray.errors import ConfigError, LungxrayError
 from lungxray.loader import RUNTIMES
 from lungxray.rundir import RunDir
@@ -158,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--ratios", default="0.7,0.2,0.1", help="train,val,test shares (default 0.7,0.2,0.1)")
     split.add_argument("--seed", type=int, default=21)
     split.set_defaults(run=run_split)
+    imports = data.add_parser("import", help="a manifest from a public collection's own label files")
+    imports.add_argument("kind", choices=COLLECTIONS, help="the collection (docs/data.md has each one's mapping)")
+    imports.add_argument("root", help="the folder the collection unpacks to")
+    imports.add_argument("--out", required=True, help="the manifest .csv to write")
+    imports.add_argument("--uncertain", default="drop", choices=("drop", "negative", "positive"),
+                         help="uncertain labels (CheXpert, MIMIC): leave the image out, or read them as "
+                              "negative or positive (default drop)")
+    imports.add_argument("--views", default="PA,AP", help="views kept, or 'all' (default PA,AP: no laterals)")
+    imports.add_argument("--source", help="the manifest's source name (default: the collection's)")
+    imports.set_defaults(run=run_import)
+    merge = data.add_parser("merge", help="imported manifests as one, patient-disjoint splits, duplicates across "
+                                          "collections kept in one split")
+    merge.add_argument("manifests", nargs="+", help="manifests written by lungxray data import")
+    merge.add_argument("--out", required=True, help="the merged manifest .csv")
+    merge.add_argument("--ratios", default="0.7,0.2,0.1", help="train,val,test shares (default 0.7,0.2,0.1)")
+    merge.add_argument("--seed", type=int, default=21)
+    merge.set_defaults(run=run_merge)
     probe = data.add_parser("probe", help="can backbone features predict a nuisance column within a class?")
     probe.add_argument("data", help="a manifest CSV with the column")
     probe.add_argument("--by", required=True, help="the nuisance column, e.g. source or age_group")
@@ -371,21 +389,60 @@ def run_audit(args) -> int:
     return 0
 
 
-def run_split(args) -> int:
-    from lungxray.data.records import check_ratios, load_dataset, write_manifest
-    from lungxray.data.split import leakage_free_split
+def _ratios(text: str) -> tuple[float, float, float]:
+    from lungxray.data.records import check_ratios
 
     try:
-        ratios = check_ratios(args.ratios.split(","))
+        return check_ratios(text.split(","))
     except ValueError:
-        raise ConfigError(f"--ratios {args.ratios}: give three numbers summing to 1, such as 0.7,0.2,0.1") from None
-    dataset = leakage_free_split(load_dataset(args.data), ratios, args.seed, args.group_by, args.dedupe)
-    out = Path(args.out)
-    out = out if out.suffix.lower() == ".csv" else out / "split.csv"
-    write_manifest(dataset, out)
+        raise ConfigError(f"--ratios {text}: give three numbers summing to 1, such as 0.7,0.2,0.1") from None
+
+
+def _print_counts(dataset, out: Path) -> None:
     for split, row in dataset.counts().items():
         print(f"{split:5s} " + "  ".join(f"{c}: {n}" for c, n in row.items()))
     print(f"written: {out} (use it as lungxray train --data {out})")
+
+
+def run_split(args) -> int:
+    from lungxray.data.records import load_dataset, write_manifest
+    from lungxray.data.split import leakage_free_split
+
+    dataset = leakage_free_split(load_dataset(args.data), _ratios(args.ratios), args.seed, args.group_by, args.dedupe)
+    out = Path(args.out)
+    out = out if out.suffix.lower() == ".csv" else out / "split.csv"
+    write_manifest(dataset, out)
+    _print_counts(dataset, out)
+    return 0
+
+
+def run_import(args) -> int:
+    from lungxray.data.importers import import_collection
+
+    views = None if args.views == "all" else tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+    summary = import_collection(args.kind, args.root, args.out, args.uncertain, views, args.source)
+    print("\n".join(summary.lines()))
+    print(f"written: {summary.manifest} (merge it with lungxray data merge, or train on it as it is)")
+    return 0
+
+
+def run_merge(args) -> int:
+    from lungxray.data.merge import merge_manifests, write_merge
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"--out {out}: give a .csv file name for the merged manifest")
+    result = merge_manifests(args.manifests, _ratios(args.ratios), args.seed)
+    table = write_merge(result, out)
+    width = max(len(s) for s in result.table)
+    print(f"{'source':{width}s} " + " ".join(f"{c:>10s}" for c in result.dataset.classes))
+    for source, row in sorted(result.table.items()):
+        print(f"{source:{width}s} " + " ".join(f"{n:10d}" for n in row.values()))
+    print(f"{result.shared_films} film(s) appear in two or more collections: each kept within one split")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"class x source table: {table}")
+    _print_counts(result.dataset, out)
     return 0
 
 

@@ -1,0 +1,36 @@
+"""Importers for the public chest X-ray collections: each reads a collection's own label files, in
+their published format, and writes lungxray's manifest (`file,label,source,site,patient_id,study_id,
+age,age_group,sex,view,native_*`), which `lungxray train`, `evaluate` and `data merge` take as is.
+
+    summary = import_collection("nih", "/data/ChestX-ray14", "nih.csv")
+
+One module per collection; each documents its mapping (docs/data.md has them in one table).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from lungxray.data.importers.base import FRONTAL_VIEWS, ImportSummary, check_uncertain, write_import
+from lungxray.errors import DataError
+
+# The names users type, each the module that reads that collection.
+COLLECTIONS = ("nih", "chexpert", "mimic", "padchest", "rsna", "kermany", "radiography", "ieee8023")
+
+
+def import_collection(kind: str, root: str | Path, out: str | Path, uncertain: str = "drop",
+                      views: tuple[str, ...] | None = FRONTAL_VIEWS, source: str | None = None) -> ImportSummary:
+    """Read collection `kind` unpacked at `root` and write its manifest to `out` (a .csv).
+    `views`: the views kept (None keeps all); `source`: the manifest's source name (default: the
+    collection's)."""
+    if kind not in COLLECTIONS:
+        raise DataError(f"unknown collection {kind!r}; lungxray imports {', '.join(COLLECTIONS)}")
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: give the folder the {kind} collection unpacks to")
+    if out.suffix.lower() != ".csv":
+        raise DataError(f"--out {out}: give a .csv file name for the manifest")
+    module = importlib.import_module(f"lungxray.data.importers.{kind}")
+    entries = module.entries(root.resolve(), check_uncertain(uncertain))
+    return write_import(kind, entries, root, out, source or module.SOURCE, views)
