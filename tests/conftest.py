@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray.config import environment_path
+from lungxray.config import CONVERSIONS_ENV, environment_path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -36,6 +36,19 @@ def write_class_folders(root: Path, per_class: int, seed: int = 0, splits=None) 
             for i in range(per_class):
                 Image.fromarray(synthetic_image(index, rng)).save(folder / f"{name}_{i}.png")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_conversions(tmp_path_factory):
+    """Backbones converted to LiteRT once a session, for every test's cache and every child process
+    (a conversion is a function of the model alone and takes ~7 s; the parity tests still convert)."""
+    before = os.environ.get(CONVERSIONS_ENV)
+    os.environ[CONVERSIONS_ENV] = str(tmp_path_factory.mktemp("conversions"))
+    yield
+    if before is None:
+        del os.environ[CONVERSIONS_ENV]
+    else:
+        os.environ[CONVERSIONS_ENV] = before
 
 
 @pytest.fixture

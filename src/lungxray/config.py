@@ -17,6 +17,7 @@ from lungxray.io import read_json, write_json
 WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 LUNG_MASKS_ENV = "LUNGXRAY_LUNGMASKS"
 CACHE_ENV = "LUNGXRAY_CACHE"
+CONVERSIONS_ENV = "LUNGXRAY_CONVERSIONS"
 
 
 def environment_path(name: str) -> Path | None:
@@ -29,6 +30,12 @@ def environment_path(name: str) -> Path | None:
 def default_cache_dir() -> Path:
     """Where features, converted backbones and downloaded data are kept: `LUNGXRAY_CACHE` or ~/.cache/lungxray."""
     return environment_path(CACHE_ENV) or Path.home() / ".cache" / "lungxray"
+
+
+def conversions_dir(cache_dir: Path) -> Path:
+    """Where converted LiteRT backbones are kept: `LUNGXRAY_CONVERSIONS`, or the cache's `litert/`.
+    A conversion depends on the model alone (~7 s each), so several feature caches may share one folder."""
+    return environment_path(CONVERSIONS_ENV) or cache_dir / "litert"
 
 
 def default_lung_masks() -> str | None:

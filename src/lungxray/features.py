@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from lungxray.config import default_cache_dir
+from lungxray.config import conversions_dir, default_cache_dir
 from lungxray.data.images import read_image
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import atomic_path, file_hash, write_json
@@ -49,7 +49,7 @@ class ModelRuntime:
 
     def _litert_model(self, cache_dir: Path) -> Path:
         """The model converted to LiteRT once per weights fingerprint and input size (~7 s for the backbone)."""
-        model_path = cache_dir / "litert" / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
+        model_path = conversions_dir(cache_dir) / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
         if not model_path.is_file():
             import tensorflow as tf
 
