@@ -29,8 +29,9 @@ reference: setup
 	data="$${LUNGXRAY_DATA:-$$($(BIN)/lungxray data fetch --print-path)}" && \
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
+# One worker per core (pytest-xdist), each test file on one worker so that its fixtures are made once.
 test: setup browser $(LABELS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The browser test drives Debian's Chromium through Selenium: install it where it is missing.
 browser:

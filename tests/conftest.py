@@ -52,6 +52,18 @@ def shared_conversions(tmp_path_factory):
 
 
 @pytest.fixture
+def ray_alone(tmp_path_factory):
+    """Held by a test that starts a local Ray instance or needs none running: Ray does not support two
+    local instances on one machine, and the suite runs in parallel workers (`make test`), which share
+    the folder above their own temporary folders."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
 def class_folders(tmp_path) -> Path:
     return write_class_folders(tmp_path / "classes", per_class=10)
 

@@ -71,6 +71,7 @@ def test_scores_every_input_once_and_resumes(export, inputs, tmp_path):
         assert sum(1 for _ in csv.DictReader(handle)) == 41
 
 
+@pytest.mark.usefixtures("ray_alone")
 def test_ray_with_two_workers_gives_the_local_table(export, inputs, tmp_path):
     local = score(export, inputs, tmp_path / "local", batch_size=8)
     on_ray = score(export, inputs, tmp_path / "ray", RayCluster(workers=2), batch_size=8)
@@ -84,6 +85,7 @@ def test_ray_with_two_workers_gives_the_local_table(export, inputs, tmp_path):
         sorted(p.name for p in (tmp_path / "local").glob(PART_GLOB))
 
 
+@pytest.mark.usefixtures("ray_alone")  # it needs no Ray instance running
 def test_cli_scoring_and_what_it_refuses(export, inputs, tmp_path, capsys):
     assert main(["predict", "--model", str(export), "--out", str(tmp_path / "o"), "--format", "csv", *inputs]) == 0
     assert "scored 41 files (1 unreadable" in capsys.readouterr().out and (tmp_path / "o" / "predictions.csv").is_file()

@@ -12,6 +12,8 @@ from lungxray.features import FeatureExtractor
 from lungxray.model import build_backbone
 from tests.conftest import TINY, write_class_folders
 
+pytestmark = pytest.mark.usefixtures("ray_alone")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
