@@ -1,6 +1,6 @@
 """`lungxray data import` for each collection, on its label files in their published format, and
 `data merge`. NIH, CheXpert, PadChest and RSNA rows are real: read from the label files the
-torchxrayvision 1.5.7 wheel carries (`make setup` downloads it, without torch; it is never imported).
+torchxrayvision 1.5.7 wheel carries (`make test` downloads it, without torch; it is never imported).
 The others follow the published layout, quoted in each test."""
 
 import csv
@@ -27,7 +27,9 @@ WHEEL_GLOB = "torchxrayvision-*.whl"
 def label_wheel() -> Path:
     found = sorted((Path(sys.prefix) / "published-labels").glob(WHEEL_GLOB))
     if not found:
-        pytest.fail(f"the torchxrayvision wheel is not in {Path(sys.prefix) / 'published-labels'}: run make setup")
+        folder = Path(sys.prefix) / "published-labels"
+        pytest.fail(f"the torchxrayvision wheel is not in {folder}: run make test, which downloads it, or "
+                    f"pip download --no-deps torchxrayvision==1.5.7 -d {folder}")
     return found[-1]
 
 
