@@ -343,3 +343,95 @@ def test_import_merge_train_and_evaluate_a_held_out_source(tmp_path, capsys):
     assert result.external_metrics["n"] == 13  # every Kermany film, none trained on
     trained = {Path(r["file"]).name for r in csv.DictReader(open(result.run_dir / "data.csv"))}
     assert not trained & {Path(r["file"]).name for r in rows if r["source"] == "kermany_pediatric"}
+
+
+def test_vindr_kaggle_majority_of_radiologists(tmp_path):
+    from tests.test_dicom import make_dicom
+
+    # Real rows: one film all three radiologists read as "No finding", one with findings.
+    ids = {"000434271f63a053c4128a0ba6352c7f", "9a5094b2563a1ef3ff50dc5c7ff71345"}
+    header, rows = published_rows("vinbigdata-train.csv.gz", ids, "image_id")
+    root = tmp_path / "vindr"
+    write_csv(root / "train.csv", header, rows)
+    (root / "train").mkdir()
+    for i, image in enumerate(sorted(ids)):
+        make_dicom(root / "train" / f"{image}.dicom", np.full((16, 16), 500, np.uint16),
+                   header={"PatientAge": f"0{40 + i}Y", "PatientSex": "F"})
+    summary = import_collection("vindr", root, tmp_path / "v.csv")
+    got = list(csv.DictReader(open(tmp_path / "v.csv")))
+    assert [(r["patient_id"], r["label"], r["age"], r["sex"], r["view"], r["native_readers"]) for r in got] == [
+        ("000434271f63a053c4128a0ba6352c7f", "normal", "40", "F", "PA", "3")]
+    assert summary.dropped == {"a finding (Kaggle's labels cannot say pneumonia)": 1}
+
+
+def test_vindr_physionet_global_labels(tmp_path):
+    # annotations/image_labels_train.csv as on PhysioNet (a subset of its label columns), three readers each.
+    root = tmp_path / "vindr"
+    columns = ["image_id", "rad_id", "Lung Opacity", "Pneumonia", "Tuberculosis", "Other diseases", "No finding"]
+    rows = [dict(zip(columns, values)) for values in [
+        ("a", "R1", 1, 1, 0, 0, 0), ("a", "R2", 1, 1, 0, 0, 0), ("a", "R3", 0, 0, 0, 0, 1),  # 2 of 3: pneumonia
+        ("b", "R1", 0, 0, 0, 0, 1), ("b", "R4", 0, 0, 0, 0, 1), ("b", "R5", 0, 1, 0, 0, 0),  # 2 of 3: no finding
+        ("c", "R1", 0, 0, 1, 0, 0), ("c", "R2", 0, 0, 1, 0, 0), ("c", "R3", 0, 0, 0, 0, 1)]]  # tuberculosis
+    write_csv(root / "annotations" / "image_labels_train.csv", columns, rows)
+    from tests.test_dicom import make_dicom
+
+    (root / "train").mkdir()
+    for image in "ab":
+        make_dicom(root / "train" / f"{image}.dicom", np.full((16, 16), 500, np.uint16), header={"PatientAge": "030Y"})
+    tiny_image(root / "train" / "c.dicom")  # a PNG: its DICOM header cannot be read
+    summary = import_collection("vindr", root, tmp_path / "v.csv")
+    assert {r["patient_id"]: r["label"] for r in csv.DictReader(open(tmp_path / "v.csv"))} == {"a": "pneumonia",
+                                                                                             "b": "normal"}
+    assert summary.dropped == {"DICOM header unreadable": 1}
+    make_dicom(root / "train" / "c.dicom", np.full((16, 16), 500, np.uint16), header={"PatientAge": "030Y"})
+    assert import_collection("vindr", root, tmp_path / "v.csv").dropped == {"other findings without pneumonia": 1}
+
+
+def test_siim_study_labels_reach_their_images(tmp_path):
+    from tests.test_dicom import make_dicom
+
+    # train_study_level.csv and train_image_level.csv as published on Kaggle (SIIM-FISABIO-RSNA 2021).
+    root = tmp_path / "siim"
+    study_columns = ["id", "Negative for Pneumonia", "Typical Appearance", "Indeterminate Appearance",
+                     "Atypical Appearance"]
+    write_csv(root / "train_study_level.csv", study_columns, [
+        dict(zip(study_columns, ("s1_study", 0, 1, 0, 0))), dict(zip(study_columns, ("s2_study", 1, 0, 0, 0))),
+        dict(zip(study_columns, ("s3_study", 0, 0, 0, 1)))])
+    write_csv(root / "train_image_level.csv", ["id", "boxes", "label", "StudyInstanceUID"], [
+        {"id": "i1_image", "label": "opacity 1 10 10 50 50", "StudyInstanceUID": "s1"},
+        {"id": "i2_image", "label": "none 1 0 0 1 1", "StudyInstanceUID": "s2"},
+        {"id": "i3_image", "label": "opacity 1 5 5 9 9", "StudyInstanceUID": "s3"}])
+    for image, study in (("i1", "s1"), ("i2", "s2"), ("i3", "s3")):
+        (root / "train" / study / "series9").mkdir(parents=True)
+        make_dicom(root / "train" / study / "series9" / f"{image}.dcm", np.full((16, 16), 700, np.uint16),
+                   header={"PatientAge": "", "PatientSex": "M", "ViewPosition": "AP"})
+    summary = import_collection("siim", root, tmp_path / "s.csv")
+    got = {r["study_id"]: r for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert {s: r["label"] for s, r in got.items()} == {"s1": "covid", "s2": "normal"}
+    assert got["s1"]["file"].endswith("train/s1/series9/i1.dcm") and got["s1"]["view"] == "AP"
+    assert summary.dropped == {"atypical appearance (neither COVID-19 nor named pneumonia)": 1}
+
+
+def test_covidx_both_label_conventions(tmp_path):
+    # train.txt / test.txt as published: "patient_id filename class data_source".
+    root = tmp_path / "covidx"
+    root.mkdir()
+    (root / "train.txt").write_text("101 a.png positive bimcv\n102 b.png negative rsna\n")
+    (root / "test.txt").write_text("7 c.jpg COVID-19 cohen\n8 d.png pneumonia rsna\n9 e.png normal rsna\n")
+    for i, name in enumerate(["train/a.png", "train/b.png", "test/c.jpg", "test/d.png", "test/e.png"]):
+        tiny_image(root / name, seed=i)
+    summary = import_collection("covidx", root, tmp_path / "x.csv")
+    got = manifest_rows(tmp_path / "x.csv")
+    assert {n: (r["label"], r["site"]) for n, r in got.items()} == {
+        "a.png": ("covid", "bimcv"), "c.jpg": ("covid", "cohen"), "d.png": ("pneumonia", "rsna"),
+        "e.png": ("normal", "rsna")}
+    assert summary.dropped == {"negative (normal or another pneumonia: not told)": 1}
+    (root / "train.txt").write_text("101 a.png\n")
+    with pytest.raises(DataError, match="train.txt, line 1: expected"):
+        import_collection("covidx", root, tmp_path / "x.csv")
+
+
+def test_dicom_ages_are_whole_years():
+    from lungxray.data.importers.base import dicom_age_years
+
+    assert [dicom_age_years(a) for a in ("065Y", "43", "006M", "010D", "", "abcY")] == ["65", "43", "0", "0", "", ""]

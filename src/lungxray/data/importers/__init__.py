@@ -16,7 +16,8 @@ from lungxray.data.importers.base import FRONTAL_VIEWS, ImportSummary, check_unc
 from lungxray.errors import DataError
 
 # The names users type, each the module that reads that collection.
-COLLECTIONS = ("nih", "chexpert", "mimic", "padchest", "rsna", "kermany", "radiography", "ieee8023")
+COLLECTIONS = ("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "siim", "kermany", "radiography", "ieee8023",
+               "covidx")
 
 
 def import_collection(kind: str, root: str | Path, out: str | Path, uncertain: str = "drop",

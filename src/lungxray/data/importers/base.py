@@ -102,6 +102,29 @@ def require_columns(path: Path, row: dict[str, str], columns: Iterable[str]) -> 
         raise DataError(f"{path} lacks the column(s) {missing}: is it the collection's own label file?")
 
 
+def dicom_facts(path: Path) -> dict[str, str] | None:
+    """Age (years), sex and view from a DICOM file's header, read without its pixels; None where the
+    header cannot be read."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True,
+                                  specific_tags=["PatientAge", "PatientSex", "ViewPosition"])
+    except Exception:  # pydicom raises many types for a damaged header
+        return None
+    return {"age": dicom_age_years(str(dataset.get("PatientAge", ""))), "sex": str(dataset.get("PatientSex", "")),
+            "view": str(dataset.get("ViewPosition", ""))}
+
+
+def dicom_age_years(age: str) -> str:
+    """Whole years from a DICOM age string (065Y, 006M, 010D; RSNA writes plain 43), '' if none."""
+    age = age.strip()
+    number, unit = (age[:-1], age[-1]) if age[-1:] in ("Y", "M", "W", "D") else (age, "Y")
+    if not number.isdigit():
+        return ""
+    return str(int(number)) if unit == "Y" else "0"
+
+
 def files_under(root: Path) -> set[str]:
     """Every file under `root`, as a path relative to it with '/' separators (one walk, for 200,000 rows)."""
     found = set()

@@ -17,25 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, dicom_facts, find_file, read_rows, require_columns
 
 SOURCE = "rsna_pneumonia"
 CLASSES = {"Lung Opacity": ("pneumonia", None), "Normal": ("normal", None),
            "No Lung Opacity / Not Normal": (None, "no lung opacity but not normal (another finding)")}
 IMAGES = "stage_2_train_images"
-
-
-def header(path: Path) -> dict[str, str] | None:
-    """Age, sex and view from a DICOM file's header (None where it cannot be read)."""
-    import pydicom
-
-    try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientAge", "PatientSex",
-                                                                               "ViewPosition"])
-    except Exception:  # pydicom raises many types for a damaged header
-        return None
-    return {"age": str(dataset.get("PatientAge", "")).rstrip("Y").lstrip("0") or "",
-            "sex": str(dataset.get("PatientSex", "")), "view": str(dataset.get("ViewPosition", ""))}
 
 
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
@@ -54,7 +41,7 @@ def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     for patient, native in detailed.items():
         label, dropped = CLASSES.get(native, (None, f"unknown class {native!r}"))
         file = f"{IMAGES}/{patient}.dcm"
-        facts = header(root / file) if (root / file).is_file() else {}
+        facts = dicom_facts(root / file) if (root / file).is_file() else {}
         if facts is None:
             label, dropped, facts = None, "DICOM header unreadable", {}
         yield Entry(file=file, label=label, dropped=dropped, patient_id=patient, study_id=patient,
