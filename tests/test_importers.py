@@ -343,6 +343,10 @@ def test_import_merge_train_and_evaluate_a_held_out_source(tmp_path, capsys):
     assert result.external_metrics["n"] == 13  # every Kermany film, none trained on
     trained = {Path(r["file"]).name for r in csv.DictReader(open(result.run_dir / "data.csv"))}
     assert not trained & {Path(r["file"]).name for r in rows if r["source"] == "kermany_pediatric"}
+    assert main(["evaluate", "--model", str(result.run_dir), "--data", str(merged), "--split", "test", "--by", "source",
+                 "--out", str(tmp_path / "by-source"), "--cache", str(tmp_path / "cache")]) == 0
+    groups = json.loads((tmp_path / "by-source" / "metrics.json").read_text())["subgroups"]["source"]
+    assert set(groups) == {r["source"] for r in rows if r["split"] == "test"}
 
 
 def test_vindr_kaggle_majority_of_radiologists(tmp_path):
