@@ -56,13 +56,15 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     data = write_class_folders(root / "data", per_class=8, splits=["train", "val", "test"])
     assert main([*TRAIN, "--data", str(data), "--out", str(root / "clean"), "--cache", str(root / "cache")]) == 0
-    return data, root / "cache", root / "clean"
+    images = sorted(data.rglob("*.png"))
+    expected = Predictor.load(root / "clean", runtime="keras", cache_dir=root / "cache").predict_files(images)
+    return data, root / "cache", root / "clean", images, expected.probabilities
 
 
 @pytest.mark.parametrize("kill_at", ["config.json", "checkpoints/head.weights.h5", "history.csv", "ood.npz",
                                      "model.json"])
 def test_killed_run_resumes_to_the_same_model(uninterrupted, tmp_path, kill_at):
-    data, cache, clean = uninterrupted
+    data, cache, _, images, expected = uninterrupted
     run = tmp_path / "run"
     argv = ["--data", str(data), "--out", str(run), "--cache", str(cache)]
     assert kill_when(start([*TRAIN, *argv]), run / kill_at), f"training ended before {kill_at} appeared"
@@ -73,14 +75,12 @@ def test_killed_run_resumes_to_the_same_model(uninterrupted, tmp_path, kill_at):
     assert main([*TRAIN, *argv]) == 2  # an interrupted run is not silently overwritten
     assert main(["train", "--resume", *argv]) == 0
     assert not list(run.rglob(".tmp-*"))
-    images = sorted(data.rglob("*.png"))
     resumed = Predictor.load(run, runtime="keras", cache_dir=cache).predict_files(images).probabilities
-    expected = Predictor.load(clean, runtime="keras", cache_dir=cache).predict_files(images).probabilities
     np.testing.assert_allclose(resumed, expected, atol=1e-6)
 
 
 def test_resume_refuses_what_it_cannot_continue(uninterrupted, tmp_path):
-    data, cache, clean = uninterrupted
+    data, _, clean, _, _ = uninterrupted
     with pytest.raises(DataError, match="already holds a trained model"):
         RunDir.create(clean, resume=True)
     with pytest.raises(DataError, match="holds no run to resume"):
