@@ -92,6 +92,15 @@ def run(tmp_path_factory):
     return result.run_dir, data, root / "cache"
 
 
+@pytest.fixture(scope="session")
+def export(run, tmp_path_factory) -> Path:
+    """The shared run exported to LiteRT (checked on 8 images), for what runs without TensorFlow."""
+    from lungxray.export import export_model
+
+    run_dir, _, cache = run
+    return export_model(run_dir, tmp_path_factory.mktemp("export") / "model.tflite", cache_dir=cache, sample_size=8).path
+
+
 @pytest.fixture(scope="module")
 def client(run):
     """FastAPI's test client on the shared run, uploads limited to 1 MB."""

@@ -12,15 +12,8 @@ import pytest
 from lungxray.batch import PART_GLOB, score
 from lungxray.cli import main
 from lungxray.cluster import RayCluster
-from lungxray.export import export_model
 from lungxray.lite import LitePredictor
 from lungxray.ood import OutOfDistribution
-
-
-@pytest.fixture(scope="module")
-def export(run, tmp_path_factory):
-    run_dir, _, cache = run
-    return export_model(run_dir, tmp_path_factory.mktemp("batch") / "model.tflite", cache_dir=cache, sample_size=8).path
 
 
 @pytest.fixture

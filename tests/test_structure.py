@@ -27,8 +27,8 @@ LAYERS = [
     {"lungs", "predict", "probe"},
     {"engines"},
     {"evaluate", "explain", "export", "loader"},
-    {"report", "training", "serve", "batch"},
-    {"cli", "__init__"},
+    {"report", "training", "serve", "batch", "dicom"},
+    {"cli", "cli_dicom", "__init__"},
 ]
 
 

@@ -10,6 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
+from lungxray.cli_dicom import add_dicom_commands
 from lungxray.config import PRESETS, Config
 from lungxray.data.importers import COLLECTIONS
 from lungxray.errors import ConfigError, LungxrayError
@@ -18,7 +19,8 @@ from lungxray.rundir import RunDir
 
 # Modules the base install lacks, and the extra that brings each (pyproject.toml).
 EXTRA_PROVIDING = {"tensorflow": "full", "keras": "full", "sklearn": "full", "matplotlib": "full", "scipy": "full",
-                   "imagehash": "full", "pyarrow": "full", "onnxruntime": "onnx", "tf2onnx": "onnx", "ray": "ray"}
+                   "imagehash": "full", "pyarrow": "full", "onnxruntime": "onnx", "tf2onnx": "onnx", "ray": "ray",
+                   "pynetdicom": "dicom", "highdicom": "dicom"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # pydicom logs its decoders' tracebacks; the file's one-line reason reaches the user as an ImageError.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
     try:
         return args.run(args) or 0
     except LungxrayError as error:
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run folders (their evaluation/) or evaluation folders")
     compare.add_argument("--resamples", type=int, default=1000)
     compare.set_defaults(run=run_compare)
+
+    add_dicom_commands(commands)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="download and unpack the reference Dataset.zip")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from lungxray.errors import ImageError
+from lungxray.io import sha256_of
 from lungxray.lite import LitePredictor, is_export
 from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
@@ -142,15 +142,6 @@ def model_identity(predictor: Predictor | LitePredictor, run: RunDir | None) -> 
             identity["test_metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auroc")}
     identity["id"] = identity.get("sha256", "unsaved")[:12]
     return identity
-
-
-def sha256_of(path: Path) -> str:
-    """A file's SHA-256, or a folder's (a SavedModel): its files' names and contents in order."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def png_data_url(image: np.ndarray) -> str:

@@ -1,0 +1,78 @@
+"""`lungxray dicom listen | send`: the DICOM command group (argument parsing only; the work is in
+`lungxray.dicom`, imported when a command runs, so that `--help` starts fast)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from lungxray.loader import RUNTIMES
+
+
+def add_dicom_commands(commands) -> None:
+    dicom = commands.add_parser("dicom", help="work beside a PACS: a DICOM node that answers films with reports")
+    actions = dicom.add_subparsers(dest="dicom_command", required=True)
+    listen = actions.add_parser("listen", help="a Storage SCP: each chest film gets a Structured Report, C-STOREd to "
+                                               "--send-to")
+    listen.add_argument("--model", required=True, help="run folder or export (.tflite, .onnx, .savedmodel)")
+    listen.add_argument("--aet", default="LUNGXRAY", help="this node's AE title (default LUNGXRAY)")
+    listen.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    listen.add_argument("--port", type=int, default=11112)
+    listen.add_argument("--send-to", required=True, metavar="AET@HOST:PORT", help="where reports go (the PACS)")
+    listen.add_argument("--allow", action="append", metavar="CALLING_AET",
+                        help="calling AE titles allowed to send (repeat; default: any)")
+    listen.add_argument("--spool", default="spool", help="folder for received films and undelivered reports")
+    listen.add_argument("--max-associations", type=int, default=8)
+    listen.add_argument("--max-instance-mb", type=float, default=64.0, help="larger instances are refused")
+    listen.add_argument("--max-spool-mb", type=float, default=2048.0,
+                        help="past this, new instances are refused with a failure status")
+    listen.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
+    listen.add_argument("--cache", help="feature cache folder")
+    listen.set_defaults(run=run_listen)
+    send = actions.add_parser("send", help="a Storage SCU: send DICOM files to a node or PACS")
+    send.add_argument("files", nargs="+", help="DICOM files or folders of them")
+    send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
+    send.add_argument("--aet", default="LUNGXRAYSCU", help="the calling AE title (default LUNGXRAYSCU)")
+    send.set_defaults(run=run_send)
+
+
+def model_identity(model: str, predictor):
+    from lungxray import __version__
+    from lungxray.dicom.report import ModelIdentity
+    from lungxray.io import sha256_of
+    from lungxray.lite import is_export
+    from lungxray.rundir import RunDir
+
+    model_file = Path(model) if is_export(model) else RunDir.open(model).model
+    version = f"lungxray {__version__}, trained {predictor.info.get('trained', 'unknown')}"
+    return ModelIdentity(Path(model).name, version, sha256_of(model_file))
+
+
+def run_listen(args) -> int:
+    from lungxray.dicom.node import DicomNode, Limits, Peer
+    from lungxray.loader import load_predictor
+
+    send_to = Peer.parse(args.send_to)
+    predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime)
+    node = DicomNode(predictor, model_identity(args.model, predictor), send_to, Path(args.spool), args.aet,
+                     args.host, args.port, args.allow,
+                     Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    node.start()
+    print(f"listening as {args.aet} on {args.host}:{args.port}; reports to {args.send_to}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def run_send(args) -> int:
+    from lungxray.dicom.node import Peer
+    from lungxray.dicom.send import dicom_files, send_files
+
+    results = send_files(dicom_files(args.files), Peer.parse(args.to), args.aet)
+    for path, outcome in results:
+        print(f"{path}: {outcome}")
+    return 0 if all(outcome == "sent" for _, outcome in results) else 1

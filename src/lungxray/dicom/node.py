@@ -1,0 +1,226 @@
+"""The DICOM node: a Storage SCP (with C-ECHO) that keeps each received radiograph in the spool
+before it answers success, a worker that predicts each film with the same predictor as
+`lungxray predict` and writes its report, and a sender that C-STOREs the reports to the PACS,
+retrying with back-off while it is away. Started again after a crash, it resumes the spool.
+
+    node = DicomNode(predictor, ModelIdentity(...), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
+    node.start(); ...; node.stop()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
+                                  DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
+                                  SecondaryCaptureImageStorage, Verification)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
+
+from lungxray.dicom.report import ModelIdentity, Outcome, result_report
+from lungxray.dicom.spool import Spool
+from lungxray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+               DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+# What lungxray's DICOM reader decodes (data.images allows no other); deflate is refused there too.
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEG2000Lossless]
+OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A DICOM application entity on the network: AE title, host and port."""
+
+    aet: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Peer":
+        """AET@HOST:PORT, as `--send-to` and `--to` take it."""
+        try:
+            aet, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            peer = cls(aet, host, int(port))
+        except ValueError:
+            raise ConfigError(f"{text!r} is not AET@HOST:PORT (for example ORTHANC@127.0.0.1:4242)") from None
+        if not 0 < len(aet) <= 16 or not 0 < peer.port < 65536:
+            raise ConfigError(f"{text!r}: the AE title takes 1 to 16 characters and the port 1 to 65535")
+        return peer
+
+
+@dataclasses.dataclass
+class Limits:
+    max_associations: int = 8
+    max_pdu: int = 64 * 1024  # bytes a PDU may carry
+    max_instance_mb: float = 64.0  # a received film larger than this is refused
+    max_spool_mb: float = 2048.0  # films and reports waiting together; past it new films are refused
+
+
+def hashed(uid: str) -> str:
+    """A UID as it may appear in logs: hashed, so that a log reveals no study."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+class DicomNode:
+    def __init__(self, predictor, model: ModelIdentity, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
+                 host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
+                 limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
+                 max_retry_seconds: float = 60.0, ssl_context=None, refuse_ood: bool = True):
+        self.predictor, self.model, self.send_to = predictor, model, send_to
+        self.limits = limits or Limits()
+        self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
+        self.aet, self.host, self.port, self.allow = aet, host, port, allow
+        self.audit_log = audit_log or Path(spool) / "audit.jsonl"
+        self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
+        self.ssl_context, self.refuse_ood = ssl_context, refuse_ood
+        self._work = threading.Event()
+        self._stopping = threading.Event()
+        self._audit_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+
+    # -- the SCP -------------------------------------------------------------------------------
+    def start(self) -> None:
+        ae = AE(ae_title=self.aet)
+        for sop_class in RADIOGRAPHS:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        if self.allow:
+            ae.require_calling_aet = list(self.allow)
+        ae.maximum_associations = self.limits.max_associations
+        ae.maximum_pdu_size = self.limits.max_pdu
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
+                    (evt.EVT_REJECTED, self._on_rejected)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=self.ssl_context)
+        self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
+                         threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._work.set()  # resume what the spool holds from before
+        log.info("DICOM node %s listening on %s:%d, reports to %s@%s:%d", self.aet, self.host, self.port,
+                 self.send_to.aet, self.send_to.host, self.send_to.port)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._work.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _on_rejected(self, event) -> None:
+        log.warning("association from %s refused (calling AE title not in --allow, or a limit reached)",
+                    event.assoc.requestor.ae_title)
+
+    def _on_store(self, event) -> int:
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > self.limits.max_instance_mb * 2**20:
+            log.warning("refused an instance of %.0f MB (limit %.0f MB)", len(data) / 2**20, self.limits.max_instance_mb)
+            return OUT_OF_RESOURCES
+        uid = str(event.request.AffectedSOPInstanceUID)
+        refused = self.spool.accept(uid, data)
+        if refused is not None:
+            log.warning("refused instance %s: %s", hashed(uid), refused)
+            return OUT_OF_RESOURCES if refused.startswith("spool full") else CANNOT_UNDERSTAND
+        self._audit("received", uid, calling_aet=event.assoc.requestor.ae_title)
+        self._work.set()
+        return 0x0000
+
+    # -- the worker: films to reports ----------------------------------------------------------
+    def _predict_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._work.wait(timeout=1.0)
+            self._work.clear()
+            for uid in self.spool.waiting():
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.report(uid)
+                except Exception:  # a film no report can be made for must not stop the node
+                    log.exception("no report could be made for instance %s; it is kept in %s", hashed(uid),
+                                  self.spool.set_aside(uid))
+
+    def report(self, uid: str) -> None:
+        """Predict the film `uid` of the spool and put its report in the outbox."""
+        path = self.spool.incoming(uid)
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        outcome = self.outcome(path)
+        report = result_report(source, outcome, self.model)
+        report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        self.spool.reported(uid, buffer.getvalue())
+        self._audit("reported", uid, study=str(source.get("StudyInstanceUID", "")), decision=outcome.decision,
+                    ood=outcome.ood, probabilities=outcome.probabilities, reason=outcome.not_analysed)
+        self._work.set()
+
+    def outcome(self, path: Path) -> Outcome:
+        predictions = self.predictor.predict_files([path], desc=None)
+        if predictions.errors:
+            return Outcome(not_analysed=predictions.errors[0].reason)
+        probabilities = {c: float(p) for c, p in zip(self.predictor.classes, predictions.probabilities[0])}
+        if predictions.ood is None:
+            return Outcome(probabilities)
+        return Outcome(probabilities, float(predictions.ood_score[0]), bool(predictions.ood[0]))
+
+    # -- the sender: reports to the PACS -------------------------------------------------------
+    def _send_loop(self) -> None:
+        delay = self.retry_seconds
+        while not self._stopping.is_set():
+            pending = self.spool.undelivered()
+            if not pending:
+                self._stopping.wait(timeout=0.05)
+                continue
+            try:
+                delivered = self._deliver(pending)
+            except Exception:  # a network or file error must not stop the sender: it tries again
+                log.exception("sending reports failed")
+                delivered = False
+            if delivered:
+                delay = self.retry_seconds
+            else:
+                log.warning("%s@%s:%d unreachable; %d report(s) wait in the outbox, next try in %.0f s",
+                            self.send_to.aet, self.send_to.host, self.send_to.port, len(pending), delay)
+                self._stopping.wait(timeout=delay)
+                delay = min(delay * 2, self.max_retry_seconds)
+
+    def _deliver(self, uids: list[str]) -> bool:
+        """Send the outbox's reports over one association; False if the PACS could not be reached."""
+        ae = AE(ae_title=self.aet)
+        ae.add_requested_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(self.send_to.host, self.send_to.port, ae_title=self.send_to.aet)
+        if not assoc.is_established:
+            return False
+        try:
+            for uid in uids:
+                status = assoc.send_c_store(pydicom.dcmread(self.spool.outbox(uid)))
+                if not status or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    return False
+                self.spool.delivered(uid)
+                self._audit("delivered", uid)
+        finally:
+            assoc.release()
+        return True
+
+    def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
+        """One JSON line per event: hashed UIDs, never a patient's name, id or birth date."""
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, "instance": hashed(uid),
+                **({"study": hashed(study)} if study else {}), **{k: v for k, v in facts.items() if v is not None}}
+        with self._audit_lock, open(self.audit_log, "a") as handle:
+            handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")

@@ -1,0 +1,229 @@
+"""The DICOM node on loopback, with pynetdicom peers: a film sent to it comes back to the "PACS" as a
+Structured Report in the same study whose probabilities are `predict`'s; films it must not classify
+get "not analysed"; unknown callers are refused; reports wait while the PACS is away and go when it
+is back; a film left in the spool by a crash, or a node SIGKILLed mid-stream, ends with one report per
+film."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage
+
+from lungxray.dicom.node import DicomNode, Peer
+from lungxray.dicom.report import ModelIdentity, report_values
+from lungxray.dicom.send import send_files
+from lungxray.errors import ConfigError, DataError
+from lungxray.loader import load_predictor
+from tests.conftest import CXR, require_shared
+from tests.test_dicom import make_dicom
+from tests.test_distribute import free_ports
+
+
+class Pacs:
+    """A Storage SCP standing in for the PACS: keeps the reports it receives."""
+
+    def __init__(self, port: int):
+        self.port, self.received, self.server = port, [], None
+
+    def start(self) -> "Pacs":
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(ComprehensiveSRStorage)
+
+        def store(event):
+            self.received.append(event.dataset)
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.received
+
+
+def chest_film(path, pixels: np.ndarray, study: str | None = None, **header):
+    """A DX film of the chest, PA, with a patient's identifiers (which must never reach a log)."""
+    return make_dicom(path, pixels, bits=8, header={
+        "StudyInstanceUID": study or generate_uid(), "SeriesInstanceUID": generate_uid(), "PatientID": "P-0042",
+        "PatientName": "Doe^Jane", "PatientBirthDate": "19700101", "BodyPartExamined": "CHEST", "ViewPosition": "PA",
+        **header})
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    run_dir, _, cache = run
+    return load_predictor(run_dir, cache)
+
+
+@pytest.fixture
+def node_and_pacs(predictor, tmp_path):
+    node_port, pacs_port = free_ports(2)
+    pacs = Pacs(pacs_port).start()
+    identity = ModelIdentity("run", "test", "ab" * 32)
+    made = []
+
+    def make(allow=None, start=True):
+        node = DicomNode(predictor, identity, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
+                         port=node_port, allow=allow, retry_seconds=0.2, max_retry_seconds=0.5)
+        if start:
+            node.start()
+        made.append(node)
+        return node
+
+    yield make, pacs, Peer("LUNGXRAY", "127.0.0.1", node_port)
+    for node in made:
+        node.stop()
+    pacs.stop()
+
+
+def real_film(tmp_path) -> tuple:
+    require_shared()
+    row = next(r for r in csv.DictReader(open(CXR / "manifest.csv")) if r["label"] == "pneumonia")
+    pixels = np.asarray(Image.open(CXR / row["file"]).convert("L"))
+    return chest_film(tmp_path / "film.dcm", pixels), pixels
+
+
+def test_a_film_comes_back_as_a_report_in_its_study(node_and_pacs, predictor, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    make()
+    film, _ = real_film(tmp_path)
+    assert send_files([film], node_peer) == [(film, "sent")]
+    (report,) = pacs.wait_for(1)
+    source = pydicom.dcmread(film)
+    assert report.StudyInstanceUID == source.StudyInstanceUID and report.SeriesInstanceUID != source.SeriesInstanceUID
+    assert report.Modality == "SR" and report.PatientID == "P-0042"
+    values = report_values(report)
+    assert values["source"] == source.SOPInstanceUID
+    expected = predictor.predict_files([film]).probabilities[0]
+    got = np.array([values[f"p-{c}"] for c in predictor.classes])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert values["decision"] in {*predictor.classes, "withheld"} and values["model-sha256"] == "ab" * 32
+    assert "not a medical device" in values["notice"]
+    audit = (tmp_path / "spool" / "audit.jsonl").read_text()
+    assert [json.loads(line)["event"] for line in audit.splitlines()] == ["received", "reported", "delivered"]
+    assert "P-0042" not in audit and "Doe" not in audit and source.SOPInstanceUID not in audit
+
+
+def test_a_film_it_must_not_classify_gets_not_analysed(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    make()
+    film = chest_film(tmp_path / "lateral.dcm", np.full((64, 64), 90, np.uint8), ViewPosition="LL")
+    send_files([film], node_peer)
+    values = report_values(pacs.wait_for(1)[0])
+    assert values["decision"] == "not analysed" and "lateral" in values["reason"]
+    assert not any(code.startswith("p-") for code in values)
+
+
+def test_unknown_callers_are_refused(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    make(allow=["MODALITY1"])
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    with pytest.raises(DataError, match="refused or did not answer"):
+        send_files([film], node_peer, aet="STRANGER")
+    assert send_files([film], node_peer, aet="MODALITY1") == [(film, "sent")]
+    assert len(pacs.wait_for(1)) == 1
+
+
+def test_reports_wait_while_the_pacs_is_away(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    pacs.stop()
+    node = make()
+    films = [chest_film(tmp_path / f"f{i}.dcm", np.full((64, 64), 40 * i, np.uint8)) for i in range(3)]
+    send_files(films, node_peer)
+    deadline = time.monotonic() + 60
+    while len(node.spool.undelivered()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(node.spool.undelivered()) == 3 and not pacs.received
+    pacs.start()
+    assert len(pacs.wait_for(3)) == 3
+    assert not node.spool.undelivered()
+
+
+def test_a_crash_loses_nothing_and_repeats_nothing(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    node = make(start=False)  # as a node killed after receiving: films in incoming/, nothing reported
+    films = [chest_film(tmp_path / f"f{i}.dcm", np.full((64, 64), 50 + i, np.uint8)) for i in range(2)]
+    for film in films:
+        node.spool.accept(str(pydicom.dcmread(film).SOPInstanceUID), film.read_bytes())
+    node.start()
+    assert len(pacs.wait_for(2)) == 2
+    node.stop()
+    again = make()
+    send_files(films, node_peer)  # the modality sends the same films again: answered once already
+    time.sleep(1.0)
+    again.stop()
+    assert len(pacs.received) == 2
+
+
+def test_peer_addresses_are_checked():
+    assert Peer.parse("ORTHANC@127.0.0.1:4242") == Peer("ORTHANC", "127.0.0.1", 4242)
+    for text in ("ORTHANC", "ORTHANC@host", "@h:1", "A@h:0", "WAY_TOO_LONG_AE_TITLE@h:1"):
+        with pytest.raises(ConfigError):
+            Peer.parse(text)
+
+
+def test_send_names_what_is_not_dicom(node_and_pacs, tmp_path):
+    make, _, node_peer = node_and_pacs
+    make()
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM")
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    results = dict(send_files([text, film], node_peer))
+    assert results[film] == "sent" and results[text].startswith("not a DICOM file")
+
+
+def listen(export, spool, port: int, pacs_port: int):
+    """`lungxray dicom listen` as its own process, once it accepts associations."""
+    process = subprocess.Popen([sys.executable, "-c", CHILD, "dicom", "listen", "--model", str(export), "--port",
+                                str(port), "--send-to", f"PACS@127.0.0.1:{pacs_port}", "--spool", str(spool)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "listening as LUNGXRAY" in process.stdout.readline()
+    return process
+
+
+CHILD = "import sys\nfrom lungxray.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def test_the_node_killed_mid_stream_reports_every_film_once(export, tmp_path):
+    node_port, pacs_port = free_ports(2)
+    pacs = Pacs(pacs_port).start()
+    films = [chest_film(tmp_path / f"f{i:02d}.dcm", np.full((64, 64), 3 * i, np.uint8)) for i in range(24)]
+    uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in films}
+    node = listen(export, tmp_path / "spool", node_port, pacs_port)
+    try:
+        sender = subprocess.run([sys.executable, "-c", CHILD, "dicom", "send", *map(str, films[:12]), "--to",
+                                 f"LUNGXRAY@127.0.0.1:{node_port}"], capture_output=True, text=True, timeout=120)
+        assert sender.returncode == 0 and sender.stdout.count(": sent") == 12, sender.stdout + sender.stderr
+        node.send_signal(signal.SIGKILL)  # whatever was received, reported or in flight
+        node.wait()
+        node = listen(export, tmp_path / "spool", node_port, pacs_port)
+        assert send_files(films[12:], Peer("LUNGXRAY", "127.0.0.1", node_port)) == [(f, "sent") for f in films[12:]]
+        received = pacs.wait_for(24)
+        time.sleep(1.0)  # time for a second report, were one coming
+        # One report per film. A report whose delivery the kill interrupted may arrive again, but as the
+        # same instance (same SOP Instance UID), which a PACS stores once.
+        reports: dict = {}
+        for report in received:
+            reports.setdefault(report_values(report)["source"], set()).add(str(report.SOPInstanceUID))
+        assert set(reports) == uids and all(len(r) == 1 for r in reports.values())
+        assert len(received) - 24 <= 1  # at most the one in flight when the node was killed
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+        pacs.stop()
+    assert node.returncode == 0  # SIGTERM: a clean stop
