@@ -10,7 +10,7 @@ SUDO = $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # files of the torchxrayvision wheel, fetched without torch, never imported).
 LABELS = $(VENV)/published-labels/torchxrayvision-1.5.7-py3-none-any.whl
 
-.PHONY: setup reference test browser
+.PHONY: setup reference test system
 
 $(BIN)/lungxray: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,14 @@ reference: setup
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
 # One worker per core (pytest-xdist), each test file on one worker so that its fixtures are made once.
-test: setup browser $(LABELS)
+test: setup system $(LABELS)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-# The browser test drives Debian's Chromium through Selenium: install it where it is missing.
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+# What the tests run beside lungxray, from Debian's packages, installed where missing: Chromium (the
+# browser test, through Selenium), Orthanc (a real PACS) and DCMTK (a second DICOM implementation).
+system:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v Orthanc >/dev/null && \
+	command -v storescu >/dev/null || { \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver orthanc dcmtk \
+			>/dev/null; }

@@ -1,0 +1,164 @@
+"""The DICOM node beside a real PACS: Orthanc (Debian's package; `make test` installs it) on loopback
+with a configuration written here, and DCMTK as a second, independent implementation. A CR made from a
+../shared/cxr film is uploaded to Orthanc over its REST API, Orthanc sends it to lungxray, and the
+report must be stored in Orthanc in the film's study."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import ComputedRadiographyImageStorage
+
+from lungxray.dicom.report import report_values
+from lungxray.lite import LitePredictor
+from tests.conftest import CXR, require_shared
+from tests.test_dicom_node import CHILD, chest_film, listen
+from tests.test_distribute import free_ports
+
+ORTHANC, STORESCU, DSRDUMP = shutil.which("Orthanc"), shutil.which("storescu"), shutil.which("dsrdump")
+
+
+class Orthanc:
+    """An Orthanc of the test's own: its own folder, ports and configuration; lungxray is a modality."""
+
+    def __init__(self, folder, node_port: int):
+        if not ORTHANC:
+            pytest.fail("Orthanc is not installed: make test installs Debian's orthanc package")
+        self.http_port, self.dicom_port = free_ports(2)
+        self.folder, self.process = folder, None
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "orthanc.json").write_text(json.dumps({
+            "Name": "lungxray-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+            "DicomModalities": {"lungxray": ["LUNGXRAY", "127.0.0.1", node_port]}}))
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> "Orthanc":
+        self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        pytest.fail("Orthanc did not start within 30 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def upload(self, path) -> str:
+        return httpx.post(f"{self.url}/instances", content=path.read_bytes(), timeout=30).json()["ID"]
+
+    def send_to_lungxray(self, instance: str) -> None:
+        answer = httpx.post(f"{self.url}/modalities/lungxray/store", json={"Resources": [instance]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+
+    def reports(self, count: int, timeout: float = 60.0) -> list[pydicom.Dataset]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = httpx.post(f"{self.url}/tools/find", json={"Level": "Instance", "Query": {"Modality": "SR"}},
+                               timeout=10).json()
+            if len(found) >= count:
+                break
+            time.sleep(0.2)
+        return [pydicom.dcmread(io.BytesIO(httpx.get(f"{self.url}/instances/{i}/file").content))
+                for i in found]
+
+
+def cr_film(path, pixels: np.ndarray, **header):
+    """A Computed Radiography film of the chest (CR Image Storage), from 8-bit pixels."""
+    chest_film(path, pixels, Modality="CR", **header)
+    dataset = pydicom.dcmread(path)
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def pacs(export, tmp_path):
+    node_port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", node_port).start()
+    node = listen(export, tmp_path / "spool", node_port, orthanc.dicom_port, send_to_aet="ORTHANC")
+    yield orthanc, node_port
+    node.terminate()
+    node.wait(timeout=30)
+    if orthanc.process.poll() is None:
+        orthanc.stop()
+
+
+def test_orthanc_sends_a_film_and_stores_the_report_in_its_study(pacs, export, tmp_path):
+    orthanc, _ = pacs
+    require_shared()
+    film_path = next((CXR / "test" / "covid").iterdir())
+    film = cr_film(tmp_path / "film.dcm", np.asarray(Image.open(film_path).convert("L")))
+    orthanc.send_to_lungxray(orthanc.upload(film))
+    (report,) = orthanc.reports(1)
+    source = pydicom.dcmread(film)
+    assert report.StudyInstanceUID == source.StudyInstanceUID and report.SeriesInstanceUID != source.SeriesInstanceUID
+    values = report_values(report)
+    assert values["source"] == source.SOPInstanceUID
+    predictor = LitePredictor.load(export)
+    expected = predictor.predict_files([film]).probabilities[0]
+    np.testing.assert_allclose([values[f"p-{c}"] for c in predictor.classes], expected, atol=1e-6)
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
+
+
+def test_an_mr_gets_not_analysed_and_results_wait_for_a_stopped_orthanc(pacs, tmp_path):
+    orthanc, node_port = pacs
+    mr = cr_film(tmp_path / "mr.dcm", np.full((64, 64), 80, np.uint8))
+    dataset = pydicom.dcmread(mr)
+    dataset.Modality = "MR"
+    dataset.save_as(mr, enforce_file_format=True)
+    films = [cr_film(tmp_path / f"f{i}.dcm", np.full((64, 64), 30 * i, np.uint8)) for i in range(3)]
+    instances = [orthanc.upload(f) for f in [mr, *films]]
+    orthanc.stop()  # the PACS goes away while results are made
+    sent = subprocess.run([sys.executable, "-c", CHILD, "dicom", "send", *map(str, [mr, *films]), "--to",
+                           f"LUNGXRAY@127.0.0.1:{node_port}"], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    time.sleep(2.0)
+    orthanc.start()
+    reports = {report_values(r)["source"]: report_values(r) for r in orthanc.reports(4)}
+    assert len(reports) == 4 and len(instances) == 4
+    not_analysed = reports[str(dataset.SOPInstanceUID)]
+    assert not_analysed["decision"] == "not analysed" and "MR" in not_analysed["reason"]
+
+
+def test_an_unknown_calling_ae_is_refused(export, tmp_path):
+    node_port, pacs_port = free_ports(2)
+    node = listen(export, tmp_path / "spool", node_port, pacs_port, allow=["ORTHANC"])
+    try:
+        film = cr_film(tmp_path / "film.dcm", np.full((64, 64), 80, np.uint8))
+        refused = subprocess.run([STORESCU, "-aet", "STRANGER", "-aec", "LUNGXRAY", "127.0.0.1", str(node_port),
+                                  str(film)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "Association Rejected" in refused.stderr + refused.stdout
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+
+
+def test_dcmtk_sends_to_lungxray_and_reads_its_report(pacs, tmp_path):
+    if not (STORESCU and DSRDUMP):
+        pytest.fail("DCMTK is not installed: make test installs Debian's dcmtk package")
+    orthanc, node_port = pacs
+    film = cr_film(tmp_path / "film.dcm", np.full((64, 64), 120, np.uint8))
+    stored = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "LUNGXRAY", "127.0.0.1", str(node_port), str(film)],
+                            capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    (report,) = orthanc.reports(1)
+    report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    dumped = subprocess.run([DSRDUMP, str(tmp_path / "report.dcm")], capture_output=True, text=True, timeout=60)
+    assert dumped.returncode == 0 and "E:" not in dumped.stderr, dumped.stderr
+    assert "lungxray chest X-ray classification" in dumped.stdout and "Calibrated probability of covid" in dumped.stdout
