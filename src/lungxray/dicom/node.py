@@ -24,8 +24,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
                                   DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
                                   SecondaryCaptureImageStorage, Verification)
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian
 
+from lungxray.data.images import DICOM_SYNTAXES
 from lungxray.dicom.report import ModelIdentity, Outcome, result_report
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
-# What lungxray's DICOM reader decodes (data.images allows no other); deflate is refused there too.
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEG2000Lossless]
+# What lungxray's DICOM reader decodes, and nothing else (deflate is refused there).
+TRANSFER_SYNTAXES = sorted(DICOM_SYNTAXES)
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
 
@@ -79,14 +80,13 @@ class DicomNode:
     def __init__(self, predictor, model: ModelIdentity, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
-                 max_retry_seconds: float = 60.0, ssl_context=None, refuse_ood: bool = True):
+                 max_retry_seconds: float = 60.0):
         self.predictor, self.model, self.send_to = predictor, model, send_to
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
         self.audit_log = audit_log or Path(spool) / "audit.jsonl"
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
-        self.ssl_context, self.refuse_ood = ssl_context, refuse_ood
         self._work = threading.Event()
         self._stopping = threading.Event()
         self._audit_lock = threading.Lock()
@@ -105,8 +105,7 @@ class DicomNode:
         ae.maximum_pdu_size = self.limits.max_pdu
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                     (evt.EVT_REJECTED, self._on_rejected)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
-                                       ssl_context=self.ssl_context)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
                          threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
         for thread in self._threads:
