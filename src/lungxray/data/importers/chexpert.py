@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, check_uncertain, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
 
 SOURCE = "chexpert"
 OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -47,7 +47,6 @@ def _release_folder(root: Path) -> Path:
 
 
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
-    check_uncertain(uncertain)
     folder = _release_folder(root)
     relative = "" if folder == root else folder.name + "/"
     names = ["train.csv"] + (["valid.csv"] if (folder / "valid.csv").exists() else [])

@@ -15,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, check_uncertain, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
 from lungxray.data.importers.chexpert import OBSERVATIONS, label_of
 
 SOURCE = "mimic_cxr"
 
 
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
-    check_uncertain(uncertain)
     labels_path = find_file(root, "mimic-cxr-2.0.0-chexpert.csv")
     meta_path = find_file(root, "mimic-cxr-2.0.0-metadata.csv")
     studies: dict[tuple[str, str], dict[str, str]] = {}
