@@ -19,9 +19,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
-from lungxray.dicom.node import DicomNode, Peer
+from lungxray.dicom.node import DicomNode, Limits, Peer
 from lungxray.dicom.report import ModelIdentity, report_values
 from lungxray.dicom.send import send_files
+from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError
 from lungxray.loader import load_predictor
 from tests.conftest import CXR, require_shared
@@ -77,9 +78,9 @@ def node_and_pacs(predictor, tmp_path):
     identity = ModelIdentity("run", "test", "ab" * 32)
     made = []
 
-    def make(allow=None, start=True):
+    def make(allow=None, start=True, limits=None):
         node = DicomNode(predictor, identity, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
-                         port=node_port, allow=allow, retry_seconds=0.2, max_retry_seconds=0.5)
+                         port=node_port, allow=allow, limits=limits, retry_seconds=0.2, max_retry_seconds=0.5)
         if start:
             node.start()
         made.append(node)
@@ -168,6 +169,20 @@ def test_a_crash_loses_nothing_and_repeats_nothing(node_and_pacs, tmp_path):
     time.sleep(1.0)
     again.stop()
     assert len(pacs.received) == 2
+
+
+def test_instances_over_the_limits_are_refused_with_a_failure_status(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    make(limits=Limits(max_instance_mb=0.002))  # 2 KB: a 64 x 64 film is larger
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    assert send_files([film], node_peer) == [(film, "refused (status 0xA700)")]
+    spool = Spool(tmp_path / "small", max_bytes=6000)
+    assert spool.accept("1.2.3", b"x" * 5000) is None
+    assert spool.accept("1.2.4", b"x" * 5000) == "spool full (0 MB)"
+    assert spool.accept("1.2.3", b"x" * 5000) is None and spool.waiting() == ["1.2.3"]  # sent again: kept once
+    assert spool.accept("../../etc/passwd", b"x") == "SOP Instance UID '../../etc/passwd' is not a UID"
+    time.sleep(0.5)
+    assert not pacs.received
 
 
 def test_peer_addresses_are_checked():
