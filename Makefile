@@ -34,10 +34,11 @@ test: setup system $(LABELS)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # What the tests run beside lungxray, from Debian's packages, installed where missing: Chromium (the
-# browser test, through Selenium), Orthanc (a real PACS) and DCMTK (a second DICOM implementation).
+# browser test, through Selenium), Orthanc (a real PACS), DCMTK (a second DICOM implementation) and
+# openssl (certificates for the TLS test).
 system:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v Orthanc >/dev/null && \
-	command -v storescu >/dev/null || { \
+	command -v storescu >/dev/null && command -v openssl >/dev/null || { \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver orthanc dcmtk \
-			>/dev/null; }
+			openssl >/dev/null; }

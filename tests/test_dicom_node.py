@@ -23,6 +23,7 @@ from lungxray.dicom.node import DicomNode, Limits, Peer
 from lungxray.dicom.report import ModelIdentity, report_values
 from lungxray.dicom.send import send_files
 from lungxray.dicom.spool import Spool
+from lungxray.dicom.tls import client_context, server_context
 from lungxray.errors import ConfigError, DataError
 from lungxray.loader import load_predictor
 from tests.conftest import CXR, require_shared
@@ -78,9 +79,9 @@ def node_and_pacs(predictor, tmp_path):
     identity = ModelIdentity("run", "test", "ab" * 32)
     made = []
 
-    def make(allow=None, start=True, limits=None):
+    def make(allow=None, start=True, limits=None, tls=None):
         node = DicomNode(predictor, identity, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
-                         port=node_port, allow=allow, limits=limits, retry_seconds=0.2, max_retry_seconds=0.5)
+                         port=node_port, allow=allow, limits=limits, retry_seconds=0.2, max_retry_seconds=0.5, tls=tls)
         if start:
             node.start()
         made.append(node)
@@ -183,6 +184,31 @@ def test_instances_over_the_limits_are_refused_with_a_failure_status(node_and_pa
     assert spool.accept("../../etc/passwd", b"x") == "SOP Instance UID '../../etc/passwd' is not a UID"
     time.sleep(0.5)
     assert not pacs.received
+
+
+def certificate(folder, name: str):
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_tls_associations(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    node_cert, node_key = certificate(tmp_path, "node")
+    caller_cert, caller_key = certificate(tmp_path, "caller")
+    make(tls=server_context(node_cert, node_key, ca=caller_cert))  # callers must show the caller certificate
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    with pytest.raises(DataError, match="refused or did not answer"):
+        send_files([film], node_peer)  # plain TCP to a TLS node
+    with pytest.raises(DataError, match="refused or did not answer"):
+        send_files([film], node_peer, tls=client_context(node_cert))  # TLS, but no certificate of its own
+    assert send_files([film], node_peer, tls=client_context(node_cert, caller_cert, caller_key)) == [(film, "sent")]
+    assert len(pacs.wait_for(1)) == 1
+    with pytest.raises(ConfigError, match="cannot load the TLS files"):
+        server_context(str(tmp_path / "absent.pem"), node_key)
 
 
 def test_peer_addresses_are_checked():

@@ -7,6 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
+from lungxray.errors import ConfigError
 from lungxray.loader import RUNTIMES
 
 
@@ -27,6 +28,9 @@ def add_dicom_commands(commands) -> None:
     listen.add_argument("--max-instance-mb", type=float, default=64.0, help="larger instances are refused")
     listen.add_argument("--max-spool-mb", type=float, default=2048.0,
                         help="past this, new instances are refused with a failure status")
+    listen.add_argument("--tls-cert", help="TLS: this node's certificate (PEM); with --tls-key, callers must use TLS")
+    listen.add_argument("--tls-key", help="TLS: the certificate's private key (PEM)")
+    listen.add_argument("--tls-ca", help="TLS: callers must present a certificate this CA signed (PEM)")
     listen.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     listen.add_argument("--cache", help="feature cache folder")
     listen.set_defaults(run=run_listen)
@@ -34,6 +38,9 @@ def add_dicom_commands(commands) -> None:
     send.add_argument("files", nargs="+", help="DICOM files or folders of them")
     send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
     send.add_argument("--aet", default="LUNGXRAYSCU", help="the calling AE title (default LUNGXRAYSCU)")
+    send.add_argument("--tls-ca", help="TLS: the CA that signed the node's certificate (PEM)")
+    send.add_argument("--tls-cert", help="TLS: a certificate of this caller's, for a node that asks for one")
+    send.add_argument("--tls-key", help="TLS: its private key")
     send.set_defaults(run=run_send)
 
 
@@ -53,11 +60,17 @@ def run_listen(args) -> int:
     from lungxray.dicom.node import DicomNode, Limits, Peer
     from lungxray.loader import load_predictor
 
+    from lungxray.dicom.tls import server_context
+
     send_to = Peer.parse(args.send_to)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = server_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime)
     node = DicomNode(predictor, model_identity(args.model, predictor), send_to, Path(args.spool), args.aet,
                      args.host, args.port, args.allow,
-                     Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb))
+                     Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
+                     tls=tls)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -71,8 +84,10 @@ def run_listen(args) -> int:
 def run_send(args) -> int:
     from lungxray.dicom.node import Peer
     from lungxray.dicom.send import dicom_files, send_files
+    from lungxray.dicom.tls import client_context
 
-    results = send_files(dicom_files(args.files), Peer.parse(args.to), args.aet)
+    tls = client_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    results = send_files(dicom_files(args.files), Peer.parse(args.to), args.aet, tls)
     for path, outcome in results:
         print(f"{path}: {outcome}")
     return 0 if all(outcome == "sent" for _, outcome in results) else 1

@@ -80,13 +80,14 @@ class DicomNode:
     def __init__(self, predictor, model: ModelIdentity, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
-                 max_retry_seconds: float = 60.0):
+                 max_retry_seconds: float = 60.0, tls=None):
         self.predictor, self.model, self.send_to = predictor, model, send_to
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
         self.audit_log = audit_log or Path(spool) / "audit.jsonl"
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
+        self.tls = tls  # an ssl.SSLContext (lungxray.dicom.tls.server_context) for incoming associations
         self._work = threading.Event()
         self._stopping = threading.Event()
         self._audit_lock = threading.Lock()
@@ -105,7 +106,8 @@ class DicomNode:
         ae.maximum_pdu_size = self.limits.max_pdu
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                     (evt.EVT_REJECTED, self._on_rejected)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=self.tls)
         self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
                          threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
         for thread in self._threads:

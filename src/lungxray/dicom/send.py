@@ -24,8 +24,9 @@ def dicom_files(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def send_files(paths: list[Path], to: Peer, aet: str = "LUNGXRAYSCU") -> list[tuple[Path, str]]:
-    """C-STORE each file over one association; per file 'sent', or why not."""
+def send_files(paths: list[Path], to: Peer, aet: str = "LUNGXRAYSCU", tls=None) -> list[tuple[Path, str]]:
+    """C-STORE each file over one association (over TLS with `tls`, an ssl.SSLContext from
+    `lungxray.dicom.tls.client_context`); per file 'sent', or why not."""
     datasets, results = [], {}
     for path in paths:
         try:
@@ -36,7 +37,7 @@ def send_files(paths: list[Path], to: Peer, aet: str = "LUNGXRAYSCU") -> list[tu
     for pair in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for _, d in datasets}):
         ae.add_requested_context(*pair)
     if datasets:
-        assoc = ae.associate(to.host, to.port, ae_title=to.aet)
+        assoc = ae.associate(to.host, to.port, ae_title=to.aet, tls_args=(tls, to.host) if tls else None)
         if not assoc.is_established:
             raise DataError(f"{to.aet}@{to.host}:{to.port} refused or did not answer the association")
         try:
