@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
+from lungxray.cli import main
 from lungxray.dicom.node import DicomNode, Limits, Peer
 from lungxray.dicom.report import ModelIdentity, report_values
 from lungxray.dicom.send import send_files
@@ -209,6 +210,14 @@ def test_tls_associations(node_and_pacs, tmp_path):
     assert len(pacs.wait_for(1)) == 1
     with pytest.raises(ConfigError, match="cannot load the TLS files"):
         server_context(str(tmp_path / "absent.pem"), node_key)
+
+
+def test_a_port_in_use_is_one_line(node_and_pacs, capsys, export):
+    make, _, node_peer = node_and_pacs
+    make()
+    assert main(["dicom", "listen", "--model", str(export), "--port", str(node_peer.port), "--send-to",
+                 "PACS@127.0.0.1:1"]) == 2
+    assert f"cannot listen on 127.0.0.1:{node_peer.port}" in capsys.readouterr().err
 
 
 def test_peer_addresses_are_checked():

@@ -71,10 +71,10 @@ def run_listen(args) -> int:
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
                      tls=tls)
+    node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    node.start()
     print(f"listening as {args.aet} on {args.host}:{args.port}; reports to {args.send_to}", flush=True)
     stop.wait()
     node.stop()

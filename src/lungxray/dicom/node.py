@@ -106,8 +106,12 @@ class DicomNode:
         ae.maximum_pdu_size = self.limits.max_pdu
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                     (evt.EVT_REJECTED, self._on_rejected)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
-                                       ssl_context=self.tls)
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.tls)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({error.strerror or error}); "
+                              "choose another --port or --host") from None
         self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
                          threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
         for thread in self._threads:
