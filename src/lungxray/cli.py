@@ -13,6 +13,7 @@ from pathlib import Path
 from lungxray.cli_dicom import add_dicom_commands
 from lungxray.config import PRESETS, Config
 from lungxray.data.importers import COLLECTIONS
+from lungxray.data.importers.base import UNCERTAIN_POLICIES
 from lungxray.errors import ConfigError, LungxrayError
 from lungxray.loader import RUNTIMES
 from lungxray.rundir import RunDir
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("kind", choices=COLLECTIONS, help="the collection (docs/data.md has each one's mapping)")
     imports.add_argument("root", help="the folder the collection unpacks to")
     imports.add_argument("--out", required=True, help="the manifest .csv to write")
-    imports.add_argument("--uncertain", default="drop", choices=("drop", "negative", "positive"),
+    imports.add_argument("--uncertain", default="drop", choices=UNCERTAIN_POLICIES,
                          help="uncertain labels (CheXpert, MIMIC): leave the image out, or read them as "
                               "negative or positive (default drop)")
     imports.add_argument("--views", default="PA,AP", help="views kept, or 'all' (default PA,AP: no laterals)")

@@ -58,9 +58,8 @@ def model_identity(model: str, predictor):
 
 def run_listen(args) -> int:
     from lungxray.dicom.node import DicomNode, Limits, Peer
-    from lungxray.loader import load_predictor
-
     from lungxray.dicom.tls import server_context
+    from lungxray.loader import load_predictor
 
     send_to = Peer.parse(args.send_to)
     if bool(args.tls_cert) != bool(args.tls_key):

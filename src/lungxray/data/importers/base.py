@@ -86,20 +86,19 @@ def find_file(root: Path, *candidates: str) -> Path:
     raise DataError(f"{root} lacks the label file {candidates[0]}: give the folder the collection unpacks to")
 
 
-def read_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Rows of a CSV label file, plain or gzipped, as dictionaries; a file that is not CSV is named."""
+def read_rows(path: Path, required: Iterable[str] = ()) -> Iterator[dict[str, str]]:
+    """Rows of a CSV label file, plain or gzipped, as dictionaries. A file that is not CSV, or whose
+    header lacks a `required` column, is named."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
-            yield from csv.DictReader(handle)
+            reader = csv.DictReader(handle)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path} lacks the column(s) {missing}: is it the collection's own label file?")
+            yield from reader
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{path} is not a readable CSV label file ({error})") from None
-
-
-def require_columns(path: Path, row: dict[str, str], columns: Iterable[str]) -> None:
-    missing = [c for c in columns if c not in row]
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {missing}: is it the collection's own label file?")
 
 
 def dicom_facts(path: Path) -> dict[str, str] | None:
@@ -114,6 +113,15 @@ def dicom_facts(path: Path) -> dict[str, str] | None:
         return None
     return {"age": dicom_age_years(str(dataset.get("PatientAge", ""))), "sex": str(dataset.get("PatientSex", "")),
             "view": str(dataset.get("ViewPosition", ""))}
+
+
+def dicom_header(path: Path) -> tuple[dict[str, str], str | None]:
+    """A film's header facts and None, or no facts and the reason it is dropped. A missing file gives
+    neither: `write_import` reports it as missing."""
+    if not path.is_file():
+        return {}, None
+    facts = dicom_facts(path)
+    return ({}, "DICOM header unreadable") if facts is None else (facts, None)
 
 
 def dicom_age_years(age: str) -> str:

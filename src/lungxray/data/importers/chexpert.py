@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows
 
 SOURCE = "chexpert"
 OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -52,9 +52,7 @@ def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     names = ["train.csv"] + (["valid.csv"] if (folder / "valid.csv").exists() else [])
     for name in names:
         path = find_file(folder, name)
-        for number, row in enumerate(read_rows(path)):
-            if number == 0:
-                require_columns(path, row, ("Path", "Frontal/Lateral", "AP/PA", "Pneumonia", "No Finding"))
+        for row in read_rows(path, ("Path", "Frontal/Lateral", "AP/PA", "Pneumonia", "No Finding")):
             label, dropped = label_of(row, uncertain)
             parts = row["Path"].split("/")  # release/train/patientNNNNN/studyN/viewN_frontal.jpg
             lateral = row["Frontal/Lateral"] == "Lateral"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows
 
 SOURCE = "ieee8023_covid-chestxray"
 
@@ -35,9 +35,7 @@ def finding_class(finding: str) -> tuple[str | None, str | None]:
 
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     path = find_file(root, "metadata.csv")
-    for number, row in enumerate(read_rows(path)):
-        if number == 0:
-            require_columns(path, row, ("patientid", "finding", "view", "modality", "folder", "filename"))
+    for row in read_rows(path, ("patientid", "finding", "view", "modality", "folder", "filename")):
         label, dropped = finding_class(row["finding"])
         if row["modality"] != "X-ray":
             label, dropped = None, f"modality {row['modality']}, not a radiograph"

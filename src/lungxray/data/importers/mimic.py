@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows
 from lungxray.data.importers.chexpert import OBSERVATIONS, label_of
 
 SOURCE = "mimic_cxr"
@@ -25,13 +25,9 @@ def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     labels_path = find_file(root, "mimic-cxr-2.0.0-chexpert.csv")
     meta_path = find_file(root, "mimic-cxr-2.0.0-metadata.csv")
     studies: dict[tuple[str, str], dict[str, str]] = {}
-    for number, row in enumerate(read_rows(labels_path)):
-        if number == 0:
-            require_columns(labels_path, row, ("subject_id", "study_id", "Pneumonia", "No Finding"))
+    for row in read_rows(labels_path, ("subject_id", "study_id", "Pneumonia", "No Finding")):
         studies[(row["subject_id"], row["study_id"])] = row
-    for number, row in enumerate(read_rows(meta_path)):
-        if number == 0:
-            require_columns(meta_path, row, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+    for row in read_rows(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
         subject, study = row["subject_id"], row["study_id"]
         labels = studies.get((subject, study))
         label, dropped = label_of(labels, uncertain) if labels else (None, "study without labels")

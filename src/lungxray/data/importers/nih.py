@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, files_under, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, files_under, find_file, read_rows
 
 LABEL_FILE = "Data_Entry_2017_v2020.csv"
 OLD_LABEL_FILE = "Data_Entry_2017.csv"  # the 2017 release: the same columns
@@ -34,9 +34,7 @@ def nih_class(findings: str) -> tuple[str | None, str | None]:
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     path = find_file(root, LABEL_FILE, OLD_LABEL_FILE)
     where = {name.rsplit("/", 1)[-1]: name for name in files_under(root) if name.endswith(".png")}
-    for number, row in enumerate(read_rows(path)):
-        if number == 0:
-            require_columns(path, row, ("Image Index", "Finding Labels", "Patient ID", "View Position"))
+    for row in read_rows(path, ("Image Index", "Finding Labels", "Patient ID", "View Position")):
         label, dropped = nih_class(row["Finding Labels"])
         name = row["Image Index"]
         yield Entry(file=where.get(name, f"images/{name}"), label=label, dropped=dropped,

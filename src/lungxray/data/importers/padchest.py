@@ -18,7 +18,7 @@ import ast
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, find_file, read_rows
 
 SOURCE = "padchest"
 LABEL_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
@@ -48,9 +48,7 @@ def age_of(study_date: str, birth_year: str) -> str:
 
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     path = find_file(root, LABEL_FILE)
-    for number, row in enumerate(read_rows(path)):
-        if number == 0:
-            require_columns(path, row, ("ImageID", "ImageDir", "PatientID", "Projection", "Labels"))
+    for row in read_rows(path, ("ImageID", "ImageDir", "PatientID", "Projection", "Labels")):
         label, dropped = labels_class(row["Labels"])
         yield Entry(file=f"{row['ImageDir']}/{row['ImageID']}", label=label, dropped=dropped,
                     patient_id=row["PatientID"], study_id=row.get("StudyID", ""),

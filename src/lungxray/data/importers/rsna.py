@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, dicom_facts, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, dicom_header, find_file, read_rows
 
 SOURCE = "rsna_pneumonia"
 CLASSES = {"Lung Opacity": ("pneumonia", None), "Normal": ("normal", None),
@@ -29,21 +29,17 @@ def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     classes_path = find_file(root, "stage_2_detailed_class_info.csv")
     labels_path = find_file(root, "stage_2_train_labels.csv")
     detailed: dict[str, str] = {}
-    for number, row in enumerate(read_rows(classes_path)):
-        if number == 0:
-            require_columns(classes_path, row, ("patientId", "class"))
+    for row in read_rows(classes_path, ("patientId", "class")):
         detailed[row["patientId"]] = row["class"]
     targets: dict[str, str] = {}
-    for number, row in enumerate(read_rows(labels_path)):
-        if number == 0:
-            require_columns(labels_path, row, ("patientId", "Target"))
+    for row in read_rows(labels_path, ("patientId", "Target")):
         targets[row["patientId"]] = max(targets.get(row["patientId"], "0"), row["Target"])
     for patient, native in detailed.items():
         label, dropped = CLASSES.get(native, (None, f"unknown class {native!r}"))
         file = f"{IMAGES}/{patient}.dcm"
-        facts = dicom_facts(root / file) if (root / file).is_file() else {}
-        if facts is None:
-            label, dropped, facts = None, "DICOM header unreadable", {}
+        facts, unreadable = dicom_header(root / file)
+        if unreadable:
+            label, dropped = None, unreadable
         yield Entry(file=file, label=label, dropped=dropped, patient_id=patient, study_id=patient,
                     site="NIH Clinical Center (via RSNA)", native={"class": native, "target": targets.get(patient, "")},
                     **facts)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, dicom_facts, files_under, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, dicom_header, files_under, find_file, read_rows
 
 SOURCE = "siim_covid19"
 STUDY_CLASSES = {"Typical Appearance": ("covid", None), "Negative for Pneumonia": ("normal", None),
@@ -27,21 +27,17 @@ STUDY_CLASSES = {"Typical Appearance": ("covid", None), "Negative for Pneumonia"
 def entries(root: Path, uncertain: str) -> Iterator[Entry]:
     studies_path, images_path = find_file(root, "train_study_level.csv"), find_file(root, "train_image_level.csv")
     study_class: dict[str, str] = {}
-    for number, row in enumerate(read_rows(studies_path)):
-        if number == 0:
-            require_columns(studies_path, row, ("id", *STUDY_CLASSES))
+    for row in read_rows(studies_path, ("id", *STUDY_CLASSES)):
         marked = [name for name in STUDY_CLASSES if row[name].strip() in ("1", "1.0")]
         study_class[row["id"].removesuffix("_study")] = marked[0] if len(marked) == 1 else ""
     where = {name.rsplit("/", 1)[-1].removesuffix(".dcm"): name for name in files_under(root) if name.endswith(".dcm")}
-    for number, row in enumerate(read_rows(images_path)):
-        if number == 0:
-            require_columns(images_path, row, ("id", "StudyInstanceUID"))
+    for row in read_rows(images_path, ("id", "StudyInstanceUID")):
         image, study = row["id"].removesuffix("_image"), row["StudyInstanceUID"]
         native = study_class.get(study, "")
         label, dropped = STUDY_CLASSES.get(native, (None, "study without one study-level label"))
         file = where.get(image, f"train/{study}/{image}.dcm")
-        facts = dicom_facts(root / file) if (root / file).is_file() else {}
-        if facts is None:
-            label, dropped, facts = None, "DICOM header unreadable", {}
+        facts, unreadable = dicom_header(root / file)
+        if unreadable:
+            label, dropped = None, unreadable
         yield Entry(file=file, label=label, dropped=dropped, study_id=study, patient_id=study,
                     site="BIMCV / MIDRC-RICORD", native={"study_label": native, "boxes": row.get("label", "")}, **facts)

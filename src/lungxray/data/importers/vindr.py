@@ -20,7 +20,7 @@ import collections
 from pathlib import Path
 from typing import Iterator
 
-from lungxray.data.importers.base import Entry, dicom_facts, find_file, read_rows, require_columns
+from lungxray.data.importers.base import Entry, dicom_header, find_file, read_rows
 
 SOURCE = "vindr_cxr"
 SITE = "Hospital 108 / Hanoi Medical University Hospital"
@@ -33,9 +33,7 @@ def _votes(root: Path) -> tuple[dict[str, collections.Counter], dict[str, int], 
     physionet = [root / "annotations" / n for n in ("image_labels_train.csv", "image_labels_test.csv")]
     if physionet[0].is_file():
         for path in (p for p in physionet if p.is_file()):
-            for number, row in enumerate(read_rows(path)):
-                if number == 0:
-                    require_columns(path, row, ("image_id", "Pneumonia", "No finding"))
+            for row in read_rows(path, ("image_id", "Pneumonia", "No finding")):
                 split = "test" if path.name.endswith("test.csv") else "train"
                 key = f"{split}/{row['image_id']}"
                 readers[key].add(row.get("rad_id", "consensus"))
@@ -44,9 +42,7 @@ def _votes(root: Path) -> tuple[dict[str, collections.Counter], dict[str, int], 
         return votes, {k: len(v) for k, v in readers.items()}, "physionet"
     path = find_file(root, "train.csv")
     seen: dict[str, set] = collections.defaultdict(set)
-    for number, row in enumerate(read_rows(path)):
-        if number == 0:
-            require_columns(path, row, ("image_id", "class_name", "rad_id"))
+    for row in read_rows(path, ("image_id", "class_name", "rad_id")):
         key = f"train/{row['image_id']}"
         readers[key].add(row["rad_id"])
         if row["class_name"] not in seen[(key, row["rad_id"])]:  # one vote per radiologist per label
@@ -67,9 +63,9 @@ def entries(root: Path, uncertain: str) -> Iterator[Entry]:
             label, dropped = None, "other findings without pneumonia" if release == "physionet" else \
                 "a finding (Kaggle's labels cannot say pneumonia)"
         file = f"{key}.dicom"
-        facts = dicom_facts(root / file) if (root / file).is_file() else {}
-        if facts is None:
-            label, dropped, facts = None, "DICOM header unreadable", {}
+        facts, unreadable = dicom_header(root / file)
+        if unreadable:
+            label, dropped = None, unreadable
         yield Entry(file=file, label=label, dropped=dropped, patient_id=key.split("/")[1], study_id=key.split("/")[1],
                     site=SITE, native={"labels": "|".join(sorted(counted)), "readers": str(readers[key])},
                     **{**facts, "view": facts.get("view") or "PA"})
