@@ -20,9 +20,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from lungxray.cli import main
-from lungxray.dicom.node import DicomNode, Limits, Peer
+from lungxray.dicom.node import DicomNode, Limits
 from lungxray.dicom.report import ModelIdentity, report_values
-from lungxray.dicom.send import send_files
+from lungxray.dicom.send import Peer, send_files
 from lungxray.dicom.spool import Spool
 from lungxray.dicom.tls import client_context, server_context
 from lungxray.errors import ConfigError, DataError

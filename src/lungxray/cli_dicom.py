@@ -57,7 +57,8 @@ def model_identity(model: str, predictor):
 
 
 def run_listen(args) -> int:
-    from lungxray.dicom.node import DicomNode, Limits, Peer
+    from lungxray.dicom.node import DicomNode, Limits
+    from lungxray.dicom.send import Peer
     from lungxray.dicom.tls import server_context
     from lungxray.loader import load_predictor
 
@@ -81,8 +82,7 @@ def run_listen(args) -> int:
 
 
 def run_send(args) -> int:
-    from lungxray.dicom.node import Peer
-    from lungxray.dicom.send import dicom_files, send_files
+    from lungxray.dicom.send import Peer, dicom_files, send_files
     from lungxray.dicom.tls import client_context
 
     tls = client_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None

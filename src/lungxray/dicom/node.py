@@ -9,6 +9,7 @@ retrying with back-off while it is away. Started again after a crash, it resumes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -20,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
-                                  DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
-                                  SecondaryCaptureImageStorage, Verification)
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                                  DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, Verification)
 
 from lungxray.data.images import DICOM_SYNTAXES
 from lungxray.dicom.report import ModelIdentity, Outcome, result_report
+from lungxray.dicom.send import Peer, store
 from lungxray.dicom.spool import Spool
-from lungxray.errors import ConfigError
+from lungxray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +40,6 @@ RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresen
 TRANSFER_SYNTAXES = sorted(DICOM_SYNTAXES)
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
-
-
-@dataclasses.dataclass(frozen=True)
-class Peer:
-    """A DICOM application entity on the network: AE title, host and port."""
-
-    aet: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Peer":
-        """AET@HOST:PORT, as `--send-to` and `--to` take it."""
-        try:
-            aet, address = text.split("@", 1)
-            host, port = address.rsplit(":", 1)
-            peer = cls(aet, host, int(port))
-        except ValueError:
-            raise ConfigError(f"{text!r} is not AET@HOST:PORT (for example ORTHANC@127.0.0.1:4242)") from None
-        if not 0 < len(aet) <= 16 or not 0 < peer.port < 65536:
-            raise ConfigError(f"{text!r}: the AE title takes 1 to 16 characters and the port 1 to 65535")
-        return peer
 
 
 @dataclasses.dataclass
@@ -206,21 +185,18 @@ class DicomNode:
                 delay = min(delay * 2, self.max_retry_seconds)
 
     def _deliver(self, uids: list[str]) -> bool:
-        """Send the outbox's reports over one association; False if the PACS could not be reached."""
-        ae = AE(ae_title=self.aet)
-        ae.add_requested_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate(self.send_to.host, self.send_to.port, ae_title=self.send_to.aet)
-        if not assoc.is_established:
-            return False
+        """Send the outbox's reports over one association, each marked delivered as the PACS takes it;
+        False if the PACS could not be reached or refused one."""
+        uid_of = {self.spool.outbox(uid): uid for uid in uids}
         try:
-            for uid in uids:
-                status = assoc.send_c_store(pydicom.dcmread(self.spool.outbox(uid)))
-                if not status or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    return False
-                self.spool.delivered(uid)
-                self._audit("delivered", uid)
-        finally:
-            assoc.release()
+            with contextlib.closing(store(list(uid_of), self.send_to, self.aet)) as answers:
+                for path, outcome in answers:
+                    if outcome != "sent":
+                        return False
+                    self.spool.delivered(uid_of[path])
+                    self._audit("delivered", uid_of[path])
+        except DataError:  # no association
+            return False
         return True
 
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
