@@ -4,6 +4,7 @@ get "not analysed"; unknown callers are refused; reports wait while the PACS is 
 is back; a film left in the spool by a crash, or a node SIGKILLed mid-stream, ends with one report per
 film."""
 
+import copy
 import csv
 import json
 import signal
@@ -17,11 +18,12 @@ import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from lungxray.cli import main
+from lungxray.dicom.heatmap import HeatmapMaker
 from lungxray.dicom.node import DicomNode, Limits
-from lungxray.dicom.report import ModelIdentity, report_values
+from lungxray.dicom.report import ModelIdentity, Outcome, report_values, result_report
 from lungxray.dicom.send import Peer, send_files
 from lungxray.dicom.spool import Spool
 from lungxray.dicom.tls import client_context, server_context
@@ -35,18 +37,22 @@ from tests.test_distribute import free_ports
 class Pacs:
     """A Storage SCP standing in for the PACS: keeps the reports it receives."""
 
-    def __init__(self, port: int):
-        self.port, self.received, self.server = port, [], None
+    def __init__(self, port: int, tls=None):
+        self.port, self.tls, self.received, self.server = port, tls, [], None
 
     def start(self) -> "Pacs":
         ae = AE(ae_title="PACS")
         ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(SecondaryCaptureImageStorage)
 
         def store(event):
-            self.received.append(event.dataset)
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            self.received.append(dataset)
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)],
+                                     ssl_context=self.tls)
         return self
 
     def stop(self) -> None:
@@ -80,9 +86,9 @@ def node_and_pacs(predictor, tmp_path):
     identity = ModelIdentity("run", "test", "ab" * 32)
     made = []
 
-    def make(allow=None, start=True, limits=None, tls=None):
+    def make(start=True, predictor=predictor, **options):
         node = DicomNode(predictor, identity, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
-                         port=node_port, allow=allow, limits=limits, retry_seconds=0.2, max_retry_seconds=0.5, tls=tls)
+                         port=node_port, retry_seconds=0.2, max_retry_seconds=0.5, **options)
         if start:
             node.start()
         made.append(node)
@@ -130,6 +136,65 @@ def test_a_film_it_must_not_classify_gets_not_analysed(node_and_pacs, tmp_path):
     values = report_values(pacs.wait_for(1)[0])
     assert values["decision"] == "not analysed" and "lateral" in values["reason"]
     assert not any(code.startswith("p-") for code in values)
+
+
+def test_a_film_it_must_not_classify_can_get_nothing(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    node = make(not_analysed="nothing")
+    lateral = chest_film(tmp_path / "lateral.dcm", np.full((64, 64), 90, np.uint8), ViewPosition="LL")
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    assert send_files([lateral, film], node_peer) == [(lateral, "sent"), (film, "sent")]
+    (report,) = pacs.wait_for(1)
+    time.sleep(0.5)
+    assert len(pacs.received) == 1 and report_values(report)["source"] == pydicom.dcmread(film).SOPInstanceUID
+    events = [json.loads(line) for line in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
+    (nothing,) = [e for e in events if e["event"] == "not analysed, nothing sent"]
+    assert "lateral" in nothing["reason"] and not node.spool.waiting() and not node.spool.undelivered()
+
+
+def test_a_report_made_again_is_the_same_instance():
+    source = pydicom.Dataset()
+    source.update({"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+                   "SOPInstanceUID": generate_uid(), "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1"})
+    outcome = Outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3})
+    model, other = ModelIdentity("run", "1", "ab" * 32), ModelIdentity("run", "1", "cd" * 32)
+    first, again = result_report(source, outcome, model), result_report(source, outcome, model)
+    assert first.SOPInstanceUID == again.SOPInstanceUID and first.SeriesInstanceUID == again.SeriesInstanceUID
+    assert result_report(source, outcome, other).SOPInstanceUID != first.SOPInstanceUID  # another model
+
+
+def test_with_heatmaps_each_classified_film_also_gets_a_grad_cam_capture(node_and_pacs, predictor, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    predictor = copy.copy(predictor)
+    predictor.ood = None  # the tiny test run's gate withholds real films, and a withheld film gets no heat map
+    make(predictor=predictor, heatmap=HeatmapMaker(predictor))
+    require_shared()
+    rows = list(csv.DictReader(open(CXR / "manifest.csv")))
+    films = [chest_film(tmp_path / f"{label}.dcm", np.asarray(Image.open(CXR / row["file"]).convert("L")))
+             for label in predictor.classes for row in [next(r for r in rows if r["label"] == label)]]
+    lateral = chest_film(tmp_path / "lateral.dcm", np.full((64, 64), 90, np.uint8), ViewPosition="LL")
+    send_files([*films, lateral], node_peer)
+    deadline = time.monotonic() + 60
+    while sum(d.Modality == "SR" for d in pacs.received) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a capture goes before its report: none may still be coming
+    decisions = {r.StudyInstanceUID: report_values(r)["decision"] for r in pacs.received if r.Modality == "SR"}
+    captures = {c.StudyInstanceUID: c for c in pacs.received if c.SOPClassUID == SecondaryCaptureImageStorage}
+    classified = {study for study, decision in decisions.items() if decision in predictor.classes}
+    assert len(decisions) == 4 and classified and set(captures) == classified  # none for a lateral or withheld film
+    for film in films:
+        source = pydicom.dcmread(film)
+        if source.StudyInstanceUID not in captures:
+            continue
+        capture = captures[source.StudyInstanceUID]
+        assert capture.BurnedInAnnotation == "YES" and capture.PatientID == source.PatientID
+        pixels = capture.pixel_array
+        assert pixels.shape[0] > 512 and pixels.shape[1:] == (512, 3)
+        assert (pixels[512:] > 200).any()  # the decision and the notice, burned in below the image
+        shown = np.asarray(Image.fromarray(pixels[:512]).convert("L").resize((predictor.image_size,) * 2))
+        seen = predictor.read(film).mean(axis=-1)
+        assert np.corrcoef(shown.ravel(), seen.ravel())[0, 1] > 0.5  # the film the model saw, under the map
+        assert pixels[:512].std(axis=-1).mean() > 5  # coloured by the heat map, not a grey film
 
 
 def test_unknown_callers_are_refused(node_and_pacs, tmp_path):
@@ -210,6 +275,23 @@ def test_tls_associations(node_and_pacs, tmp_path):
     assert len(pacs.wait_for(1)) == 1
     with pytest.raises(ConfigError, match="cannot load the TLS files"):
         server_context(str(tmp_path / "absent.pem"), node_key)
+
+
+def test_reports_go_to_a_pacs_over_tls(node_and_pacs, tmp_path):
+    make, pacs, node_peer = node_and_pacs
+    pacs_cert, pacs_key = certificate(tmp_path, "pacs")
+    pacs.stop()
+    pacs.tls = server_context(pacs_cert, pacs_key)
+    pacs.start()
+    node = make(send_tls=client_context(pacs_cert))
+    film = chest_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    assert send_files([film], node_peer) == [(film, "sent")]
+    assert len(pacs.wait_for(1)) == 1 and not node.spool.undelivered()
+
+
+def test_heatmaps_with_an_export_are_refused_in_one_line(capsys, export):
+    assert main(["dicom", "listen", "--model", str(export), "--heatmap", "--send-to", "PACS@127.0.0.1:1"]) == 2
+    assert "--heatmap needs the Keras model" in capsys.readouterr().err
 
 
 def test_a_port_in_use_is_one_line(node_and_pacs, capsys, export):

@@ -31,6 +31,13 @@ def add_dicom_commands(commands) -> None:
     listen.add_argument("--tls-cert", help="TLS: this node's certificate (PEM); with --tls-key, callers must use TLS")
     listen.add_argument("--tls-key", help="TLS: the certificate's private key (PEM)")
     listen.add_argument("--tls-ca", help="TLS: callers must present a certificate this CA signed (PEM)")
+    listen.add_argument("--send-tls-ca", help="TLS to the PACS: the CA that signed its certificate (PEM)")
+    listen.add_argument("--send-tls-cert", help="TLS to the PACS: this node's certificate, for a PACS that asks for one")
+    listen.add_argument("--send-tls-key", help="TLS to the PACS: its private key")
+    listen.add_argument("--heatmap", action="store_true",
+                        help="also send a Grad-CAM Secondary Capture per classified film (needs a run folder)")
+    listen.add_argument("--not-analysed", choices=("report", "nothing"), default="report",
+                        help="what a film it must not classify gets: a report saying why (default), or nothing")
     listen.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     listen.add_argument("--cache", help="feature cache folder")
     listen.set_defaults(run=run_listen)
@@ -59,18 +66,30 @@ def model_identity(model: str, predictor):
 def run_listen(args) -> int:
     from lungxray.dicom.node import DicomNode, Limits
     from lungxray.dicom.send import Peer
-    from lungxray.dicom.tls import server_context
+    from lungxray.dicom.tls import client_context, server_context
     from lungxray.loader import load_predictor
 
     send_to = Peer.parse(args.send_to)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = server_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    if (args.send_tls_cert or args.send_tls_key) and not args.send_tls_ca:
+        raise ConfigError("--send-tls-cert and --send-tls-key need --send-tls-ca (the CA that signed the PACS's "
+                          "certificate)")
+    send_tls = client_context(args.send_tls_ca, args.send_tls_cert, args.send_tls_key) if args.send_tls_ca else None
     predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime)
+    heatmap = None
+    if args.heatmap:
+        if not hasattr(predictor, "model"):
+            raise ConfigError("--heatmap needs the Keras model for Grad-CAM: give the run folder (not an export) "
+                              "with --runtime auto or keras")
+        from lungxray.dicom.heatmap import HeatmapMaker
+
+        heatmap = HeatmapMaker(predictor)
     node = DicomNode(predictor, model_identity(args.model, predictor), send_to, Path(args.spool), args.aet,
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
-                     tls=tls)
+                     tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed)
     node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,6 +1,6 @@
 """The DICOM node: a Storage SCP (with C-ECHO) that keeps each received radiograph in the spool
 before it answers success, a worker that predicts each film with the same predictor as
-`lungxray predict` and writes its report, and a sender that C-STOREs the reports to the PACS,
+`lungxray predict` and writes its report, and a sender that C-STOREs the reports (and, with a heat-map maker, Grad-CAM captures) to the PACS,
 retrying with back-off while it is away. Started again after a crash, it resumes the spool.
 
     node = DicomNode(predictor, ModelIdentity(...), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import threading
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresen
                DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
 # What lungxray's DICOM reader decodes, and nothing else (deflate is refused there).
 TRANSFER_SYNTAXES = sorted(DICOM_SYNTAXES)
+NOT_ANALYSED = ("report", "nothing")  # what a film it must not classify gets
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
 
@@ -59,7 +60,10 @@ class DicomNode:
     def __init__(self, predictor, model: ModelIdentity, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
-                 max_retry_seconds: float = 60.0, tls=None):
+                 max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
+                 not_analysed: str = "report"):
+        if not_analysed not in NOT_ANALYSED:
+            raise ConfigError(f"'not_analysed' must be one of {list(NOT_ANALYSED)}. Got {not_analysed!r} instead.")
         self.predictor, self.model, self.send_to = predictor, model, send_to
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
@@ -67,6 +71,9 @@ class DicomNode:
         self.audit_log = audit_log or Path(spool) / "audit.jsonl"
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
         self.tls = tls  # an ssl.SSLContext (lungxray.dicom.tls.server_context) for incoming associations
+        self.send_tls = send_tls  # one from lungxray.dicom.tls.client_context, for the association to the PACS
+        self.heatmap = heatmap  # a lungxray.dicom.heatmap.HeatmapMaker, or None: no heat maps
+        self.not_analysed = not_analysed  # "report" (say why) or "nothing" (send nothing)
         self._work = threading.Event()
         self._stopping = threading.Event()
         self._audit_lock = threading.Lock()
@@ -141,20 +148,27 @@ class DicomNode:
                                   self.spool.set_aside(uid))
 
     def report(self, uid: str) -> None:
-        """Predict the film `uid` of the spool and put its report in the outbox."""
+        """Predict the film `uid` of the spool and put its report (and heat map) in the outbox."""
         path = self.spool.incoming(uid)
         source = pydicom.dcmread(path, stop_before_pixels=True)
-        outcome = self.outcome(path)
-        report = result_report(source, outcome, self.model)
-        report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        self.spool.reported(uid, buffer.getvalue())
-        self._audit("reported", uid, study=str(source.get("StudyInstanceUID", "")), decision=outcome.decision,
-                    ood=outcome.ood, probabilities=outcome.probabilities, reason=outcome.not_analysed)
+        outcome = self.outcome(path, source)
+        facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=outcome.decision, ood=outcome.ood,
+                     probabilities=outcome.probabilities, reason=outcome.not_analysed)
+        if outcome.not_analysed is not None and self.not_analysed == "nothing":
+            self.spool.answered_with_nothing(uid)
+            self._audit("not analysed, nothing sent", uid, **facts)
+            return
+        heatmap = None
+        if self.heatmap is not None and outcome.decision in self.predictor.classes:
+            heatmap = encoded(self.heatmap(path, source, outcome.decision, outcome.probabilities[outcome.decision],
+                                           self.model))
+        self.spool.reported(uid, encoded(result_report(source, outcome, self.model)), heatmap)
+        self._audit("reported", uid, heatmap=(heatmap is not None) if self.heatmap else None, **facts)
         self._work.set()
 
-    def outcome(self, path: Path) -> Outcome:
+    def outcome(self, path: Path, source: pydicom.Dataset) -> Outcome:
+        if source.get("Manufacturer") == "lungxray":  # its own heat map, routed back by the PACS
+            return Outcome(not_analysed="made by lungxray (a heat map), not a film")
         predictions = self.predictor.predict_files([path], desc=None)
         if predictions.errors:
             return Outcome(not_analysed=predictions.errors[0].reason)
@@ -184,24 +198,35 @@ class DicomNode:
                 self._stopping.wait(timeout=delay)
                 delay = min(delay * 2, self.max_retry_seconds)
 
-    def _deliver(self, uids: list[str]) -> bool:
+    def _deliver(self, keys: list[str]) -> bool:
         """Send the outbox's reports over one association, each marked delivered as the PACS takes it;
         False if the PACS could not be reached or refused one."""
-        uid_of = {self.spool.outbox(uid): uid for uid in uids}
+        key_of = {self.spool.outbox(key): key for key in keys}
         try:
-            with contextlib.closing(store(list(uid_of), self.send_to, self.aet)) as answers:
+            with contextlib.closing(store(list(key_of), self.send_to, self.aet, self.send_tls)) as answers:
                 for path, outcome in answers:
                     if outcome != "sent":
                         return False
-                    self.spool.delivered(uid_of[path])
-                    self._audit("delivered", uid_of[path])
+                    key = key_of[path]
+                    self.spool.delivered(key)
+                    uid, heatmap, _ = key.partition(".heatmap")
+                    self._audit("delivered", uid, object="heat map" if heatmap else "report")
         except DataError:  # no association
             return False
         return True
 
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
         """One JSON line per event: hashed UIDs, never a patient's name, id or birth date."""
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, "instance": hashed(uid),
+        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
+                "instance": hashed(uid),
                 **({"study": hashed(study)} if study else {}), **{k: v for k, v in facts.items() if v is not None}}
         with self._audit_lock, open(self.audit_log, "a") as handle:
             handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")
+
+
+def encoded(dataset: pydicom.Dataset) -> bytes:
+    """A DICOM file's bytes (explicit VR little endian, which every peer accepts)."""
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -55,6 +55,12 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
+def derived_uid(source: Dataset, model: ModelIdentity, what: str) -> str:
+    """The UID of something lungxray derives from the film `source` with `model`: the same each time
+    it is made again (after a crash), so that a PACS given it twice keeps it once."""
+    return generate_uid(entropy_srcs=[str(source.SOPInstanceUID), model.fingerprint, what])
+
+
 def result_report(source: Dataset, outcome: Outcome, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
     """The SR for `source` (the received film's dataset, pixels not needed)."""
     evidence = Dataset()
@@ -86,9 +92,10 @@ def result_report(source: Dataset, outcome: Outcome, model: ModelIdentity) -> hd
     root = hd.sr.ContainerContentItem(name=concept("report", "lungxray chest X-ray classification"))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return hd.sr.ComprehensiveSR(
-        evidence=[evidence], content=root, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="lungxray", is_complete=True,
-        is_final=False, is_verified=False, series_description="lungxray (research use only)")
+        evidence=[evidence], content=root, series_instance_uid=derived_uid(source, model, "report series"),
+        series_number=SERIES_NUMBER, sop_instance_uid=derived_uid(source, model, "report"), instance_number=1,
+        manufacturer="lungxray", is_complete=True, is_final=False, is_verified=False,
+        series_description="lungxray (research use only)")
 
 
 def report_values(report: Dataset) -> dict[str, str | float]:

@@ -4,9 +4,12 @@ node killed at any moment resumes without losing or repeating anything.
     incoming/<uid>.dcm   received, written whole before the C-STORE success is returned
     failed/<uid>.dcm     received, but no report could be made (kept for a person to look at)
     outbox/<uid>.dcm     the report for film <uid>, written whole before the film leaves incoming/
-    sent/<uid>           the report was delivered: a film with this marker is never reported again
+    outbox/<uid>.heatmap.dcm   its heat map (`--heatmap`), written before the report
+    sent/<uid>           the report was delivered (or, by choice, none is sent): a film with this
+                         marker is never reported again; sent/<uid>.heatmap for its heat map
 
-<uid> is the film's SOP Instance UID (checked to be a UID, so that it is safe as a file name).
+<uid> is the film's SOP Instance UID (checked to be a UID, so that it is safe as a file name). What
+waits in the outbox and what is marked sent go by key: <uid> for a report, <uid>.heatmap for a heat map.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ class Spool:
     def incoming(self, uid: str) -> Path:
         return self.folder / "incoming" / f"{uid}.dcm"
 
-    def outbox(self, uid: str) -> Path:
-        return self.folder / "outbox" / f"{uid}.dcm"
+    def outbox(self, key: str) -> Path:
+        return self.folder / "outbox" / f"{key}.dcm"
 
-    def sent(self, uid: str) -> Path:
-        return self.folder / "sent" / uid
+    def sent(self, key: str) -> Path:
+        return self.folder / "sent" / key
 
     def waiting(self) -> list[str]:
         """Films received and not yet reported, oldest first. A film whose report reached the outbox
@@ -73,6 +76,7 @@ class Spool:
         return uids
 
     def undelivered(self) -> list[str]:
+        """The keys of what waits in the outbox, oldest first."""
         return [p.stem for p in self._files("outbox")]
 
     def _files(self, name: str) -> list[Path]:
@@ -80,10 +84,19 @@ class Spool:
         files = [p for p in (self.folder / name).glob("*.dcm") if not p.name.startswith(".")]
         return sorted(files, key=lambda p: p.stat().st_mtime)
 
-    def reported(self, uid: str, report: bytes) -> None:
-        """The report goes into the outbox whole, then the film leaves incoming/."""
+    def reported(self, uid: str, report: bytes, heatmap: bytes | None = None) -> None:
+        """The heat map (unless one was delivered before a crash) and then the report go into the
+        outbox whole, then the film leaves incoming/."""
+        if heatmap is not None and not self.sent(f"{uid}.heatmap").exists():
+            with atomic_path(self.outbox(f"{uid}.heatmap")) as temporary:
+                temporary.write_bytes(heatmap)
         with atomic_path(self.outbox(uid)) as temporary:
             temporary.write_bytes(report)
+        self.incoming(uid).unlink(missing_ok=True)
+
+    def answered_with_nothing(self, uid: str) -> None:
+        """A film that, by choice, gets no report: marked as answered, then it leaves incoming/."""
+        self.sent(uid).touch()
         self.incoming(uid).unlink(missing_ok=True)
 
     def set_aside(self, uid: str) -> Path:
@@ -92,6 +105,6 @@ class Spool:
         self.incoming(uid).replace(target)
         return target
 
-    def delivered(self, uid: str) -> None:
-        self.sent(uid).touch()
-        self.outbox(uid).unlink(missing_ok=True)
+    def delivered(self, key: str) -> None:
+        self.sent(key).touch()
+        self.outbox(key).unlink(missing_ok=True)

@@ -1,0 +1,75 @@
+"""The heat map a node returns with `--heatmap`: a Secondary Capture in the film's study showing the
+image the model saw with its Grad-CAM overlay, and the decision and the research-use notice burned
+into the pixels (a viewer that hides every text attribute still shows them)."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+
+from lungxray.dicom.report import NOTICE, ModelIdentity, derived_uid
+from lungxray.explain import GradCam, overlay
+
+SERIES_NUMBER = 9902
+SIDE = 512  # pixels of the capture's side: the model's input (224) is too small to read the notice on
+LINE = 18  # pixels of a line of text, font size 14
+
+
+def wrapped(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def burned_in(picture: np.ndarray, texts: list[str]) -> np.ndarray:
+    """`picture` (RGB) enlarged to SIDE pixels a side, with `texts` written on a black band below it."""
+    font = ImageFont.load_default(size=14)
+    lines = [line for text in texts for line in wrapped(text, font, SIDE - 12)]
+    canvas = Image.new("RGB", (SIDE, SIDE + LINE * len(lines) + 8))
+    canvas.paste(Image.fromarray(picture).resize((SIDE, SIDE), Image.Resampling.BILINEAR))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((6, SIDE + 4 + LINE * row), line, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def orientation(source: Dataset) -> tuple[str, str]:
+    """The film's patient orientation, or a chest film's usual one (rows to the patient's left,
+    columns to the feet)."""
+    given = source.get("PatientOrientation")
+    return (str(given[0]), str(given[1])) if given is not None and len(given) == 2 else ("L", "F")
+
+
+def heatmap_capture(source: Dataset, image: np.ndarray, heat: np.ndarray, decision: str, probability: float,
+                    model: ModelIdentity) -> hd.sc.SCImage:
+    """The Secondary Capture for `source` (the received film's dataset, pixels not needed): `image`
+    (what the model saw, uint8 RGB) under `heat` (Grad-CAM of the decided class)."""
+    pixels = burned_in(overlay(image, heat), [f"lungxray Grad-CAM: {decision} (p = {probability:.2f}), {model.name}",
+                                              NOTICE])
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=derived_uid(source, model, "heatmap series"),
+        series_number=SERIES_NUMBER, sop_instance_uid=derived_uid(source, model, "heatmap"), instance_number=1,
+        manufacturer="lungxray", patient_orientation=orientation(source), transfer_syntax_uid="1.2.840.10008.1.2.1")
+    capture.BurnedInAnnotation = "YES"
+    capture.SeriesDescription = "lungxray Grad-CAM (research use only)"
+    return capture
+
+
+class HeatmapMaker:
+    """Grad-CAM captures with a Keras predictor (an export carries no gradients)."""
+
+    def __init__(self, predictor):
+        self.predictor, self.gradcam = predictor, GradCam(predictor.model)
+
+    def __call__(self, path, source: Dataset, decision: str, probability: float, model: ModelIdentity) -> hd.sc.SCImage:
+        image = self.predictor.read(path)
+        heat, _ = self.gradcam.heatmap(image, self.predictor.classes.index(decision))
+        return heatmap_capture(source, image, heat, decision, probability, model)
