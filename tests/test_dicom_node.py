@@ -65,9 +65,9 @@ class Pacs:
         return self.received
 
 
-def chest_film(path, pixels: np.ndarray, study: str | None = None, **header):
+def chest_film(path, pixels: np.ndarray, study: str | None = None, bits: int = 8, **header):
     """A DX film of the chest, PA, with a patient's identifiers (which must never reach a log)."""
-    return make_dicom(path, pixels, bits=8, header={
+    return make_dicom(path, pixels, bits=bits, header={
         "StudyInstanceUID": study or generate_uid(), "SeriesInstanceUID": generate_uid(), "PatientID": "P-0042",
         "PatientName": "Doe^Jane", "PatientBirthDate": "19700101", "BodyPartExamined": "CHEST", "ViewPosition": "PA",
         **header})
@@ -248,6 +248,11 @@ def test_instances_over_the_limits_are_refused_with_a_failure_status(node_and_pa
     assert spool.accept("1.2.4", b"x" * 5000) == "spool full (0 MB)"
     assert spool.accept("1.2.3", b"x" * 5000) is None and spool.waiting() == ["1.2.3"]  # sent again: kept once
     assert spool.accept("../../etc/passwd", b"x") == "SOP Instance UID '../../etc/passwd' is not a UID"
+    spool.reported("1.2.3", b"r" * 100)
+    assert spool.size() == 100 == Spool(tmp_path / "small", max_bytes=6000).size()  # kept, and counted again at start
+    assert spool.accept("1.2.4", b"x" * 5000) is None  # room again once the film was reported
+    spool.delivered("1.2.3")
+    assert spool.size() == 5000
     time.sleep(0.5)
     assert not pacs.received
 

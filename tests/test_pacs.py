@@ -5,6 +5,7 @@ report must be stored in Orthanc in the film's study."""
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,11 @@ ORTHANC, STORESCU, DSRDUMP = shutil.which("Orthanc"), shutil.which("storescu"), 
 class Orthanc:
     """An Orthanc of the test's own: its own folder, ports and configuration; lungxray is a modality."""
 
-    def __init__(self, folder, node_port: int):
+    def __init__(self, folder, node_port: int, environment: dict | None = None):
         if not ORTHANC:
             pytest.fail("Orthanc is not installed: make test installs Debian's orthanc package")
         self.http_port, self.dicom_port = free_ports(2)
-        self.folder, self.process = folder, None
+        self.folder, self.environment, self.process = folder, environment, None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "orthanc.json").write_text(json.dumps({
             "Name": "lungxray-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
@@ -44,7 +45,7 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, env={**os.environ, **(self.environment or {})})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     # pydicom logs its decoders' tracebacks; the file's one-line reason reaches the user as an ImageError.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute an SR copies at INFO
     try:
         return args.run(args) or 0
     except LungxrayError as error:

@@ -9,13 +9,13 @@ retrying with back-off while it is away. Started again after a crash, it resumes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,12 +23,13 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
-                                  DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, Verification)
+from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
+                                  DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
+                                  SecondaryCaptureImageStorage, Verification)
 
 from lungxray.data.images import DICOM_SYNTAXES
 from lungxray.dicom.report import ModelIdentity, Outcome, result_report
-from lungxray.dicom.send import Peer, store
+from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError
 
@@ -39,6 +40,9 @@ RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresen
 # What lungxray's DICOM reader decodes, and nothing else (deflate is refused there).
 TRANSFER_SYNTAXES = sorted(DICOM_SYNTAXES)
 NOT_ANALYSED = ("report", "nothing")  # what a film it must not classify gets
+# What the node sends: its reports and heat maps, always written explicit VR little endian (`encoded`).
+RESULTS = [(ComprehensiveSRStorage, ExplicitVRLittleEndian), (SecondaryCaptureImageStorage, ExplicitVRLittleEndian)]
+IDLE_SECONDS = 2.0  # the association to the PACS is released after this long with nothing to send
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
 
@@ -71,9 +75,10 @@ class DicomNode:
         self.audit_log = audit_log or Path(spool) / "audit.jsonl"
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
         self.tls = tls  # an ssl.SSLContext (lungxray.dicom.tls.server_context) for incoming associations
-        self.send_tls = send_tls  # one from lungxray.dicom.tls.client_context, for the association to the PACS
         self.heatmap = heatmap  # a lungxray.dicom.heatmap.HeatmapMaker, or None: no heat maps
         self.not_analysed = not_analysed  # "report" (say why) or "nothing" (send nothing)
+        # send_tls: an ssl.SSLContext from lungxray.dicom.tls.client_context, for the association to the PACS
+        self._connection = Connection(send_to, aet, RESULTS, send_tls)
         self._work = threading.Event()
         self._stopping = threading.Event()
         self._audit_lock = threading.Lock()
@@ -179,12 +184,16 @@ class DicomNode:
 
     # -- the sender: reports to the PACS -------------------------------------------------------
     def _send_loop(self) -> None:
-        delay = self.retry_seconds
+        delay, idle_since = self.retry_seconds, None
         while not self._stopping.is_set():
             pending = self.spool.undelivered()
             if not pending:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > IDLE_SECONDS:
+                    self._connection.close()
                 self._stopping.wait(timeout=0.05)
                 continue
+            idle_since = None
             try:
                 delivered = self._deliver(pending)
             except Exception:  # a network or file error must not stop the sender: it tries again
@@ -193,26 +202,26 @@ class DicomNode:
             if delivered:
                 delay = self.retry_seconds
             else:
+                self._connection.close()
                 log.warning("%s@%s:%d unreachable; %d report(s) wait in the outbox, next try in %.0f s",
                             self.send_to.aet, self.send_to.host, self.send_to.port, len(pending), delay)
                 self._stopping.wait(timeout=delay)
                 delay = min(delay * 2, self.max_retry_seconds)
+        self._connection.close()
 
     def _deliver(self, keys: list[str]) -> bool:
-        """Send the outbox's reports over one association, each marked delivered as the PACS takes it;
-        False if the PACS could not be reached or refused one."""
-        key_of = {self.spool.outbox(key): key for key in keys}
-        try:
-            with contextlib.closing(store(list(key_of), self.send_to, self.aet, self.send_tls)) as answers:
-                for path, outcome in answers:
-                    if outcome != "sent":
-                        return False
-                    key = key_of[path]
-                    self.spool.delivered(key)
-                    uid, heatmap, _ = key.partition(".heatmap")
-                    self._audit("delivered", uid, object="heat map" if heatmap else "report")
-        except DataError:  # no association
-            return False
+        """Send the outbox's reports, each marked delivered as the PACS takes it; False if the PACS
+        could not be reached or refused one."""
+        for key in keys:
+            try:
+                outcome = self._connection.store(pydicom.dcmread(self.spool.outbox(key)))
+            except DataError:  # no association
+                return False
+            if outcome != "sent":
+                return False
+            self.spool.delivered(key)
+            uid, heatmap, _ = key.partition(".heatmap")
+            self._audit("delivered", uid, object="heat map" if heatmap else "report")
         return True
 
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:

@@ -15,6 +15,7 @@ waits in the outbox and what is marked sent go by key: <uid> for a report, <uid>
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 from lungxray.io import atomic_path
@@ -27,17 +28,13 @@ class Spool:
         self.folder, self.max_bytes = Path(folder), max_bytes
         for name in ("incoming", "outbox", "sent", "failed"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
+        # Bytes waiting (films and reports), counted once here and then kept as files come and go:
+        # adding up the folders at every film made receiving slower the fuller the spool.
+        self._bytes = sum(p.stat().st_size for name in ("incoming", "outbox") for p in self._files(name))
+        self._lock = threading.Lock()
 
     def size(self) -> int:
-        """Bytes waiting (films and reports); the worker moves files meanwhile, so some vanish."""
-        total = 0
-        for name in ("incoming", "outbox"):
-            for path in (self.folder / name).iterdir():
-                try:
-                    total += path.stat().st_size
-                except FileNotFoundError:
-                    pass
-        return total
+        return self._bytes
 
     def accept(self, uid: str, data: bytes) -> str | None:
         """Keep a received film; None, or why it is refused."""
@@ -45,10 +42,15 @@ class Spool:
             return f"SOP Instance UID {uid[:70]!r} is not a UID"
         if self.seen(uid):
             return None  # sent again by the PACS: already kept or answered, kept once
-        if self.size() + len(data) > self.max_bytes:
-            return f"spool full ({self.max_bytes // 2**20} MB)"
-        with atomic_path(self.incoming(uid)) as temporary:
-            temporary.write_bytes(data)
+        with self._lock:  # films arrive on several associations at once: each takes its room first
+            if self._bytes + len(data) > self.max_bytes:
+                return f"spool full ({self.max_bytes // 2**20} MB)"
+            self._bytes += len(data)
+        try:
+            self._write(self.incoming(uid), data, counted=True)
+        except BaseException:
+            self._count(-len(data))
+            raise
         return None
 
     def seen(self, uid: str) -> bool:
@@ -70,7 +72,7 @@ class Spool:
         uids = []
         for path in self._files("incoming"):
             if self.outbox(path.stem).exists() or self.sent(path.stem).exists():
-                path.unlink(missing_ok=True)
+                self._remove(path)
             else:
                 uids.append(path.stem)
         return uids
@@ -88,23 +90,40 @@ class Spool:
         """The heat map (unless one was delivered before a crash) and then the report go into the
         outbox whole, then the film leaves incoming/."""
         if heatmap is not None and not self.sent(f"{uid}.heatmap").exists():
-            with atomic_path(self.outbox(f"{uid}.heatmap")) as temporary:
-                temporary.write_bytes(heatmap)
-        with atomic_path(self.outbox(uid)) as temporary:
-            temporary.write_bytes(report)
-        self.incoming(uid).unlink(missing_ok=True)
+            self._write(self.outbox(f"{uid}.heatmap"), heatmap)
+        self._write(self.outbox(uid), report)
+        self._remove(self.incoming(uid))
 
     def answered_with_nothing(self, uid: str) -> None:
         """A film that, by choice, gets no report: marked as answered, then it leaves incoming/."""
         self.sent(uid).touch()
-        self.incoming(uid).unlink(missing_ok=True)
+        self._remove(self.incoming(uid))
 
     def set_aside(self, uid: str) -> Path:
         """Move a film no report can be made for out of the way; where it now is."""
         target = self.folder / "failed" / f"{uid}.dcm"
+        self._count(-self.incoming(uid).stat().st_size)
         self.incoming(uid).replace(target)
         return target
 
     def delivered(self, key: str) -> None:
         self.sent(key).touch()
-        self.outbox(key).unlink(missing_ok=True)
+        self._remove(self.outbox(key))
+
+    def _write(self, path: Path, data: bytes, counted: bool = False) -> None:
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(data)
+        if not counted:
+            self._count(len(data))
+
+    def _remove(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        path.unlink()
+        self._count(-size)
+
+    def _count(self, change: int) -> None:
+        with self._lock:
+            self._bytes += change
