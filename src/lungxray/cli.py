@@ -127,7 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the interactive API docs at /docs (they load a script from a CDN)")
     serve.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     serve.add_argument("--cache", help="feature cache folder")
+    serve.add_argument("--keys", help="API keys file (lungxray keys create): the API then needs 'Authorization: "
+                                      "Bearer TOKEN'")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow serving a non-loopback address without --keys")
+    serve.add_argument("--tls-cert", help="HTTPS: the server's certificate (PEM), with --tls-key")
+    serve.add_argument("--tls-key", help="HTTPS: the certificate's private key (PEM)")
     serve.set_defaults(run=run_serve)
+    keys = commands.add_parser("keys", help="API keys for serve --keys")
+    key_actions = keys.add_subparsers(dest="keys_command", required=True)
+    for action, text in (("create", "make a key; its token is printed once"), ("revoke", "revoke a key"),
+                         ("list", "the keys, created and revoked")):
+        key_command = key_actions.add_parser(action, help=text)
+        if action != "list":
+            key_command.add_argument("name")
+        key_command.add_argument("--keys", default="lungxray-keys.json",
+                                 help="the keys file (default lungxray-keys.json)")
+        key_command.set_defaults(run=run_keys)
 
     export = commands.add_parser("export", help="the whole model as one LiteRT, ONNX or SavedModel export, "
                                                 "checked against Keras")
@@ -372,9 +388,27 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
 def run_serve(args) -> int:
     from lungxray.serve import serve
 
-    print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"serving {args.model} on {scheme}://{args.host}:{args.port}/", file=sys.stderr)
     serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood, args.max_pending,
-          args.max_connections, args.read_timeout, args.api_docs, args.runtime)
+          args.max_connections, args.read_timeout, args.api_docs, args.runtime, Path(args.keys) if args.keys else None,
+          args.insecure, args.tls_cert, args.tls_key)
+    return 0
+
+
+def run_keys(args) -> int:
+    from lungxray.serve.keys import KeyStore
+
+    store = KeyStore(args.keys)
+    if args.keys_command == "create":
+        print(store.create(args.name))
+        print(f"key {args.name!r} added to {args.keys}; the token above is shown only now", file=sys.stderr)
+    elif args.keys_command == "revoke":
+        store.revoke(args.name)
+        print(f"key {args.name!r} revoked", file=sys.stderr)
+    else:
+        for key in store.keys.values():
+            print(f"{key.name}\tcreated {key.created}\t{'revoked ' + key.revoked if key.revoked else 'active'}")
     return 0
 
 

@@ -23,16 +23,19 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from lungxray.errors import ImageError
+from lungxray.errors import ConfigError, ImageError
 from lungxray.io import sha256_of
 from lungxray.lite import LitePredictor, is_export
 from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
+from lungxray.serve.keys import KeyStore
+from lungxray.serve.metrics import Metrics
+from lungxray.serve.operations import Operations
 
 if TYPE_CHECKING:  # a server for an export runs without TensorFlow, which the Keras predictor imports
     from lungxray.predict import Predictor
@@ -152,8 +155,10 @@ def png_data_url(image: np.ndarray) -> str:
 
 def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
-               read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False) -> FastAPI:
-    """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null).
+               read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False, *,
+               keys: KeyStore | None = None) -> FastAPI:
+    """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
+    with `keys`, the API answers only requests that carry one of their tokens.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
     default: they break offline); /openapi.json is always served."""
     app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1",
@@ -161,6 +166,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     identity = model_identity(predictor, run)
     limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
     admission = Admission(max_pending)
+    metrics = Metrics(identity, lambda: admission.count)
     gradcam = {}
 
     def explain(image: np.ndarray, class_index: int) -> str:
@@ -186,6 +192,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                              "threshold": predictor.ood.threshold}
             if answer["ood"]["flag"] and refuse_ood:
                 answer.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
+        metrics.predicted(answer["predicted"] or "withheld", bool(answer.get("ood", {}).get("flag")))
         if with_explanation:
             # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
             answer["image"] = png_data_url(image)
@@ -218,6 +225,16 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     async def health() -> dict:  # on the event loop: answers while every worker thread is busy
         return {"status": "ok", "model": identity["id"], "images_in_hand": admission.count}
 
+    @app.get("/api/ready")
+    async def ready() -> dict:  # the model is loaded before the port opens: reachable means ready
+        return {"status": "ready", "model": identity["id"]}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/api/model")
     def model() -> dict:
         return identity
@@ -248,19 +265,40 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout)
+    app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs)  # outermost: sees every answer
     return app
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
           cache_dir: Path | None = None, refuse_ood: bool = False, max_pending: int = DEFAULT_MAX_PENDING,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = DEFAULT_READ_TIMEOUT,
-          api_docs: bool = False, runtime: str = "auto") -> None:
+          api_docs: bool = False, runtime: str = "auto", keys: Path | None = None, insecure: bool = False,
+          tls_cert: str | None = None, tls_key: str | None = None) -> None:
     """Serve until stopped. Beyond `max_connections` open connections uvicorn answers 503 at once;
-    idle keep-alive connections close after 5 s."""
+    idle keep-alive connections close after 5 s. Without `keys`, only a loopback address is served
+    unless `insecure`; SIGTERM lets the requests in flight finish (30 s at most) before exit."""
     import uvicorn
 
+    if keys is None and not insecure and not is_loopback(host):
+        raise ConfigError(f"serving on {host} without --keys lets anyone who reaches the port use the model: "
+                          "make a key with `lungxray keys create NAME --keys FILE` and pass --keys FILE "
+                          "(or pass --insecure on a network you trust)")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    key_store = KeyStore(keys) if keys is not None else None
+    if key_store is not None and not key_store.keys:
+        raise ConfigError(f"{keys} holds no keys: make one with `lungxray keys create NAME --keys {keys}`")
     run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
     predictor = load_predictor(run.model if run else model, cache_dir, runtime)
-    app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs)
+    app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs, keys=key_store)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, timeout_graceful_shutdown=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

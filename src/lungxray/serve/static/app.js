@@ -7,7 +7,13 @@ async function classify(file) {
   const form = new FormData();
   form.append("file", file);
   try {
-    const response = await fetch("/api/predict?explain=true", { method: "POST", body: form });
+    let response = await post(form);
+    if (response.status === 401 || response.status === 403) {
+      // A server run with --keys: ask once, keep the key for this tab only.
+      const key = window.prompt("This server needs an API key (lungxray keys create):");
+      if (key) sessionStorage.setItem("lungxray-key", key.trim());
+      response = await post(form);
+    }
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || response.statusText);
     show(file, answer);
@@ -17,6 +23,12 @@ async function classify(file) {
     $("status").className = "error";
     $("result").hidden = true;
   }
+}
+
+function post(form) {
+  const key = sessionStorage.getItem("lungxray-key");
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  return fetch("/api/predict?explain=true", { method: "POST", body: form, headers });
 }
 
 function show(file, answer) {
@@ -39,8 +51,8 @@ function show(file, answer) {
     const bar = document.createElement("div");
     bar.className = "bar" + (name === answer.predicted ? " top" : "");
     bar.dataset.class = name;
-    bar.innerHTML = `<span>${name}: ${(100 * p).toFixed(1)}%</span>
-      <div class="track"><div class="fill" style="width:${(100 * p).toFixed(1)}%"></div></div>`;
+    bar.innerHTML = `<span>${name}: ${(100 * p).toFixed(1)}%</span><div class="track"><div class="fill"></div></div>`;
+    bar.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;  // CSSOM: allowed by the page's CSP
     bars.appendChild(bar);
   }
   $("result").hidden = false;
