@@ -8,6 +8,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from lungxray.dicom.report import NOTICE, ModelIdentity, derived_uid
 from lungxray.explain import GradCam, overlay
@@ -57,7 +58,7 @@ def heatmap_capture(source: Dataset, image: np.ndarray, heat: np.ndarray, decisi
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=derived_uid(source, model, "heatmap series"),
         series_number=SERIES_NUMBER, sop_instance_uid=derived_uid(source, model, "heatmap"), instance_number=1,
-        manufacturer="lungxray", patient_orientation=orientation(source), transfer_syntax_uid="1.2.840.10008.1.2.1")
+        manufacturer="lungxray", patient_orientation=orientation(source), transfer_syntax_uid=ExplicitVRLittleEndian)
     capture.BurnedInAnnotation = "YES"
     capture.SeriesDescription = "lungxray Grad-CAM (research use only)"
     return capture

@@ -1,7 +1,7 @@
 """The DICOM node: a Storage SCP (with C-ECHO) that keeps each received radiograph in the spool
 before it answers success, a worker that predicts each film with the same predictor as
-`lungxray predict` and writes its report, and a sender that C-STOREs the reports (and, with a heat-map maker, Grad-CAM captures) to the PACS,
-retrying with back-off while it is away. Started again after a crash, it resumes the spool.
+`lungxray predict` and writes its report, and a sender that C-STOREs the reports (and, with a
+heat-map maker, Grad-CAM captures) to the PACS, retrying with back-off while it is away. Started again after a crash, it resumes the spool.
 
     node = DicomNode(predictor, ModelIdentity(...), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
     node.start(); ...; node.stop()

@@ -47,7 +47,8 @@ class Spool:
                 return f"spool full ({self.max_bytes // 2**20} MB)"
             self._bytes += len(data)
         try:
-            self._write(self.incoming(uid), data, counted=True)
+            with atomic_path(self.incoming(uid)) as temporary:
+                temporary.write_bytes(data)
         except BaseException:
             self._count(-len(data))
             raise
@@ -110,11 +111,10 @@ class Spool:
         self.sent(key).touch()
         self._remove(self.outbox(key))
 
-    def _write(self, path: Path, data: bytes, counted: bool = False) -> None:
+    def _write(self, path: Path, data: bytes) -> None:
         with atomic_path(path) as temporary:
             temporary.write_bytes(data)
-        if not counted:
-            self._count(len(data))
+        self._count(len(data))
 
     def _remove(self, path: Path) -> None:
         try:
