@@ -2,6 +2,7 @@
 network address without them, security headers, request ids, /api/ready, /metrics after known
 requests, HTTPS with a certificate the test makes, and the keys command."""
 
+import ssl
 import subprocess
 import sys
 import time
@@ -84,15 +85,15 @@ def test_https_and_the_keys_command(export, tmp_path, capsys):
                                 str(port), "--keys", str(keys), "--tls-cert", cert, "--tls-key", key],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"https://127.0.0.1:{port}"
+        url, trusted = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=cert)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"{url}/api/health", verify=cert, timeout=1)
+                httpx.get(f"{url}/api/health", verify=trusted, timeout=1)
                 break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        answer = httpx.get(f"{url}/api/model", verify=cert, headers={"Authorization": f"Bearer {token}"})
+        answer = httpx.get(f"{url}/api/model", verify=trusted, headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200 and answer.json()["classes"]
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)  # plain HTTP is not served
