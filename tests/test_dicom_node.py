@@ -76,7 +76,7 @@ def chest_film(path, pixels: np.ndarray, study: str | None = None, bits: int = 8
 @pytest.fixture(scope="module")
 def predictor(run):
     run_dir, _, cache = run
-    return load_predictor(run_dir, cache)
+    return load_predictor(run_dir, cache, gradients=True)  # the heat map test needs the Keras model
 
 
 @pytest.fixture

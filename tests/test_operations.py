@@ -2,22 +2,31 @@
 network address without them, security headers, request ids, /api/ready, /metrics after known
 requests, HTTPS with a certificate the test makes, and the keys command."""
 
+import asyncio
+import hashlib
+import json
+import shutil
 import ssl
 import subprocess
 import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from lungxray import Predictor, RunDir
 from lungxray.cli import main
 from lungxray.errors import ConfigError
+from lungxray.loader import checked_export, load_predictor
 from lungxray.serve import create_app, serve
+from lungxray.serve.batching import Batcher
 from lungxray.serve.keys import KeyStore
-from tests.test_dicom_node import certificate
-from tests.test_distribute import free_ports
+from lungxray.serve.operations import parse_rate
+from tests.servers import lungxray_serve
+from tests.test_dicom_node import certificate, chest_film
+from tests.test_export import WITHOUT_TENSORFLOW
 from tests.test_serve import png_bytes
 
 
@@ -80,24 +89,115 @@ def test_https_and_the_keys_command(export, tmp_path, capsys):
     token = capsys.readouterr().out.strip()
     assert main(["keys", "list", "--keys", str(keys)]) == 0 and "scanner" in capsys.readouterr().out
     cert, key = certificate(tmp_path, "server")
-    port = free_ports(1)[0]
-    process = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", str(export), "--port",
-                                str(port), "--keys", str(keys), "--tls-cert", cert, "--tls-key", key],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url, trusted = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=cert)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/api/health", verify=trusted, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    trusted = ssl.create_default_context(cafile=cert)
+    with lungxray_serve(export, "--keys", str(keys), "--tls-cert", cert, "--tls-key", key, scheme="https",
+                        verify=trusted) as (url, port, _):
         answer = httpx.get(f"{url}/api/model", verify=trusted, headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200 and answer.json()["classes"]
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)  # plain HTTP is not served
         assert main(["keys", "revoke", "scanner", "--keys", str(keys)]) == 0
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+
+
+def test_rate_limit_per_key(predictor, tmp_path):
+    keys = KeyStore(tmp_path / "keys.json")
+    busy, other = keys.create("busy"), keys.create("other")
+    client = TestClient(create_app(*predictor, keys=keys, rate=2.0))
+    answers = [client.get("/api/model", headers={"Authorization": f"Bearer {busy}"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]  # a burst of one second's worth, then refused
+    assert int(answers[2].headers["retry-after"]) >= 1 and "2 requests a second" in answers[2].json()["error"]
+    assert client.get("/api/model", headers={"Authorization": f"Bearer {other}"}).status_code == 200  # its own bucket
+    assert client.get("/api/health").status_code == 200  # probes are not limited
+    time.sleep(0.6)  # half a second refills one request at 2/s
+    assert client.get("/api/model", headers={"Authorization": f"Bearer {busy}"}).status_code == 200
+    with pytest.raises(ConfigError, match="10/s"):
+        parse_rate("fast")
+    assert parse_rate("600/min") == 10 and parse_rate("2.5/s") == 2.5
+
+
+def test_audit_log_keeps_who_what_and_the_answer_but_no_patient(predictor, tmp_path):
+    keys = KeyStore(tmp_path / "keys.json")
+    token = keys.create("ward-3")
+    log = tmp_path / "audit.jsonl"
+    client = TestClient(create_app(*predictor, keys=keys, audit_log=log))
+    auth = {"Authorization": f"Bearer {token}"}
+    image = png_bytes(value=77)
+    dicom = chest_film(tmp_path / "doe.dcm", np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).read_bytes()
+    good = client.post("/api/predict", files={"file": ("DOE_JANE.png", image, "image/png")}, headers=auth)
+    from_dicom = client.post("/api/predict", files={"file": ("Doe^Jane.dcm", dicom, "application/dicom")}, headers=auth)
+    bad = client.post("/api/predict", files={"file": ("x.png", b"not an image", "image/png")}, headers=auth)
+    client.get("/api/model")  # no key: 401, logged too
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["status"] for line in lines] == [200, 200, 422, 401]
+    assert [line["request_id"] for line in lines[:3]] == [r.headers["x-request-id"] for r in (good, from_dicom, bad)]
+    assert [line["key"] for line in lines] == ["ward-3", "ward-3", "ward-3", None]
+    assert lines[0]["images"] == [{"sha256": hashlib.sha256(image).hexdigest(), "decision": good.json()["predicted"]
+                                   or "withheld", "ood": good.json()["ood"]["flag"]}]
+    assert good.json()["sha256"] == lines[0]["images"][0]["sha256"]
+    assert lines[2]["images"] == [{"sha256": hashlib.sha256(b"not an image").hexdigest(), "decision": "unreadable"}]
+    assert all(line["ms"] > 0 and line["time"].endswith("+00:00") for line in lines)
+    text = log.read_text()
+    for personal in ("Doe", "Jane", "DOE_JANE", "P-0042", "19700101", "data:image"):
+        assert personal not in text
+
+
+def test_requests_that_arrive_together_are_predicted_together(predictor):
+    app = create_app(*predictor, max_batch=8, max_wait_ms=50)
+    images = [png_bytes(value=v) for v in range(20, 220, 10)]
+
+    async def all_at_once():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lungxray") as client:
+            return await asyncio.gather(*(client.post("/api/predict", files={"file": (f"{i}.png", data, "image/png")})
+                                          for i, data in enumerate(images)))
+
+    answers = asyncio.run(all_at_once())
+    keras_predictor, _ = predictor
+    for answer, data in zip(answers, images):
+        alone = keras_predictor.predict_images(keras_predictor.read(data)[None]).probabilities[0]
+        assert answer.status_code == 200
+        np.testing.assert_allclose(list(answer.json()["probabilities"].values()), alone, atol=1e-6)
+    metrics = TestClient(app).get("/metrics").text
+    calls = float(metrics.split("lungxray_batch_images_count ")[1].split()[0])
+    assert calls < len(images)  # some calls held several images
+    assert float(metrics.split("lungxray_batch_images_sum ")[1].split()[0]) == len(images)
+    with pytest.raises(ConfigError, match="max-batch"):
+        create_app(*predictor, max_batch=0)
+
+
+def test_a_lone_request_does_not_wait_for_a_batch():
+    seen = []
+    batcher = Batcher(lambda images: seen.append(len(images)) or images.sum(axis=(1, 2, 3)), max_batch=8,
+                      max_wait=5.0, workers=1)
+    started = time.monotonic()
+    predictions, row = batcher.submit(np.ones((2, 2, 3))).result(timeout=10)
+    assert time.monotonic() - started < 1.0 and seen == [1] and predictions[row] == 12  # nothing else was coming
+    with batcher.expecting():  # an image being decoded: the batch waits for it
+        first = batcher.submit(np.zeros((2, 2, 3)))
+        time.sleep(0.3)
+        second = batcher.submit(np.ones((2, 2, 3)))
+    assert first.result(timeout=10)[1] == 0 and second.result(timeout=10)[1] == 1 and seen == [1, 2]
+
+
+def test_runtime_auto_takes_the_runs_checked_export(run, export, tmp_path):
+    run_dir, data, cache = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    image = str(sorted((data / "test" / "normal").iterdir())[0])
+    predict = [sys.executable, "-m", "lungxray.cli", "predict", "--model", str(copy), "--cache", str(cache), image]
+    assert "runtime keras" in subprocess.run(predict, capture_output=True, text=True, timeout=120).stderr
+    (copy / "export").mkdir()
+    for file in export.parent.glob("model.tflite*"):
+        shutil.copy(file, copy / "export" / file.name)
+    fast = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, *predict[3:]], capture_output=True, text=True,
+                          timeout=120)
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    assert "runtime litert" in fast.stderr and "largest probability difference" in fast.stderr
+    assert load_predictor(copy, cache, gradients=True).__class__.__name__ == "Predictor"  # Grad-CAM needs Keras
+    sidecar = copy / "export" / "model.tflite.json"
+    checked = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**checked, "parity": {**checked["parity"], "max_abs_difference": 1.0}}))
+    assert load_predictor(copy, cache).__class__.__name__ == "Predictor"  # an export that failed parity is not used
+    sidecar.write_text(json.dumps(checked))
+    (copy / "model.keras").touch()  # retrained since the export: the export is stale
+    assert checked_export(copy) is None

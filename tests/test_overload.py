@@ -4,8 +4,6 @@ stays fast, nothing answers 500 and memory comes back."""
 
 import io
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,6 +11,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.servers import lungxray_serve
 
 
 MAX_PENDING, MAX_CONNECTIONS, READ_TIMEOUT = 8, 12, 1.0
@@ -32,27 +32,9 @@ def rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def server(run):
     run_dir, _, cache = run
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom lungxray.cli import main\nsys.exit(main(sys.argv[1:]))", "serve",
-         "--model", str(run_dir), "--cache", str(cache), "--port", str(port), "--max-pending", str(MAX_PENDING),
-         "--max-connections", str(MAX_CONNECTIONS), "--read-timeout", str(READ_TIMEOUT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("lungxray serve did not start within 60 s")
-    yield url, port, process
-    process.terminate()
-    process.wait(timeout=30)
+    with lungxray_serve(run_dir, "--cache", str(cache), "--max-pending", str(MAX_PENDING), "--max-connections",
+                        str(MAX_CONNECTIONS), "--read-timeout", str(READ_TIMEOUT), "--audit-log", "off") as server:
+        yield server
 
 
 def stalled_upload(port: int) -> socket.socket:

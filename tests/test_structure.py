@@ -28,7 +28,7 @@ LAYERS = [
     {"engines"},
     {"evaluate", "explain", "export", "loader"},
     {"report", "training", "serve", "batch", "dicom"},
-    {"cli", "cli_dicom", "__init__"},
+    {"cli", "cli_dicom", "cli_serve", "__init__"},
 ]
 
 

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from lungxray.cli_dicom import add_dicom_commands
+from lungxray.cli_serve import add_serve_commands
 from lungxray.config import PRESETS, Config
 from lungxray.data.importers import COLLECTIONS
 from lungxray.data.importers.base import UNCERTAIN_POLICIES
@@ -106,44 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="withhold the class of images the out-of-distribution gate flags")
     predict.add_argument("--runtime", choices=RUNTIMES, default="auto",
                          help="for a run folder: keras, or its LiteRT or ONNX export (made and checked on first "
-                              "use); auto: Keras with the backbone in LiteRT, or an export's own (default: auto)")
+                              "use); auto: the fastest of the run's checked exports, else Keras with the backbone "
+                              "in LiteRT (Keras with --explain); an export runs in its own (default: auto)")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
-    serve = commands.add_parser("serve", help="REST API and web page for a trained model")
-    serve.add_argument("--model", required=True, help="run folder, .keras file or export (.tflite, .onnx, .savedmodel)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)")
-    serve.add_argument("--refuse-ood", action="store_true",
-                       help="withhold the class of images the out-of-distribution gate flags")
-    serve.add_argument("--max-pending", type=int, default=64,
-                       help="images waiting or running before new ones get 503 (a batch counts each) (default: 64)")
-    serve.add_argument("--max-connections", type=int, default=100,
-                       help="open connections before new ones get 503 (default: 100)")
-    serve.add_argument("--read-timeout", type=float, default=10.0,
-                       help="seconds an upload may stall before it is cut off with 408 (default: 10)")
-    serve.add_argument("--api-docs", action="store_true",
-                       help="serve the interactive API docs at /docs (they load a script from a CDN)")
-    serve.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
-    serve.add_argument("--cache", help="feature cache folder")
-    serve.add_argument("--keys", help="API keys file (lungxray keys create): the API then needs 'Authorization: "
-                                      "Bearer TOKEN'")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow serving a non-loopback address without --keys")
-    serve.add_argument("--tls-cert", help="HTTPS: the server's certificate (PEM), with --tls-key")
-    serve.add_argument("--tls-key", help="HTTPS: the certificate's private key (PEM)")
-    serve.set_defaults(run=run_serve)
-    keys = commands.add_parser("keys", help="API keys for serve --keys")
-    key_actions = keys.add_subparsers(dest="keys_command", required=True)
-    for action, text in (("create", "make a key; its token is printed once"), ("revoke", "revoke a key"),
-                         ("list", "the keys, created and revoked")):
-        key_command = key_actions.add_parser(action, help=text)
-        if action != "list":
-            key_command.add_argument("name")
-        key_command.add_argument("--keys", default="lungxray-keys.json",
-                                 help="the keys file (default lungxray-keys.json)")
-        key_command.set_defaults(run=run_keys)
+    add_serve_commands(commands)
 
     export = commands.add_parser("export", help="the whole model as one LiteRT, ONNX or SavedModel export, "
                                                 "checked against Keras")
@@ -313,12 +282,13 @@ def run_predict(args) -> int:
     if args.engine == "ray":
         raise ConfigError("--engine ray writes its results as Parquet: give --out DIR")
     from lungxray.batch import list_inputs
-    from lungxray.loader import load_predictor
+    from lungxray.loader import describe_runtime, load_predictor
     from lungxray.predictions import OOD_NOTE, prediction_rows
 
     files = [Path(f) for f in list_inputs(args.images)]
-
-    predictor = load_predictor(args.model, _cache(args), args.runtime)
+    predictor = load_predictor(args.model, _cache(args), args.runtime, gradients=bool(args.explain))
+    if args.runtime == "auto":
+        print(describe_runtime(predictor), file=sys.stderr)
     predictions = predictor.predict_files(files)
     rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
     print(format_predictions(rows, predictor.classes, args.format))
@@ -383,33 +353,6 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
               "yes" if r.get("ood") else "", r.get("error", "")] for r, p in zip(rows, probabilities)]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])
-
-
-def run_serve(args) -> int:
-    from lungxray.serve import serve
-
-    scheme = "https" if args.tls_cert else "http"
-    print(f"serving {args.model} on {scheme}://{args.host}:{args.port}/", file=sys.stderr)
-    serve(args.model, args.host, args.port, args.max_upload_mb, _cache(args), args.refuse_ood, args.max_pending,
-          args.max_connections, args.read_timeout, args.api_docs, args.runtime, Path(args.keys) if args.keys else None,
-          args.insecure, args.tls_cert, args.tls_key)
-    return 0
-
-
-def run_keys(args) -> int:
-    from lungxray.serve.keys import KeyStore
-
-    store = KeyStore(args.keys)
-    if args.keys_command == "create":
-        print(store.create(args.name))
-        print(f"key {args.name!r} added to {args.keys}; the token above is shown only now", file=sys.stderr)
-    elif args.keys_command == "revoke":
-        store.revoke(args.name)
-        print(f"key {args.name!r} revoked", file=sys.stderr)
-    else:
-        for key in store.keys.values():
-            print(f"{key.name}\tcreated {key.created}\t{'revoked ' + key.revoked if key.revoked else 'active'}")
-    return 0
 
 
 def run_compare(args) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def run_listen(args) -> int:
     from lungxray.dicom.node import DicomNode, Limits
     from lungxray.dicom.send import Peer
     from lungxray.dicom.tls import client_context, server_context
-    from lungxray.loader import load_predictor
+    from lungxray.loader import describe_runtime, load_predictor
 
     send_to = Peer.parse(args.send_to)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -77,7 +78,10 @@ def run_listen(args) -> int:
         raise ConfigError("--send-tls-cert and --send-tls-key need --send-tls-ca (the CA that signed the PACS's "
                           "certificate)")
     send_tls = client_context(args.send_tls_ca, args.send_tls_cert, args.send_tls_key) if args.send_tls_ca else None
-    predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime)
+    predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime,
+                               gradients=args.heatmap)
+    if args.runtime == "auto":
+        print(describe_runtime(predictor), file=sys.stderr)
     heatmap = None
     if args.heatmap:
         if not hasattr(predictor, "model"):

@@ -40,6 +40,7 @@ class LitePredictor:
     def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None, threads: int | None = None):
         """`threads`: images decoded and run at once (default: one per core)."""
         self.model_path, self.info, self.ood, self.threads = Path(model_path), info, ood, threads
+        self.runtime = next(name for name, suffix in EXPORT_SUFFIXES.items() if suffix == self.model_path.suffix)
         self.classes = list(info["classes"])
         contract = info["input"]
         self.image_size, self.interpolation = contract["size"], contract["resize"]

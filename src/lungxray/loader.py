@@ -1,18 +1,27 @@
-"""One door to a trained model, for the command line and the server: an export (`.tflite`, `.onnx`,
-`.savedmodel`) opens as a `LitePredictor` (LiteRT and ONNX without importing TensorFlow); a run folder
-or `.keras` file as a Keras `Predictor`, or, with `runtime="litert"` or `"onnx"`, as the run's export in
-that format, exported (and checked against Keras) on first use."""
+"""One door to a trained model, for the command line, the server and the DICOM node: an export
+(`.tflite`, `.onnx`, `.savedmodel`) opens as a `LitePredictor` (LiteRT and ONNX without importing
+TensorFlow); a run folder or `.keras` file as a Keras `Predictor`, or, with `runtime="litert"` or
+`"onnx"`, as the run's export in that format, exported (and checked against Keras) on first use.
+
+`runtime="auto"` on a run folder takes the fastest of the run's exports that passed the parity check
+against its Keras model (LiteRT, then ONNX: 1,460 and 565 images/s in docs/benchmarks.md) and is
+newer than the model; without one, the Keras model (its backbone in LiteRT). It does not export by
+itself: exporting needs TensorFlow and writes into the run, which `lungxray export RUN` does once.
+`describe_runtime` says which was chosen and why."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lungxray.errors import ConfigError
 
 RUNTIMES = ("auto", "keras", "litert", "onnx")
+FASTEST_FIRST = ("litert", "onnx")
 
 
-def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: str = "auto"):
+def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: str = "auto", gradients: bool = False):
+    """`gradients`: the caller needs the Keras model (Grad-CAM), so "auto" does not choose an export."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"'runtime' must be one of {list(RUNTIMES)}. Got {runtime!r} instead.")
     from lungxray.lite import EXPORT_SUFFIXES, LitePredictor, is_export  # NumPy, Pillow: not for `--help`
@@ -25,9 +34,47 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
         return LitePredictor.load(model)
     if runtime in ("litert", "onnx"):
         return LitePredictor.load(run_export(model, runtime, cache_dir))
+    if runtime == "auto" and not gradients:
+        checked = checked_export(model)
+        if checked is not None:
+            return LitePredictor.load(checked)
     from lungxray.predict import Predictor  # imports TensorFlow: only when a Keras model is asked for
 
     return Predictor.load(model, runtime=runtime, cache_dir=cache_dir)  # "keras", or "auto": the backbone in LiteRT
+
+
+def checked_export(model: str | Path) -> Path | None:
+    """The fastest runnable export of the run that is newer than its model and passed parity."""
+    from lungxray.lite import EXPORT_SUFFIXES, sidecar_paths
+    from lungxray.rundir import RunDir
+    from lungxray.runtimes import litert_available, onnx_available
+
+    run = RunDir.open(model)
+    for fmt in FASTEST_FIRST:
+        exported = run.export(EXPORT_SUFFIXES[fmt])
+        if not exported.is_file() or exported.stat().st_mtime < run.model.stat().st_mtime:
+            continue
+        if (fmt == "litert" and not litert_available()) or (fmt == "onnx" and not onnx_available()):
+            continue
+        info_path, _ = sidecar_paths(exported)
+        try:
+            parity = json.loads(info_path.read_text()).get("parity") or {}
+        except (OSError, ValueError):
+            continue
+        if parity.get("max_abs_difference", float("inf")) <= parity.get("tolerance", 0):
+            return exported
+    return None
+
+
+def describe_runtime(predictor) -> str:
+    """One line saying what runs the model, for the command line to print."""
+    if hasattr(predictor, "model_path"):
+        parity = predictor.info.get("parity")
+        checked = (f" (checked against the Keras model on {parity['images']} images: largest probability "
+                   f"difference {parity['max_abs_difference']:.1e})") if parity else ""
+        return f"runtime {predictor.runtime}: {predictor.model_path}{checked}"
+    return (f"runtime keras (backbone in {predictor.extractor.runtime.name}); `lungxray export RUN` once makes a "
+            "checked LiteRT export that --runtime auto then uses, without TensorFlow")
 
 
 def run_export(model: str | Path, fmt: str, cache_dir: Path | None = None) -> Path:

@@ -24,6 +24,14 @@ def litert_available() -> bool:
     return True
 
 
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def as_batch(images) -> np.ndarray:
     """An (n, H, W, C) float32 array from an array or a sequence of (H, W, C) arrays."""
     return np.asarray(np.stack(images) if isinstance(images, (list, tuple)) else images, np.float32)

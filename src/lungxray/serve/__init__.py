@@ -1,19 +1,22 @@
 """`lungxray serve`: a REST API and a one-page web app around a trained model.
 
-The model is loaded once (safe mode); inference runs in worker threads, at most one per CPU core.
-Images beyond a bounded number in hand (a batch counts each image) get 503 at once instead of
-waiting; connections beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in
-stall time (408); work for a client that has gone is dropped. Uploads are sniffed by content
-rather than trusted by extension, and every bad request gets one JSON error, never a 500.
+The model is loaded once (safe mode). Uploads are decoded in worker threads, at most one per CPU
+core, and images that arrive together are predicted together (`batching.Batcher`). Images beyond a
+bounded number in hand (a batch counts each image) get 503 at once instead of waiting; connections
+beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in stall time (408); work
+for a client that has gone is dropped. Uploads are sniffed by content rather than trusted by
+extension, and every bad request gets one JSON error, never a 500. Around it (`operations`): API
+keys, rate limits, security headers, request ids, metrics and the audit log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import contextlib
+import hashlib
 import io
-import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -26,16 +29,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import sha256_of
 from lungxray.lite import LitePredictor, is_export
-from lungxray.loader import load_predictor
+from lungxray.loader import describe_runtime, load_predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
+from lungxray.serve.batching import Batcher
+from lungxray.serve.guards import Admission, GuardRequests
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
-from lungxray.serve.operations import Operations
+from lungxray.serve.operations import Operations, RateLimit, audit_logger
+from lungxray.serve.schema import BatchResults, Health, ModelIdentity, Prediction, Ready, errors
 
 if TYPE_CHECKING:  # a server for an export runs without TensorFlow, which the Keras predictor imports
     from lungxray.predict import Predictor
@@ -45,95 +52,23 @@ DEFAULT_MAX_UPLOAD_MB = 20
 DEFAULT_MAX_PENDING = 64  # images waiting or running
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_READ_TIMEOUT = 10.0  # seconds an upload may stall between two chunks
-MAX_BATCH = 64
+DEFAULT_MAX_BATCH = 32  # images predicted in one call
+DEFAULT_MAX_WAIT_MS = 2.0  # how long a batch waits for images still being decoded
+MAX_BATCH = 64  # files in one /api/predict/batch request
 NOTICE = "Research use only: not a medical device, not a diagnosis."
-
-
-class GuardRequests:
-    """ASGI middleware: refuse bodies over `max_bytes` with 413, whether or not Content-Length is
-    sent, and bodies that stall for `read_timeout` seconds between two chunks with 408 (a client
-    trickling an upload must not hold a connection and a worker forever)."""
-
-    def __init__(self, app, max_bytes: int, read_timeout: float):
-        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _refuse(send, 413, f"upload larger than the {self.max_bytes // (1 << 20)} MB limit")
-        received, refusal, answered = 0, None, False
-
-        async def guarded_receive():
-            nonlocal received, refusal
-            try:
-                with anyio.fail_after(self.read_timeout):
-                    message = await receive()
-            except TimeoutError:
-                refusal = (408, f"upload stalled for {self.read_timeout:g} s; send the body without pauses")
-                return {"type": "http.disconnect"}
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                refusal = (413, f"upload larger than the {self.max_bytes // (1 << 20)} MB limit")
-                return {"type": "http.disconnect"}  # the app stops reading; its answer is replaced below
-            return message
-
-        async def guarded_send(message):
-            nonlocal answered
-            if refusal:
-                if not answered:
-                    answered = True
-                    await _refuse(send, *refusal)
-                return
-            answered = True
-            await send(message)
-
-        try:
-            await self.app(scope, guarded_receive, guarded_send)
-        except Exception:
-            if not refusal:
-                raise
-        if refusal and not answered:
-            await _refuse(send, *refusal)
-
-
-async def _refuse(send, status: int, error: str) -> None:
-    body = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class Admission:
-    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1."""
-
-    def __init__(self, limit: int):
-        self.limit, self.count, self.lock = limit, 0, threading.Lock()
-
-    @contextlib.contextmanager
-    def admit(self, images: int):
-        with self.lock:
-            if self.count + images > self.limit:
-                raise HTTPException(503, f"server busy: {self.count} images in hand, limit {self.limit}; "
-                                         "retry shortly")
-            self.count += images
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.count -= images
 
 
 def model_identity(predictor: Predictor | LitePredictor, run: RunDir | None) -> dict:
     """What /api/model tells about the model: a run folder's, or an export's (`predictor.model_path`)."""
     info = predictor.info
+    exported = getattr(predictor, "model_path", None)
     identity = {"classes": predictor.classes, "image_size": predictor.image_size,
                 "temperature": predictor.temperature, "engine": info.get("engine"), "trained": info.get("trained"),
                 "training_data": Path(str(info.get("data", ""))).name or None,  # a name, never a server path
                 "training_counts": info.get("counts"),
-                "ood_threshold": predictor.ood.threshold if predictor.ood else None}
-    model_file = run.model if run is not None else getattr(predictor, "model_path", None)
+                "ood_threshold": predictor.ood.threshold if predictor.ood else None,
+                "runtime": getattr(predictor, "runtime", "keras")}
+    model_file = run.model if run is not None else exported
     if model_file is not None:
         identity["sha256"] = sha256_of(model_file)
     if run is not None:
@@ -153,67 +88,115 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+class Explainer:
+    """Grad-CAM overlays: with the Keras predictor's own model, or, for a run served through its
+    export, the run's Keras model, loaded (with TensorFlow) on the first request that asks."""
+
+    def __init__(self, predictor, run: RunDir | None):
+        self.predictor, self.run, self.gradcam, self.lock = predictor, run, None, threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return hasattr(self.predictor, "model") or self.run is not None
+
+    def __call__(self, image: np.ndarray, class_index: int) -> str:
+        from lungxray.explain import GradCam, overlay
+
+        with self.lock:
+            if self.gradcam is None:
+                if hasattr(self.predictor, "model"):
+                    network = self.predictor.model
+                else:
+                    from lungxray.model import load_model
+
+                    network = load_model(self.run.model)
+                self.gradcam = GradCam(network)
+        heat, _ = self.gradcam.heatmap(image, class_index)
+        return png_data_url(overlay(image, heat))
+
+
 def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False, *,
-               keys: KeyStore | None = None) -> FastAPI:
+               keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
+               max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
-    with `keys`, the API answers only requests that carry one of their tokens.
+    with `keys`, the API answers only requests that carry one of their tokens, each key at most
+    `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
+    request. Images are predicted together, up to `max_batch` (1: each alone), a batch waiting at
+    most `max_wait_ms` for images still being decoded.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
     default: they break offline); /openapi.json is always served."""
+    if max_batch < 1 or max_wait_ms < 0:
+        raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
+                          f"{max_wait_ms} instead.")
     app = FastAPI(title="lungxray", description=f"Chest X-ray classification. {NOTICE}", version="1",
                   docs_url="/docs" if api_docs else None, redoc_url=None)
     identity = model_identity(predictor, run)
-    limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
+    cores = os.cpu_count() or 2
+    decoders = anyio.CapacityLimiter(cores)
     admission = Admission(max_pending)
     metrics = Metrics(identity, lambda: admission.count)
-    gradcam = {}
+    batcher = Batcher(predictor.predict_images, max_batch, max_wait_ms / 1000, cores, metrics.batch.observe)
+    explainer = Explainer(predictor, run)
 
-    def explain(image: np.ndarray, class_index: int) -> str:
-        from lungxray.explain import GradCam, overlay
-
-        if "cam" not in gradcam:
-            gradcam["cam"] = GradCam(predictor.model)
-        heat, _ = gradcam["cam"].heatmap(image, class_index)
-        return png_data_url(overlay(image, heat))
-
-    def predict_bytes(data: bytes, name: str, with_explanation: bool) -> dict:
+    def decode(data: bytes, name: str) -> np.ndarray:
         if not data:
             raise ImageError(name, "the upload is empty")
-        image = predictor.read(data, name=name)
-        result = predictor.predict_images(image[None])
-        probabilities = result.probabilities[0]
+        return predictor.read(data, name=name)
+
+    def answer_for(predictions, row: int, name: str, digest: str, image: np.ndarray, with_explanation: bool) -> dict:
+        probabilities = predictions.probabilities[row]
         predicted = int(probabilities.argmax())
-        answer = {"file": name, "predicted": predictor.classes[predicted],
+        answer = {"file": name, "sha256": digest, "predicted": predictor.classes[predicted],
                   "probabilities": {c: float(p) for c, p in zip(predictor.classes, probabilities)},
                   "model": identity["id"], "notice": NOTICE}
-        if result.ood is not None:
-            answer["ood"] = {"flag": bool(result.ood[0]), "score": float(result.ood_score[0]),
+        if predictions.ood is not None:
+            answer["ood"] = {"flag": bool(predictions.ood[row]), "score": float(predictions.ood_score[row]),
                              "threshold": predictor.ood.threshold}
             if answer["ood"]["flag"] and refuse_ood:
                 answer.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
-        metrics.predicted(answer["predicted"] or "withheld", bool(answer.get("ood", {}).get("flag")))
         if with_explanation:
             # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
             answer["image"] = png_data_url(image)
-            if hasattr(predictor, "model"):  # Grad-CAM needs the Keras model, which an export does not carry
-                answer["gradcam"] = explain(image, predicted)
+            if explainer.available:  # Grad-CAM needs gradients: a run's Keras model, not a bare export
+                answer["gradcam"] = explainer(image, predicted)
         return answer
 
-    async def run_prediction(request: Request, upload: UploadFile, with_explanation: bool) -> dict:
+    async def received(request: Request, upload: UploadFile) -> tuple[bytes, str, str]:
+        """The upload's bytes, name and SHA-256."""
         data = await upload.read()
         if await request.is_disconnected():  # the client has gone: nobody will read the answer
             raise HTTPException(499, "client closed the request")
-        return await anyio.to_thread.run_sync(predict_bytes, data, upload.filename or "upload", with_explanation,
-                                              limiter=limiter)
+        return data, upload.filename or "upload", hashlib.sha256(data).hexdigest()
+
+    async def run_prediction(request: Request, data: bytes, name: str, digest: str, with_explanation: bool) -> dict:
+        audited = request.scope.setdefault("state", {}).setdefault("images", [])  # for the audit log
+        try:
+            with batcher.expecting():
+                image = await anyio.to_thread.run_sync(decode, data, name, limiter=decoders)
+                future = batcher.submit(image)
+        except ImageError:
+            audited.append({"sha256": digest, "decision": "unreadable"})
+            raise
+        predictions, row = await asyncio.wrap_future(future)
+        if with_explanation:  # Grad-CAM and PNG encoding take tens of milliseconds: not on the event loop
+            answer = await anyio.to_thread.run_sync(answer_for, predictions, row, name, digest, image, True,
+                                                    limiter=decoders)
+        else:
+            answer = answer_for(predictions, row, name, digest, image, False)
+        decision, flagged = answer["predicted"] or "withheld", bool(answer.get("ood", {}).get("flag"))
+        metrics.predicted(decision, flagged)
+        audited.append({"sha256": digest, "decision": decision, "ood": flagged})
+        return answer
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, error: ImageError):
         return JSONResponse({"error": f"cannot read the image: {error.reason}", "file": error.path}, status_code=422)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
-        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's (404, 405): one error shape
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -221,11 +204,13 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
         return JSONResponse({"error": f"bad request: {problems}. Send multipart/form-data with an image "
                                       "in the field 'file' (or 'files' for /api/predict/batch)"}, status_code=422)
 
-    @app.get("/api/health")
+    guarded = errors(401, 403, 429) if keys is not None or rate is not None else {}
+
+    @app.get("/api/health", response_model=Health)
     async def health() -> dict:  # on the event loop: answers while every worker thread is busy
         return {"status": "ok", "model": identity["id"], "images_in_hand": admission.count}
 
-    @app.get("/api/ready")
+    @app.get("/api/ready", response_model=Ready)
     async def ready() -> dict:  # the model is loaded before the port opens: reachable means ready
         return {"status": "ready", "model": identity["id"]}
 
@@ -235,29 +220,33 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/model")
+    @app.get("/api/model", response_model=ModelIdentity, response_model_exclude_unset=True, responses=guarded)
     def model() -> dict:
         return identity
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", response_model=Prediction, response_model_exclude_unset=True,
+              responses={**guarded, **errors(408, 413, 422, 503)})
     async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
         with admission.admit(1):
-            return await run_prediction(request, file, explain)
+            return await run_prediction(request, *await received(request, file), explain)
 
-    @app.post("/api/predict/batch")
+    @app.post("/api/predict/batch", response_model=BatchResults, response_model_exclude_unset=True,
+              responses={**guarded, **errors(408, 413, 422, 503)})
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)) -> dict:
-        """Several images (at most MAX_BATCH); each gets its result or its own error."""
+        """Several images (at most MAX_BATCH), predicted together; each gets its result or its own error."""
         if len(files) > MAX_BATCH:
             raise HTTPException(413, f"{len(files)} files in one batch; send at most {MAX_BATCH}")
-        results = []
+
+        async def one(upload: UploadFile) -> dict:
+            data, name, digest = await received(request, upload)
+            try:
+                return await run_prediction(request, data, name, digest, False)
+            except ImageError as error:
+                return {"file": upload.filename, "sha256": digest, "error": f"cannot read the image: {error.reason}"}
+
         with admission.admit(len(files)):
-            for upload in files:
-                try:
-                    results.append(await run_prediction(request, upload, False))
-                except ImageError as error:
-                    results.append({"file": upload.filename, "error": f"cannot read the image: {error.reason}"})
-        return {"results": results}
+            return {"results": list(await asyncio.gather(*map(one, files)))}
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -265,18 +254,18 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout)
-    app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs)  # outermost: sees every answer
+    app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer
+                       rate=RateLimit(rate) if rate is not None else None, audit=audit_logger(audit_log))
     return app
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-          cache_dir: Path | None = None, refuse_ood: bool = False, max_pending: int = DEFAULT_MAX_PENDING,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = DEFAULT_READ_TIMEOUT,
-          api_docs: bool = False, runtime: str = "auto", keys: Path | None = None, insecure: bool = False,
-          tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    """Serve until stopped. Beyond `max_connections` open connections uvicorn answers 503 at once;
-    idle keep-alive connections close after 5 s. Without `keys`, only a loopback address is served
-    unless `insecure`; SIGTERM lets the requests in flight finish (30 s at most) before exit."""
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache_dir: Path | None = None,
+          runtime: str = "auto", keys: Path | None = None, insecure: bool = False, tls_cert: str | None = None,
+          tls_key: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, **app_options) -> None:
+    """Serve until stopped; `app_options` go to `create_app`. Beyond `max_connections` open
+    connections uvicorn answers 503 at once; idle keep-alive connections close after 5 s. Without
+    `keys`, only a loopback address is served unless `insecure`; SIGTERM lets the requests in flight
+    finish (30 s at most) before exit."""
     import uvicorn
 
     if keys is None and not insecure and not is_loopback(host):
@@ -290,7 +279,9 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_uplo
         raise ConfigError(f"{keys} holds no keys: make one with `lungxray keys create NAME --keys {keys}`")
     run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
     predictor = load_predictor(run.model if run else model, cache_dir, runtime)
-    app = create_app(predictor, run, max_upload_mb, max_pending, refuse_ood, read_timeout, api_docs, keys=key_store)
+    if runtime == "auto":
+        print(describe_runtime(predictor), file=sys.stderr)
+    app = create_app(predictor, run, keys=key_store, **app_options)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=5, timeout_graceful_shutdown=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 

@@ -1,6 +1,6 @@
 """What an operator's Prometheus scrapes from `/metrics` (the official client, one registry per app):
 requests by route and status, latency histograms, predictions by class, out-of-distribution flags,
-refused uploads, images in hand, and which model answers."""
+refused uploads, the sizes of the batches predicted, images in hand, and which model answers."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class Metrics:
                            registry=self.registry)
         self.refused = Counter("lungxray_refused_uploads", "Prediction requests refused", ["reason"],
                                registry=self.registry)
+        self.batch = Histogram("lungxray_batch_images", "Images predicted in one call (dynamic batching)",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         Gauge("lungxray_images_in_hand", "Images waiting or being predicted",
               registry=self.registry).set_function(images_in_hand)
         Info("lungxray_model", "The model that answers", registry=self.registry).info(

@@ -1,13 +1,21 @@
 """ASGI middleware around the app for the people who run it: a request id on every answer, API keys
-on the API (`--keys`), security headers and a Content-Security-Policy the page satisfies, and the
-request metrics of `/metrics`."""
+on the API (`--keys`), a rate limit per key (`--rate`), security headers and a Content-Security-Policy
+the page satisfies, the request metrics of `/metrics`, and one JSON line per request in the audit log."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import math
+import re
+import sys
 import time
 import uuid
+from pathlib import Path
 
+from lungxray.errors import ConfigError
+from lungxray.serve.guards import send_error
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
 
@@ -17,15 +25,74 @@ CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'n
        "form-action 'self'")
 HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
            (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*$")
 
 
 def needs_key(path: str) -> bool:
     return (path.startswith("/api/") or path == "/metrics") and path not in OPEN
 
 
+def parse_rate(text: str) -> float:
+    """'10/s' or '600/min' → requests per second."""
+    match = RATE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--rate must look like '10/s' or '600/min'. Got {text!r} instead.")
+    return float(match.group(1)) / (1 if match.group(2).startswith("s") else 60)
+
+
+class RateLimit:
+    """A token bucket per caller (its key's name, or its address on a server without keys): on
+    average `per_second` requests a second, in bursts of up to one second's worth."""
+
+    MAX_CALLERS = 10_000  # without keys callers are addresses; full buckets are forgotten beyond this
+
+    def __init__(self, per_second: float):
+        self.per_second, self.burst = per_second, max(1.0, per_second)
+        self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
+
+    def retry_after(self, caller: str) -> float:
+        """0 when the request may go now (and takes its token), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, then = self.buckets.get(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.per_second)
+        if len(self.buckets) > self.MAX_CALLERS:
+            self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items()
+                            if t + (now - w) * self.per_second < self.burst}
+        if tokens >= 1:
+            self.buckets[caller] = (tokens - 1, now)
+            return 0.0
+        self.buckets[caller] = (tokens, now)
+        return (1 - tokens) / self.per_second
+
+
+def audit_logger(target: str | Path | None) -> logging.Logger | None:
+    """The audit log: standard output for '-', a file (appended to, reopened when logrotate moves
+    it), or none."""
+    if target is None:
+        return None
+    logger = logging.getLogger(f"lungxray.audit.{target}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines go to the audit log only, not to the root logger's handlers
+    if not logger.handlers:
+        if str(target) == "-":
+            handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        else:
+            from logging.handlers import WatchedFileHandler
+
+            try:
+                handler = WatchedFileHandler(target, encoding="utf-8")
+            except OSError as error:
+                raise ConfigError(f"cannot open the audit log {target}: {error.strerror}") from None
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
 class Operations:
-    def __init__(self, app, metrics: Metrics, keys: KeyStore | None = None, api_docs: bool = False):
+    def __init__(self, app, metrics: Metrics, keys: KeyStore | None = None, api_docs: bool = False,
+                 rate: RateLimit | None = None, audit: logging.Logger | None = None):
         self.app, self.metrics, self.keys, self.api_docs = app, metrics, keys, api_docs
+        self.rate, self.audit = rate, audit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,36 +110,51 @@ class Operations:
                 message = {**message, "headers": [*message.get("headers", []), *headers]}
             await send(message)
 
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         try:
-            refusal = self.refusal(scope) if self.keys is not None and needs_key(path) else None
+            refusal = self.refusal(scope) if needs_key(path) else None
             if refusal is not None:
-                await answer(send_with_headers, *refusal)
+                await send_error(send_with_headers, *refusal)
             else:
                 await self.app(scope, receive, send_with_headers)
         finally:
-            self.metrics.answered(path, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.answered(path, status, seconds)
+            if self.audit is not None:
+                self.audit.info(json.dumps(audit_line(scope, request_id, status, seconds)))
 
     def refusal(self, scope) -> tuple[int, str, list] | None:
-        """None if the request carries a valid key (its name goes in scope["state"]["key"]), or the
-        answer: 401 without a known key, 403 for a revoked one."""
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = authorization.partition(" ")
-        challenge = [(b"www-authenticate", b'Bearer realm="lungxray"')]
-        if scheme.lower() != "bearer" or not token:
-            return 401, "this server needs an API key: send 'Authorization: Bearer TOKEN'", challenge
-        key = self.keys.identify(token.strip())
-        if key is None:
-            return 401, "unknown API key", challenge
-        if key.revoked:
-            return 403, f"the API key {key.name!r} was revoked on {key.revoked}", []
-        scope["state"]["key"] = key.name
+        """None if the request may go on (its key's name in scope["state"]["key"]), or the answer:
+        401 without a known key, 403 for a revoked one, 429 beyond the rate limit."""
+        if self.keys is not None:
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = authorization.partition(" ")
+            challenge = [(b"www-authenticate", b'Bearer realm="lungxray"')]
+            if scheme.lower() != "bearer" or not token:
+                return 401, "this server needs an API key: send 'Authorization: Bearer TOKEN'", challenge
+            key = self.keys.identify(token.strip())
+            if key is None:
+                return 401, "unknown API key", challenge
+            if key.revoked:
+                return 403, f"the API key {key.name!r} was revoked on {key.revoked}", []
+            scope["state"]["key"] = key.name
+        if self.rate is not None:
+            caller = scope["state"].get("key") or (scope.get("client") or ("unknown",))[0]
+            wait = self.rate.retry_after(caller)
+            if wait > 0:
+                return (429, f"more than {self.rate.per_second:g} requests a second; retry in {wait:.1f} s",
+                        [(b"retry-after", str(math.ceil(wait)).encode())])
         return None
 
 
-async def answer(send, status: int, error: str, headers: list) -> None:
-    body = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body})
+def audit_line(scope, request_id: str, status: int, seconds: float) -> dict:
+    """What the audit log keeps of a request: who, what, the answer, how long; of an image only its
+    SHA-256 and decision (never its pixels, its file name or any DICOM field)."""
+    state = scope["state"]
+    line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": request_id, "key": state.get("key"), "client": (scope.get("client") or (None,))[0],
+            "method": scope["method"], "path": scope["path"], "status": status, "ms": round(1000 * seconds, 2)}
+    if "images" in state:
+        line["images"] = state["images"]
+    return line

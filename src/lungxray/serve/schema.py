@@ -1,0 +1,78 @@
+"""The API's contract: what each route answers, as pydantic models, so that /openapi.json documents
+every status code a route can give and the body that comes with it (the contract test fuzzes the
+server against it)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Error(BaseModel):
+    error: str
+    file: str | None = None  # the upload's name, for an unreadable image
+
+
+class Ood(BaseModel):
+    flag: bool
+    score: float
+    threshold: float
+
+
+class Prediction(BaseModel):
+    file: str
+    sha256: str  # of the upload as received, as the audit log keeps it
+    predicted: str | None  # null when the out-of-distribution gate withholds the class (--refuse-ood)
+    probabilities: dict[str, float] | None
+    model: str
+    notice: str
+    ood: Ood | None = None
+    withheld: str | None = None
+    image: str | None = None  # with explain=true: what the model saw, as a PNG data URL
+    gradcam: str | None = None  # with explain=true, for a model with gradients: the Grad-CAM overlay
+
+
+class Unreadable(BaseModel):
+    file: str | None
+    sha256: str
+    error: str
+
+
+class BatchResults(BaseModel):
+    results: list[Prediction | Unreadable]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    images_in_hand: int
+
+
+class Ready(BaseModel):
+    status: str
+    model: str
+
+
+class ModelIdentity(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())  # fields may start with "model"
+
+    id: str
+    classes: list[str]
+    image_size: int
+    temperature: float
+    runtime: str
+    engine: str | None = None
+    trained: str | None = None
+    training_data: str | None = None
+    training_counts: dict | None = None
+    ood_threshold: float | None = None
+    sha256: str | None = None
+    test_metrics: dict | None = None
+
+
+def errors(*codes: int) -> dict:
+    """The `responses` of a route: each code with the JSON error body every refusal carries."""
+    reasons = {401: "no API key, or an unknown one (with --keys)", 403: "a revoked API key",
+               408: "the upload stalled", 413: "the upload or the batch is too large",
+               422: "the request or the image cannot be read", 429: "over the key's rate limit (--rate)",
+               503: "the server holds as many images as it may; retry shortly"}
+    return {code: {"model": Error, "description": reasons[code]} for code in codes}
