@@ -204,7 +204,9 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
         return JSONResponse({"error": f"bad request: {problems}. Send multipart/form-data with an image "
                                       "in the field 'file' (or 'files' for /api/predict/batch)"}, status_code=422)
 
-    guarded = errors(401, 403, 429) if keys is not None or rate is not None else {}
+    # What the middleware may answer on a guarded route, documented there (and the key it asks for).
+    guarded = {**(errors(401, 403) if keys is not None else {}), **(errors(429) if rate is not None else {})}
+    bearer = {"security": [{"bearer": []}]} if keys is not None else None
 
     @app.get("/api/health", response_model=Health)
     async def health() -> dict:  # on the event loop: answers while every worker thread is busy
@@ -220,23 +222,25 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/model", response_model=ModelIdentity, response_model_exclude_unset=True, responses=guarded)
+    @app.get("/api/model", response_model=ModelIdentity, response_model_exclude_unset=True, responses=guarded,
+             openapi_extra=bearer)
     def model() -> dict:
         return identity
 
     @app.post("/api/predict", response_model=Prediction, response_model_exclude_unset=True,
-              responses={**guarded, **errors(408, 413, 422, 503)})
+              responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
     async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
         with admission.admit(1):
             return await run_prediction(request, *await received(request, file), explain)
 
     @app.post("/api/predict/batch", response_model=BatchResults, response_model_exclude_unset=True,
-              responses={**guarded, **errors(408, 413, 422, 503)})
+              responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)) -> dict:
         """Several images (at most MAX_BATCH), predicted together; each gets its result or its own error."""
-        if len(files) > MAX_BATCH:
-            raise HTTPException(413, f"{len(files)} files in one batch; send at most {MAX_BATCH}")
+        most = min(MAX_BATCH, max_pending)  # a batch larger than the server ever holds could never go
+        if len(files) > most:
+            raise HTTPException(413, f"{len(files)} files in one batch; send at most {most}")
 
         async def one(upload: UploadFile) -> dict:
             data, name, digest = await received(request, upload)
@@ -248,6 +252,9 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
         with admission.admit(len(files)):
             return {"results": list(await asyncio.gather(*map(one, files)))}
 
+    if keys is not None:
+        app.openapi = with_bearer_scheme(app)
+
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html")
@@ -257,6 +264,19 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer
                        rate=RateLimit(rate) if rate is not None else None, audit=audit_logger(audit_log))
     return app
+
+
+def with_bearer_scheme(app: FastAPI):
+    """The app's `openapi` with the API keys' scheme declared (the routes name it in `security`)."""
+    make = app.openapi
+
+    def openapi() -> dict:
+        schema = make()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "a token from `lungxray keys create`"}
+        return schema
+
+    return openapi
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache_dir: Path | None = None,

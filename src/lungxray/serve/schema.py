@@ -71,7 +71,7 @@ class ModelIdentity(BaseModel):
 
 def errors(*codes: int) -> dict:
     """The `responses` of a route: each code with the JSON error body every refusal carries."""
-    reasons = {401: "no API key, or an unknown one (with --keys)", 403: "a revoked API key",
+    reasons = {400: "the body is not valid multipart/form-data", 401: "no API key, or an unknown one (with --keys)", 403: "a revoked API key",
                408: "the upload stalled", 413: "the upload or the batch is too large",
                422: "the request or the image cannot be read", 429: "over the key's rate limit (--rate)",
                503: "the server holds as many images as it may; retry shortly"}
