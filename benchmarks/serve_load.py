@@ -1,10 +1,15 @@
-"""Load test for `lungxray serve`: a server process, and clients in a separate process on loopback.
+"""Load test for `lungxray serve`, in one run: the predictor in-process, then the server with and
+without dynamic batching, each with 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve_load.py --model RUN_DIR [--images ../shared/cxr/test] [--requests 2000] [--clients 8]
+    python benchmarks/serve_load.py --model RUN_DIR_or_EXPORT [--images ../shared/cxr/test]
+                                    [--requests 2000] [--clients 1,8,32]
 
-Sends a bounded number of requests (about 10% invalid uploads), from `--clients` concurrent
-connections, for at most `--seconds`, and prints throughput, latency percentiles, responses by
-status and the server's memory before and after.
+The server is a separate process (`lungxray serve`, its audit log written to a file as in service);
+the clients run in another process on loopback and send pre-encoded HTTP/1.1 requests over raw
+keep-alive sockets, so that the client's own cost on these shared cores is as small as it can be.
+One upload in ten is invalid (random bytes, empty, truncated). It prints predictions/s (answers
+with 200 per second), that figure against the in-process one, latency percentiles of the 200s,
+responses by status, the mean images per predicted batch (from /metrics) and the server's memory.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+
+BOUNDARY = "lungxray-load"
 
 
 def rss_mb(pid: int) -> float:
@@ -32,33 +40,52 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def payloads(folder: Path, count: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
+def payloads(files: list[Path], count: int, seed: int = 0) -> list[tuple[str, bytes]]:
     rng = random.Random(seed)
     chosen = [(p.name, p.read_bytes()) for p in rng.sample(files, min(count, len(files)))]
     bad = [("garbage.png", os.urandom(2000)), ("empty.jpg", b""), ("truncated.jpg", chosen[0][1][:500])]
-    mix = []
-    for i in range(count):
-        mix.append(bad[i % len(bad)] if i % 10 == 9 else chosen[i % len(chosen)])
-    return mix
+    return [bad[i % len(bad)] if i % 10 == 9 else chosen[i % len(chosen)] for i in range(count)]
 
 
-def client_process(url: str, work: list, clients: int, deadline: float, out: multiprocessing.Queue) -> None:
+def http_request(name: str, data: bytes) -> bytes:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return (f"POST /api/predict HTTP/1.1\r\nHost: lungxray\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def read_status(stream) -> int:
+    """Read one whole response from a keep-alive connection; its status."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    stream.read(length)
+    return status
+
+
+def client_process(port: int, work: list[bytes], clients: int, deadline: float, out: multiprocessing.Queue) -> None:
     jobs = iter(work)
     lock = threading.Lock()
     results = []
 
     def run():
-        with httpx.Client(timeout=30) as session:
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream = connection.makefile("rb")
             while time.time() < deadline:
                 with lock:
                     job = next(jobs, None)
                 if job is None:
                     return
-                name, data = job
                 start = time.perf_counter()
-                response = session.post(url, files={"file": (name, data, "application/octet-stream")})
-                results.append((response.status_code, time.perf_counter() - start, name))
+                connection.sendall(job)
+                results.append((read_status(stream), time.perf_counter() - start))
 
     threads = [threading.Thread(target=run) for _ in range(clients)]
     started = time.perf_counter()
@@ -69,21 +96,33 @@ def client_process(url: str, work: list, clients: int, deadline: float, out: mul
     out.put((results, time.perf_counter() - started))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", default="../shared/cxr/test")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=120)
-    args = parser.parse_args()
+def in_process(model: str, files: list[Path]) -> float:
+    """Images/s of the predictor that `serve` would load, on files, in this process."""
+    from lungxray.loader import load_predictor
+    from lungxray.lite import is_export
+    from lungxray.rundir import RunDir
 
+    predictor = load_predictor(model if is_export(model) else RunDir.open(model).model)
+    predictor.predict_files(files[:50], desc=None)  # warm-up
+    started = time.perf_counter()
+    predictor.predict_files(files, desc=None)
+    return len(files) / (time.perf_counter() - started)
+
+
+def batch_totals(base: str) -> tuple[float, float]:
+    """Images predicted and calls made so far, from the server's /metrics."""
+    totals = dict(line.split() for line in httpx.get(f"{base}/metrics").text.splitlines()
+                  if line.startswith(("lungxray_batch_images_sum ", "lungxray_batch_images_count ")))
+    return float(totals["lungxray_batch_images_sum"]), float(totals["lungxray_batch_images_count"])
+
+
+def serve_and_load(args, max_batch: int, work: list[bytes], warm: list[bytes], audit: Path) -> list[dict]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", args.model,
-                               "--port", str(port)], stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", args.model, "--port", str(port),
+                               "--max-batch", str(max_batch), "--audit-log", str(audit)], stderr=subprocess.DEVNULL)
+    base, rows = f"http://127.0.0.1:{port}", []
     try:
         for _ in range(600):
             try:
@@ -93,31 +132,60 @@ def main() -> None:
                 time.sleep(0.1)
         else:
             sys.exit("the server did not start")
-        work = payloads(Path(args.images), args.requests)
-        warm = payloads(Path(args.images), 50, seed=1)
-        for name, data in warm:  # warm-up: first calls trace functions and fill caches
-            httpx.post(f"{base}/api/predict", files={"file": (name, data)}, timeout=30)
-        memory_before = rss_mb(server.pid)
-        queue: multiprocessing.Queue = multiprocessing.Queue()
-        process = multiprocessing.Process(target=client_process, args=(f"{base}/api/predict", work, args.clients,
-                                                                          time.time() + args.seconds, queue))
-        process.start()
-        results, elapsed = queue.get()
-        process.join()
-        memory_after = rss_mb(server.pid)
+        for clients in args.clients:
+            run_load(port, warm, min(clients, 8), time.time() + 60)  # warm-up: traced functions, caches
+            images_before, calls_before = batch_totals(base)
+            memory_before = rss_mb(server.pid)
+            results, elapsed = run_load(port, work, clients, time.time() + args.seconds)
+            images, calls = batch_totals(base)
+            rows.append({"batching": f"up to {max_batch}" if max_batch > 1 else "off", "clients": clients,
+                         "results": results, "elapsed": elapsed,
+                         "batch": (images - images_before) / max(1.0, calls - calls_before),
+                         "memory": (memory_before, rss_mb(server.pid))})
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
+    return rows
 
-    latencies = sorted(latency for status, latency, _ in results if status == 200)
-    statuses = collections.Counter(status for status, _, _ in results)
-    percentile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    print(f"{len(results)} requests from {args.clients} concurrent clients in {elapsed:.1f} s; "
-          f"{os.cpu_count()} CPUs")
-    print("| predictions/s | p50 ms | p95 ms | p99 ms | responses by status | server RSS before → after MB |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {len(latencies) / elapsed:.0f} | {percentile(0.50):.1f} | {percentile(0.95):.1f} | {percentile(0.99):.1f} | "
-          f"{json.dumps(dict(sorted(statuses.items())))} | {memory_before:.0f} → {memory_after:.0f} |")
+
+def run_load(port: int, work: list[bytes], clients: int, deadline: float):
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    process = multiprocessing.Process(target=client_process, args=(port, work, clients, deadline, queue))
+    process.start()
+    results, elapsed = queue.get()
+    process.join()
+    return results, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", default="../shared/cxr/test")
+    parser.add_argument("--requests", type=int, default=2000, help="per server and client count")
+    parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=120, help="at most, per server and client count")
+    args = parser.parse_args()
+
+    files = image_files(Path(args.images))
+    reference = in_process(args.model, random.Random(2).sample(files, min(1000, len(files))))
+    work = [http_request(*p) for p in payloads(files, args.requests)]
+    warm = [http_request(*p) for p in payloads(files, 100, seed=1)]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [*serve_and_load(args, 1, work, warm, Path(folder) / "audit-off.jsonl"),
+                *serve_and_load(args, 32, work, warm, Path(folder) / "audit-on.jsonl")]
+
+    print(f"predictor in-process: {reference:.0f} images/s; {args.requests} requests per row; {os.cpu_count()} CPUs")
+    print("| batching | clients | predictions/s | × in-process | p50 ms | p95 ms | p99 ms | responses by status "
+          "| images per batch | server RSS before → after MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        latencies = sorted(latency for status, latency in row["results"] if status == 200)
+        statuses = collections.Counter(status for status, _ in row["results"])
+        percentile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+        served = len(latencies) / row["elapsed"]
+        print(f"| {row['batching']} | {row['clients']} | {served:.0f} | {served / reference:.2f} | {percentile(0.5):.1f} "
+              f"| {percentile(0.95):.1f} | {percentile(0.99):.1f} | {json.dumps(dict(sorted(statuses.items())))} "
+              f"| {row['batch']:.1f} | {row['memory'][0]:.0f} → {row['memory'][1]:.0f} |")
 
 
 if __name__ == "__main__":
