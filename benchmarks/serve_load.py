@@ -2,13 +2,13 @@
 without dynamic batching, each with 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_load.py --model RUN_DIR_or_EXPORT [--images ../shared/cxr/test]
-                                    [--requests 2000] [--clients 1,8,32]
+                                    [--requests 2000] [--clients 1,8,32] [--max-batch 32]
 
 The server is a separate process (`lungxray serve`, its audit log written to a file as in service);
 the clients run in another process on loopback and send pre-encoded HTTP/1.1 requests over raw
 keep-alive sockets, so that the client's own cost on these shared cores is as small as it can be.
 One upload in ten is invalid (random bytes, empty, truncated). It prints predictions/s (answers
-with 200 per second), that figure against the in-process one, latency percentiles of the 200s,
+with 200 per second), that figure against the in-process one measured just before the row, latency percentiles of the 200s,
 responses by status, the mean images per predicted batch (from /metrics) and the server's memory.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
@@ -96,17 +97,21 @@ def client_process(port: int, work: list[bytes], clients: int, deadline: float, 
     out.put((results, time.perf_counter() - started))
 
 
-def in_process(model: str, files: list[Path]) -> float:
-    """Images/s of the predictor that `serve` would load, on files, in this process."""
-    from lungxray.loader import load_predictor
-    from lungxray.lite import is_export
-    from lungxray.rundir import RunDir
+class InProcess:
+    """The predictor that `serve` would load, run on files in this process: images/s."""
 
-    predictor = load_predictor(model if is_export(model) else RunDir.open(model).model)
-    predictor.predict_files(files[:50], desc=None)  # warm-up
-    started = time.perf_counter()
-    predictor.predict_files(files, desc=None)
-    return len(files) / (time.perf_counter() - started)
+    def __init__(self, model: str, files: list[Path]):
+        from lungxray.loader import load_predictor
+        from lungxray.lite import is_export
+        from lungxray.rundir import RunDir
+
+        self.predictor, self.files = load_predictor(model if is_export(model) else RunDir.open(model).model), files
+        self.predictor.predict_files(files[:50], desc=None)  # warm-up
+
+    def images_per_second(self) -> float:
+        started = time.perf_counter()
+        self.predictor.predict_files(self.files, desc=None)
+        return len(self.files) / (time.perf_counter() - started)
 
 
 def batch_totals(base: str) -> tuple[float, float]:
@@ -116,36 +121,39 @@ def batch_totals(base: str) -> tuple[float, float]:
     return float(totals["lungxray_batch_images_sum"]), float(totals["lungxray_batch_images_count"])
 
 
-def serve_and_load(args, max_batch: int, work: list[bytes], warm: list[bytes], audit: Path) -> list[dict]:
+@contextlib.contextmanager
+def server(model: str, max_batch: int, audit: Path):
+    """A `lungxray serve` process: yields (port, process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", args.model, "--port", str(port),
-                               "--max-batch", str(max_batch), "--audit-log", str(audit)], stderr=subprocess.DEVNULL)
-    base, rows = f"http://127.0.0.1:{port}", []
+    process = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", model, "--port", str(port),
+                                "--max-batch", str(max_batch), "--audit-log", str(audit)], stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             try:
-                if httpx.get(f"{base}/api/health", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
             sys.exit("the server did not start")
-        for clients in args.clients:
-            run_load(port, warm, min(clients, 8), time.time() + 60)  # warm-up: traced functions, caches
-            images_before, calls_before = batch_totals(base)
-            memory_before = rss_mb(server.pid)
-            results, elapsed = run_load(port, work, clients, time.time() + args.seconds)
-            images, calls = batch_totals(base)
-            rows.append({"batching": f"up to {max_batch}" if max_batch > 1 else "off", "clients": clients,
-                         "results": results, "elapsed": elapsed,
-                         "batch": (images - images_before) / max(1.0, calls - calls_before),
-                         "memory": (memory_before, rss_mb(server.pid))})
+        yield port, process
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    return rows
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def measure(port: int, process, work: list[bytes], warm: list[bytes], clients: int, seconds: float) -> dict:
+    base = f"http://127.0.0.1:{port}"
+    run_load(port, warm, min(clients, 8), time.time() + 60)  # warm-up: traced functions, caches
+    images_before, calls_before = batch_totals(base)
+    memory_before = rss_mb(process.pid)
+    results, elapsed = run_load(port, work, clients, time.time() + seconds)
+    images, calls = batch_totals(base)
+    return {"clients": clients, "results": results, "elapsed": elapsed,
+            "batch": (images - images_before) / max(1.0, calls - calls_before),
+            "memory": (memory_before, rss_mb(process.pid))}
 
 
 def run_load(port: int, work: list[bytes], clients: int, deadline: float):
@@ -161,31 +169,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", default="../shared/cxr/test")
-    parser.add_argument("--requests", type=int, default=2000, help="per server and client count")
+    parser.add_argument("--requests", type=int, default=2000, help="per row")
     parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8, 32])
-    parser.add_argument("--seconds", type=float, default=120, help="at most, per server and client count")
+    parser.add_argument("--max-batch", type=int, default=32, help="the batching server's (default: 32)")
+    parser.add_argument("--seconds", type=float, default=120, help="at most, per row")
     args = parser.parse_args()
 
     files = image_files(Path(args.images))
-    reference = in_process(args.model, random.Random(2).sample(files, min(1000, len(files))))
+    reference = InProcess(args.model, random.Random(2).sample(files, min(1000, len(files))))
     work = [http_request(*p) for p in payloads(files, args.requests)]
     warm = [http_request(*p) for p in payloads(files, 100, seed=1)]
-    with tempfile.TemporaryDirectory() as folder:
-        rows = [*serve_and_load(args, 1, work, warm, Path(folder) / "audit-off.jsonl"),
-                *serve_and_load(args, 32, work, warm, Path(folder) / "audit-on.jsonl")]
+    rows = []
+    # Both servers up at once (an idle one costs nothing) and their rows interleaved, each beside its
+    # own in-process figure: these machines drift by tens of percent within minutes.
+    with tempfile.TemporaryDirectory() as folder, \
+            server(args.model, 1, Path(folder) / "off.jsonl") as unbatched, \
+            server(args.model, args.max_batch, Path(folder) / "on.jsonl") as batched:
+        for clients in args.clients:
+            for name, (port, process) in (("off", unbatched), (f"up to {args.max_batch}", batched)):
+                in_process = reference.images_per_second()
+                rows.append({"batching": name, "in_process": in_process,
+                             **measure(port, process, work, warm, clients, args.seconds)})
 
-    print(f"predictor in-process: {reference:.0f} images/s; {args.requests} requests per row; {os.cpu_count()} CPUs")
-    print("| batching | clients | predictions/s | × in-process | p50 ms | p95 ms | p99 ms | responses by status "
-          "| images per batch | server RSS before → after MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"{args.requests} requests per row; {os.cpu_count()} CPUs")
+    print("| batching | clients | in-process images/s | predictions/s | × in-process | p50 ms | p95 ms | p99 ms "
+          "| responses by status | images per batch | server RSS before → after MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         latencies = sorted(latency for status, latency in row["results"] if status == 200)
         statuses = collections.Counter(status for status, _ in row["results"])
         percentile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
         served = len(latencies) / row["elapsed"]
-        print(f"| {row['batching']} | {row['clients']} | {served:.0f} | {served / reference:.2f} | {percentile(0.5):.1f} "
-              f"| {percentile(0.95):.1f} | {percentile(0.99):.1f} | {json.dumps(dict(sorted(statuses.items())))} "
-              f"| {row['batch']:.1f} | {row['memory'][0]:.0f} → {row['memory'][1]:.0f} |")
+        print(f"| {row['batching']} | {row['clients']} | {row['in_process']:.0f} | {served:.0f} "
+              f"| {served / row['in_process']:.2f} | {percentile(0.5):.1f} | {percentile(0.95):.1f} "
+              f"| {percentile(0.99):.1f} | {json.dumps(dict(sorted(statuses.items())))} | {row['batch']:.1f} "
+              f"| {row['memory'][0]:.0f} → {row['memory'][1]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from lungxray import Predictor, RunDir
 from lungxray.cli import main
 from lungxray.errors import ConfigError
+from lungxray.lite import LitePredictor
 from lungxray.loader import checked_export, load_predictor
 from lungxray.serve import create_app, serve
 from lungxray.serve.batching import Batcher
@@ -201,3 +202,14 @@ def test_runtime_auto_takes_the_runs_checked_export(run, export, tmp_path):
     sidecar.write_text(json.dumps(checked))
     (copy / "model.keras").touch()  # retrained since the export: the export is stale
     assert checked_export(copy) is None
+
+
+def test_a_run_served_through_its_export_still_explains(run, export):
+    run_dir, _, _ = run
+    client = TestClient(create_app(LitePredictor.load(export), RunDir.open(run_dir)))
+    assert client.get("/api/model").json()["runtime"] == "litert"
+    answer = client.post("/api/predict?explain=true", files={"file": ("x.png", png_bytes(), "image/png")}).json()
+    assert answer["gradcam"].startswith("data:image/png;base64,")  # from the run's Keras model, loaded on demand
+    bare = TestClient(create_app(LitePredictor.load(export))).post(
+        "/api/predict?explain=true", files={"file": ("x.png", png_bytes(), "image/png")}).json()
+    assert "gradcam" not in bare and bare["image"].startswith("data:image/png")  # an export alone has no gradients

@@ -23,9 +23,9 @@ def add_serve_commands(commands) -> None:
                        help="open connections before new ones get 503 (default: 100)")
     serve.add_argument("--read-timeout", type=float, default=10.0,
                        help="seconds an upload may stall before it is cut off with 408 (default: 10)")
-    serve.add_argument("--max-batch", type=int, default=32,
-                       help="images predicted together, from requests that arrive together (1: each alone; "
-                            "default: 32)")
+    serve.add_argument("--max-batch", type=int, default=1,
+                       help="images predicted together, from requests that arrive together (default 1: each "
+                            "alone, the fastest measured on CPU; try 16-32 where a batch costs less than its images)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0,
                        help="how long a batch waits for images still being decoded (default: 2)")
     serve.add_argument("--api-docs", action="store_true",

@@ -1,7 +1,8 @@
 """`lungxray serve`: a REST API and a one-page web app around a trained model.
 
-The model is loaded once (safe mode). Uploads are decoded in worker threads, at most one per CPU
-core, and images that arrive together are predicted together (`batching.Batcher`). Images beyond a
+The model is loaded once (safe mode). Uploads are decoded in worker threads and predicted in
+others (`batching.Batcher`), at most one of each per CPU core; with `max_batch` > 1, images that
+arrive together are predicted together. Images beyond a
 bounded number in hand (a batch counts each image) get 503 at once instead of waiting; connections
 beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in stall time (408); work
 for a client that has gone is dropped. Uploads are sniffed by content rather than trusted by
@@ -52,7 +53,8 @@ DEFAULT_MAX_UPLOAD_MB = 20
 DEFAULT_MAX_PENDING = 64  # images waiting or running
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_READ_TIMEOUT = 10.0  # seconds an upload may stall between two chunks
-DEFAULT_MAX_BATCH = 32  # images predicted in one call
+# Off by default: on 2 CPU cores batching made no runtime faster (docs/benchmarks.md#serving).
+DEFAULT_MAX_BATCH = 1  # images predicted in one call
 DEFAULT_MAX_WAIT_MS = 2.0  # how long a batch waits for images still being decoded
 MAX_BATCH = 64  # files in one /api/predict/batch request
 NOTICE = "Research use only: not a medical device, not a diagnosis."
@@ -137,6 +139,8 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     decoders = anyio.CapacityLimiter(cores)
     admission = Admission(max_pending)
     metrics = Metrics(identity, lambda: admission.count)
+    # Even unbatched (max_batch 1), prediction runs in the batcher's threads: decoding the next
+    # images then overlaps the network's call for this one (measured faster than both in one thread).
     batcher = Batcher(predictor.predict_images, max_batch, max_wait_ms / 1000, cores, metrics.batch.observe)
     explainer = Explainer(predictor, run)
 
@@ -176,10 +180,10 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
             with batcher.expecting():
                 image = await anyio.to_thread.run_sync(decode, data, name, limiter=decoders)
                 future = batcher.submit(image)
+            predictions, row = await asyncio.wrap_future(future)
         except ImageError:
             audited.append({"sha256": digest, "decision": "unreadable"})
             raise
-        predictions, row = await asyncio.wrap_future(future)
         if with_explanation:  # Grad-CAM and PNG encoding take tens of milliseconds: not on the event loop
             answer = await anyio.to_thread.run_sync(answer_for, predictions, row, name, digest, image, True,
                                                     limiter=decoders)
