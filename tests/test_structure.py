@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lungxray"
 
 # Lower layers never import higher ones. Within a layer, modules may import each other.
 LAYERS = [
-    {"errors", "io", "parallel", "config", "calibration", "rundir", "runtimes", "predictions"},
+    {"errors", "io", "parallel", "config", "calibration", "conformal", "rundir", "runtimes", "predictions"},
     {"data"},
     {"model", "ood", "cluster", "distribute"},
     {"features", "lite"},

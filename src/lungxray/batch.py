@@ -1,7 +1,7 @@
 """Scoring an archive: many files in, Parquet out, in this process or on a Ray cluster.
 
     OUT/part-<batch id>.parquet   one per batch of files, written whole or not at all:
-                                  file, sha256, predicted, p_<class>..., ood_score, ood, error
+                                  file, sha256, predicted, p_<class>..., set, ood_score, ood, error
     OUT/predictions.csv           all parts in one CSV (on request)
 
 A batch's part is written atomically when the batch is done, so an interrupted job loses at most
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.cluster import RayCluster
+from lungxray.conformal import DEFAULT_COVERAGE, set_members
 from lungxray.data.records import IMAGE_SUFFIXES
 from lungxray.errors import DataError
 from lungxray.io import atomic_path, file_hash
@@ -81,9 +82,11 @@ def scored_files(out: Path) -> set[str]:
     return done
 
 
-def score_table(predictor: LitePredictor, files: list[str], refuse_ood: bool = False):
-    """One row per file: content hash, class probabilities, prediction, OOD score and flag, or the error.
-    `refuse_ood`: flagged files keep their score and flag, not their class and probabilities."""
+def score_table(predictor: LitePredictor, files: list[str], refuse_ood: bool = False,
+                coverage: float = DEFAULT_COVERAGE):
+    """One row per file: content hash, class probabilities, prediction, conformal set at `coverage`
+    (its classes joined by "|", most probable first), OOD score and flag, or the error.
+    `refuse_ood`: flagged files keep their score and flag, not their class, probabilities and set."""
     import pyarrow as pa
 
     predictions = predictor.predict_files([Path(f) for f in files], desc=None)  # the batches show progress
@@ -95,6 +98,10 @@ def score_table(predictor: LitePredictor, files: list[str], refuse_ood: bool = F
                                       for row, good in zip(predictions.probabilities, shown)], pa.string())}
     for index, name in enumerate(predictor.classes):
         columns[f"p_{name}"] = pa.array(predictions.probabilities[:, index], pa.float32(), mask=~shown)
+    if predictor.conformal is not None:
+        sets = predictor.conformal.sets(predictions.raw, coverage)
+        columns["set"] = pa.array(["|".join(set_members(in_set, row, predictor.classes)) if good else None
+                                   for in_set, row, good in zip(sets, predictions.probabilities, shown)], pa.string())
     if predictions.ood is not None:
         columns["ood_score"] = pa.array(predictions.ood_score, pa.float32(), mask=~read)
         columns["ood"] = pa.array(predictions.ood, pa.bool_(), mask=~read)
@@ -122,7 +129,7 @@ class ScoringResult:
 
 
 def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster | None = None, batch_size: int = 512,
-          write_csv: bool = False, refuse_ood: bool = False) -> ScoringResult:
+          write_csv: bool = False, refuse_ood: bool = False, coverage: float = DEFAULT_COVERAGE) -> ScoringResult:
     """Score every image `items` name with the exported model `export` into `out`, skipping files
     already there: in this process (one thread per core), or on `cluster`'s Ray workers."""
     if batch_size < 1:
@@ -133,13 +140,13 @@ def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster 
     todo = [f for f in files if f not in done]
     if cluster is not None:
         counts = cluster.map_files(todo, PartWriter, batch_size, export=str(export.resolve()), out=str(out.resolve()),
-                                   refuse_ood=refuse_ood)
+                                   refuse_ood=refuse_ood, coverage=coverage)
         errors = int(sum(batch["errors"].sum() for batch in counts))
     else:
         predictor, errors = LitePredictor.load(export), 0
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in progress(batches, len(batches), "batches", unit="batch"):
-            table = score_table(predictor, batch, refuse_ood)
+            table = score_table(predictor, batch, refuse_ood, coverage)
             write_part(out, batch, table)
             errors += unreadable(table)
     result = ScoringResult(out, len(todo), len(files) - len(todo), errors)
@@ -151,13 +158,14 @@ def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster 
 class PartWriter:
     """A Ray actor: the model, loaded once; each batch of file names in, its part written, a count out."""
 
-    def __init__(self, export: str, out: str, refuse_ood: bool):
+    def __init__(self, export: str, out: str, refuse_ood: bool, coverage: float):
         # One thread and one interpreter per actor: Ray gives each actor a core.
         self.predictor, self.out, self.refuse_ood = LitePredictor.load(export, threads=1), Path(out), refuse_ood
+        self.coverage = coverage
 
     def __call__(self, batch: dict) -> dict:
         files = [str(f) for f in batch["file"]]
-        table = score_table(self.predictor, files, self.refuse_ood)
+        table = score_table(self.predictor, files, self.refuse_ood, self.coverage)
         write_part(self.out, files, table)
         return {"errors": np.array([unreadable(table)])}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from lungxray.cli_dicom import add_dicom_commands
 from lungxray.cli_serve import add_serve_commands
 from lungxray.config import PRESETS, Config
+from lungxray.conformal import check_coverage
 from lungxray.data.importers import COLLECTIONS
 from lungxray.data.importers.base import UNCERTAIN_POLICIES
 from lungxray.errors import ConfigError, LungxrayError
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=int, help="Ray workers, one core each (default: every core of the cluster)")
     predict.add_argument("--batch-size", type=int, default=512, help="files per Parquet part (default: 512)")
     predict.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
+    predict.add_argument("--coverage", type=float, default=0.9,
+                         help="the conformal set holds the true class this often, per class, on images like the "
+                              "validation ones (default: 0.9)")
     predict.add_argument("--refuse-ood", action="store_true",
                          help="withhold the class of images the out-of-distribution gate flags")
     predict.add_argument("--runtime", choices=RUNTIMES, default="auto",
@@ -268,12 +272,32 @@ def run_evaluate(args) -> int:
     overlap = metrics["overlap_with_training"]
     if overlap.get("known") and overlap["images"]:
         print(f"warning: {overlap['images']} evaluated images are identical to training images")
+    for line in conformal_lines(metrics):
+        print(line)
     if "occlusion" in metrics:
         o = metrics["occlusion"]
         print(f"with the lungs blacked out: accuracy {o['accuracy_occluded']:.4f} "
               f"(majority class alone: {o['majority_class_accuracy']:.4f})")
     print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}; report: {out / HTML_REPORT}")
     return 0
+
+
+def conformal_lines(metrics: dict) -> list[str]:
+    """The conformal sets' coverage, and plainly where it broke (overall, or in a subgroup)."""
+    lines = []
+    for nominal, result in metrics.get("conformal", {}).items():
+        per_class = ", ".join(f"{c} {m['coverage']:.3f}" for c, m in result["per_class"].items() if m["coverage"] is not None)
+        lines.append(f"conformal sets at {nominal}: coverage {result['coverage']:.3f} ({per_class}), "
+                     f"mean set size {result['mean_set_size']:.2f}")
+        broken = [f"{c} overall" for c in result["below_nominal"]]
+        for column, groups in metrics.get("subgroups", {}).items():
+            broken += [f"{c} in {column}={value}" for value, group in groups.items()
+                       for c in group.get("conformal", {}).get(nominal, {}).get("below_nominal", [])
+                       if not group["too_small"]]
+        if broken:
+            lines.append(f"warning: at {nominal} the sets do not hold their promise for {'; '.join(broken)}: "
+                         "these images do not come like the validation images (another hospital?)")
+    return lines
 
 
 def run_predict(args) -> int:
@@ -290,7 +314,8 @@ def run_predict(args) -> int:
     if args.runtime == "auto":
         print(describe_runtime(predictor), file=sys.stderr)
     predictions = predictor.predict_files(files)
-    rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood)
+    rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood, predictor.conformal,
+                           check_coverage(args.coverage))
     print(format_predictions(rows, predictor.classes, args.format))
     flagged = sum(bool(r.get("ood")) for r in rows)
     if flagged and args.format == "table":
@@ -317,7 +342,7 @@ def run_scoring(args) -> int:
     export = Path(args.model) if is_export(args.model) else run_export(
         args.model, "onnx" if args.runtime == "onnx" else "litert", _cache(args))
     result = score(export, args.images, Path(args.out), _cluster(args, args.engine), args.batch_size,
-                   write_csv=args.format == "csv", refuse_ood=args.refuse_ood)
+                   write_csv=args.format == "csv", refuse_ood=args.refuse_ood, coverage=check_coverage(args.coverage))
     print(f"scored {result.scored} files ({result.errors} unreadable: rows with their error), "
           f"{result.skipped} already scored; {result.csv or result.out}")
     return 0
@@ -342,14 +367,15 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
         import csv
         import io
 
-        header = ["file", "predicted", *classes, "ood_score", "ood", "error"]
-        table = [[r["file"], r.get("predicted") or "", *p, r.get("ood_score", ""),
+        header = ["file", "predicted", *classes, "set", "ood_score", "ood", "error"]
+        table = [[r["file"], r.get("predicted") or "", *p, "|".join(r.get("set") or []), r.get("ood_score", ""),
                   "" if "ood" not in r else int(r["ood"]), r.get("error", "")] for r, p in zip(rows, probabilities)]
         buffer = io.StringIO()
         csv.writer(buffer).writerows([header, *table])
         return buffer.getvalue().rstrip("\n")
-    header = ["file", "predicted", *classes, "ood", "error"]
-    table = [[r["file"], r.get("predicted") or ("withheld" if r.get("withheld") else ""), *p,
+    coverage = next((r["coverage"] for r in rows if "coverage" in r), None)
+    header = ["file", "predicted", *classes, f"{coverage:.0%} set" if coverage else "set", "ood", "error"]
+    table = [[r["file"], r.get("predicted") or ("withheld" if r.get("withheld") else ""), *p, r.get("set_says") or "",
               "yes" if r.get("ood") else "", r.get("error", "")] for r, p in zip(rows, probabilities)]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])

@@ -28,6 +28,8 @@ def add_serve_commands(commands) -> None:
                             "alone, the fastest measured on CPU; try 16-32 where a batch costs less than its images)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0,
                        help="how long a batch waits for images still being decoded (default: 2)")
+    serve.add_argument("--coverage", type=float, default=0.9,
+                       help="coverage of the conformal set each answer carries (default: 0.9)")
     serve.add_argument("--api-docs", action="store_true",
                        help="serve the interactive API docs at /docs (they load a script from a CDN)")
     serve.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
@@ -69,7 +71,7 @@ def run_serve(args) -> int:
           read_timeout=args.read_timeout, api_docs=args.api_docs,
           rate=parse_rate(args.rate) if args.rate else None,
           audit_log=None if args.audit_log == "off" else args.audit_log,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, coverage=args.coverage)
     return 0
 
 

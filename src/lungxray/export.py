@@ -101,6 +101,7 @@ def sidecar(predictor: Predictor, fmt: str) -> dict:
                   "order": "RGB", "resize": predictor.interpolation, "intensity": predictor.intensity},
         "outputs": ["probabilities (softmax, before temperature scaling)", "backbone features"],
         "temperature": predictor.temperature,
+        "conformal": predictor.conformal.to_json() if predictor.conformal else None,
         "training_data_fingerprint": hashlib.sha256(hashes.encode()).hexdigest() if hashes else None,
         "trained": predictor.info.get("trained"), "architecture": predictor.info.get("architecture"),
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lungxray.conformal import ConformalSets
 from lungxray.data.images import read_bytes, read_image
 from lungxray.errors import ImageError, WeightsError
 from lungxray.io import file_hash
@@ -46,6 +47,7 @@ class LitePredictor:
         self.image_size, self.interpolation = contract["size"], contract["resize"]
         self.intensity = contract.get("intensity", "none")
         self.temperature = float(info.get("temperature", 1.0))
+        self.conformal = ConformalSets.from_json(info["conformal"], self.classes) if info.get("conformal") else None
         runner = RUNNERS[self.model_path.suffix]
         self.pool = runner(self.model_path, threads) if runner is InterpreterPool else runner(self.model_path)
         shapes = self.pool.output_shapes

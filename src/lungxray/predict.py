@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from lungxray.calibration import apply_temperature
+from lungxray.conformal import ConformalSets
 from lungxray.data.images import read_image
 from lungxray.errors import WeightsError
 from lungxray.features import FeatureExtractor
@@ -33,7 +34,7 @@ class Predictor:
                  intensity: str = "none", temperature: float = 1.0, ood: OutOfDistribution | None = None,
                  train_hashes: set[str] | None = None, info: dict | None = None,
                  extractor: FeatureExtractor | None = None, runtime: str = "auto", cache_dir: Path | None = None,
-                 crop: LungCrop | None = None):
+                 crop: LungCrop | None = None, conformal: ConformalSets | None = None):
         try:
             self.backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         except ValueError:
@@ -44,6 +45,7 @@ class Predictor:
         self.model, self.classes = model, list(classes)
         self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
         self.temperature, self.ood, self.train_hashes, self.info = temperature, ood, train_hashes, info or {}
+        self.conformal = conformal
         self.extractor = extractor or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir,
                                                        intensity=intensity, crop=crop)
         # A traced call: the eager Keras call costs ~2 ms per request, this ~0.4 ms.
@@ -54,7 +56,8 @@ class Predictor:
         the model last: a folder with a model file always has everything that goes with it."""
         write_json(run.model_info, {**self.info, "classes": self.classes, "image_size": self.image_size,
                                     "interpolation": self.interpolation, "intensity": self.intensity,
-                                    "crop": "lungs" if self.crop else "none", "temperature": self.temperature})
+                                    "crop": "lungs" if self.crop else "none", "temperature": self.temperature,
+                                    "conformal": self.conformal.to_json() if self.conformal else None})
         if self.crop is not None:
             self.crop.save(run.path(run.LUNGS))
         if self.ood is not None:
@@ -78,7 +81,8 @@ class Predictor:
         return cls(model, info["classes"], info["image_size"], info.get("interpolation", "nearest"),
                    info.get("intensity", "none"), temperature=float(info.get("temperature", 1.0)),
                    ood=OutOfDistribution.load(gate_file) if gate_file.is_file() else None,
-                   train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir, crop=crop)
+                   train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir, crop=crop,
+                   conformal=ConformalSets.from_json(info["conformal"], info["classes"]) if info.get("conformal") else None)
 
     def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
         extraction = self.extractor.extract([Path(p) for p in paths], desc=desc)

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from lungxray.calibration import apply_temperature
+from lungxray.conformal import DEFAULT_COVERAGE, ConformalSets, describe_set, set_members
 from lungxray.errors import ImageError
 
 OOD_NOTE = ("unlike the chest X-rays the model was trained on (out-of-distribution score above the gate's "
@@ -37,10 +38,13 @@ class Predictions:
         return cls(apply_temperature(raw, temperature), raw, features, scores, flags, errors, hashes)
 
 
-def prediction_rows(predictions: Predictions, files: list, classes: list[str], refuse_ood: bool = False) -> list[dict]:
+def prediction_rows(predictions: Predictions, files: list, classes: list[str], refuse_ood: bool = False,
+                    conformal: ConformalSets | None = None, coverage: float = DEFAULT_COVERAGE) -> list[dict]:
     """One dict per file, as the command line and the API show them: `predicted` and `probabilities`
-    (withheld for a flagged image when `refuse_ood`), `ood_score` and `ood`, or `error`."""
+    (withheld for a flagged image when `refuse_ood`), the conformal `set` at `coverage` and what it
+    says, `ood_score` and `ood`, or `error`."""
     reasons = {e.path: e.reason for e in predictions.errors}
+    sets = conformal.sets(predictions.raw, coverage) if conformal is not None else None
     rows = []
     for index, (path, probabilities) in enumerate(zip(files, predictions.probabilities)):
         if str(path) in reasons:
@@ -48,9 +52,12 @@ def prediction_rows(predictions: Predictions, files: list, classes: list[str], r
             continue
         row = {"file": str(path), "predicted": classes[int(probabilities.argmax())],
                "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)}}
+        if sets is not None:
+            members = set_members(sets[index], probabilities, classes)
+            row.update(set=members, set_says=describe_set(members, classes), coverage=coverage)
         if predictions.ood is not None:
             row.update(ood_score=round(float(predictions.ood_score[index]), 4), ood=bool(predictions.ood[index]))
             if row["ood"] and refuse_ood:
-                row.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
+                row.update(predicted=None, probabilities=None, set=None, set_says=None, withheld=OOD_NOTE)
         rows.append(row)
     return rows

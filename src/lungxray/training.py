@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from lungxray.calibration import fit_temperature
+from lungxray.conformal import ConformalSets
 from lungxray.cluster import RayCluster
 from lungxray.config import Config
 from lungxray.data.records import Dataset, assign_splits, hold_out_source, load_dataset, write_manifest
@@ -130,15 +131,16 @@ def provenance(engine: str, dataset: Dataset, config: Config) -> dict:
 
 def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config, info: dict,
                          crop: LungCrop | None) -> Predictor:
-    """Temperature scaling fitted on the validation images, the out-of-distribution gate on the
-    training images' features (threshold from validation), and the model: a complete Predictor."""
+    """Temperature scaling and conformal sets fitted on the validation images, the out-of-distribution
+    gate on the training images' features (threshold from validation), and the model: a complete Predictor."""
     num_classes = len(plan.classes)
     raw = head_probabilities(fitted.model.get_layer("head"), fitted.val_features, num_classes)
     temperature = fit_temperature(raw, plan.val_labels)
     log.info("temperature scaling, fitted on validation: T = %.3f", temperature)
     info = {**info, "validation": {"accuracy": float(np.mean(raw.argmax(axis=1) == plan.val_labels))}}
+    conformal = ConformalSets.fit(raw, np.asarray(plan.val_labels), plan.classes)
     return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, config.intensity,
-                     temperature=temperature,
+                     temperature=temperature, conformal=conformal,
                      ood=OutOfDistribution.fit(fitted.train_features, fitted.val_features),
                      train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor, crop=crop)
 

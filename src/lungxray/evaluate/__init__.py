@@ -10,7 +10,8 @@ import numpy as np
 
 from lungxray.data.records import Dataset, Record, extra_columns, load_dataset
 from lungxray.errors import DataError
-from lungxray.evaluate.metrics import calibration_metrics, classification_metrics, report_text
+from lungxray.evaluate.metrics import (CONFORMAL_COVERAGES, calibration_metrics, classification_metrics, report_text,
+                                      set_coverage)
 from lungxray.evaluate.plots import (plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves)
 from lungxray.evaluate.report import write_html_report
 from lungxray.evaluate.schema import METRICS_FILE, Metrics
@@ -74,8 +75,12 @@ def evaluate(predictor: Predictor, data, out: Path, split: str | None = None, by
                           "note": "share of these images the out-of-distribution gate flags; on data like the "
                                   "training data this is the false-alarm rate (about 1% by construction)"}
     flags = None if predictions.ood is None else predictions.ood[ok]
+    sets = ({coverage: predictor.conformal.sets(raw, coverage) for coverage in CONFORMAL_COVERAGES}
+            if predictor.conformal is not None else None)
+    if sets is not None:
+        metrics["conformal"] = {f"{c:.2f}": set_coverage(y, s, classes, c) for c, s in sets.items()}
     metrics["subgroups"] = {column: subgroup_metrics([r for r, k in zip(records, ok) if k], y, p, classes, column,
-                                                     resamples, flags)
+                                                     resamples, flags, sets)
                             for column in by}
     if occlude_lungs:
         metrics["occlusion"] = occlusion_test(predictor, [r for r, k in zip(records, ok) if k], y, metrics["accuracy"])
@@ -129,8 +134,9 @@ def training_overlap(predictor: Predictor, records: list[Record], hashes: list[s
 
 
 def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classes: list[str], column: str,
-                     resamples: int, ood_flags: np.ndarray | None = None) -> dict:
-    """Every metric per value of `column`, with the share the out-of-distribution gate flagged."""
+                     resamples: int, ood_flags: np.ndarray | None = None, sets: dict | None = None) -> dict:
+    """Every metric per value of `column`, with the share the out-of-distribution gate flagged and
+    the conformal sets' coverage (`sets`: coverage -> (n, k) booleans)."""
     groups: dict[str, dict] = {}
     values = np.array([r.extra.get(column, "") for r in records])
     for value in sorted(set(values)):
@@ -140,6 +146,8 @@ def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classe
         group["too_small"] = bool(members.sum() < MIN_GROUP_SIZE)
         if ood_flags is not None:
             group["ood_flag_rate"] = float(ood_flags[members].mean())
+        if sets is not None:
+            group["conformal"] = {f"{c:.2f}": set_coverage(y[members], s[members], classes, c) for c, s in sets.items()}
         groups[value or "(empty)"] = group
     return groups
 

@@ -184,3 +184,22 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
 def report_text(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> str:
     return classification_report(y_true, probabilities.argmax(axis=1), labels=list(range(len(classes))),
                                  target_names=classes, digits=3, zero_division=0)
+
+
+CONFORMAL_COVERAGES = (0.9, 0.95)
+COVERAGE_SLACK = 0.02  # how far below nominal a class's coverage may fall before the report says so
+
+
+def set_coverage(y_true: np.ndarray, sets: np.ndarray, classes: list[str], coverage: float) -> dict:
+    """Empirical coverage (the true class in the set) and mean set size, overall and per class,
+    with the classes whose coverage fell more than COVERAGE_SLACK below `coverage`."""
+    covered, sizes = sets[np.arange(len(y_true)), y_true], sets.sum(axis=1)
+    per_class = {c: {"n": int((y_true == i).sum()),
+                     "coverage": float(covered[y_true == i].mean()) if (y_true == i).any() else None,
+                     "mean_set_size": float(sizes[y_true == i].mean()) if (y_true == i).any() else None}
+                 for i, c in enumerate(classes)}
+    return {"nominal": coverage, "coverage": float(covered.mean()), "mean_set_size": float(sizes.mean()),
+            "empty_share": float((sizes == 0).mean()), "all_classes_share": float((sizes == len(classes)).mean()),
+            "per_class": per_class,
+            "below_nominal": [c for c, m in per_class.items()
+                              if m["coverage"] is not None and m["coverage"] < coverage - COVERAGE_SLACK]}

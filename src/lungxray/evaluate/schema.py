@@ -70,6 +70,7 @@ class Metrics(TypedDict):
     data: NotRequired[DataSummary]
     overlap_with_training: NotRequired[dict]
     ood: NotRequired[dict]
+    conformal: NotRequired[dict[str, dict]]  # "0.90", "0.95": coverage and set size, overall and per class
     subgroups: NotRequired[dict[str, dict[str, "Metrics"]]]
     occlusion: NotRequired[dict]
 

@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lungxray.conformal import DEFAULT_COVERAGE, check_coverage, describe_set, set_members
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import sha256_of
 from lungxray.lite import LitePredictor, is_export
@@ -121,14 +122,16 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pending: int = DEFAULT_MAX_PENDING, refuse_ood: bool = False,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False, *,
                keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
-               max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS) -> FastAPI:
+               max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+               coverage: float = DEFAULT_COVERAGE) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
-    request. Images are predicted together, up to `max_batch` (1: each alone), a batch waiting at
+    request; each answer carries its conformal set at `coverage`. Images are predicted together, up to `max_batch` (1: each alone), a batch waiting at
     most `max_wait_ms` for images still being decoded.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
     default: they break offline); /openapi.json is always served."""
+    check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
                           f"{max_wait_ms} instead.")
@@ -155,11 +158,15 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
         answer = {"file": name, "sha256": digest, "predicted": predictor.classes[predicted],
                   "probabilities": {c: float(p) for c, p in zip(predictor.classes, probabilities)},
                   "model": identity["id"], "notice": NOTICE}
+        if predictor.conformal is not None:
+            in_set = predictor.conformal.sets(predictions.raw[row:row + 1], coverage)[0]
+            members = set_members(in_set, probabilities, predictor.classes)
+            answer.update(set=members, set_says=describe_set(members, predictor.classes), coverage=coverage)
         if predictions.ood is not None:
             answer["ood"] = {"flag": bool(predictions.ood[row]), "score": float(predictions.ood_score[row]),
                              "threshold": predictor.ood.threshold}
             if answer["ood"]["flag"] and refuse_ood:
-                answer.update(predicted=None, probabilities=None, withheld=OOD_NOTE)
+                answer.update(predicted=None, probabilities=None, set=None, set_says=None, withheld=OOD_NOTE)
         if with_explanation:
             # What the model saw (decoded, cropped, resized: browsers cannot show DICOM), and where it looked.
             answer["image"] = png_data_url(image)

@@ -25,6 +25,9 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] | None
     model: str
     notice: str
+    set: list[str] | None = None  # the conformal set, most probable first (absent for models trained before sets)
+    set_says: str | None = None  # "pneumonia", "pneumonia or covid", "cannot tell" (all), "none fits" (empty)
+    coverage: float | None = None  # the set's promise: the true class is in it this often, per class
     ood: Ood | None = None
     withheld: str | None = None
     image: str | None = None  # with explain=true: what the model saw, as a PNG data URL

@@ -43,6 +43,11 @@ function show(file, answer) {
     "Its class is withheld: any class the model gave it would not be meaningful." : "";
   $("predicted").textContent = ood || !answer.predicted ? "withheld" : answer.predicted;
   $("answer").classList.toggle("withheld", ood);
+  // The conformal set: the classes that cannot be ruled out at the stated coverage.
+  const says = { "cannot tell": "cannot tell between the classes", "none fits": "no class fits this image" };
+  $("set").hidden = ood || !answer.set_says;
+  $("set").textContent = answer.set_says ? `With ${Math.round(100 * answer.coverage)}% coverage: ` +
+    (says[answer.set_says] || answer.set_says) : "";
   $("model").textContent = answer.model;
   const bars = $("bars");
   bars.innerHTML = "";
