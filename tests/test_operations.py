@@ -133,7 +133,7 @@ def test_audit_log_keeps_who_what_and_the_answer_but_no_patient(predictor, tmp_p
     assert [line["request_id"] for line in lines[:3]] == [r.headers["x-request-id"] for r in (good, from_dicom, bad)]
     assert [line["key"] for line in lines] == ["ward-3", "ward-3", "ward-3", None]
     assert lines[0]["images"] == [{"sha256": hashlib.sha256(image).hexdigest(), "decision": good.json()["predicted"]
-                                   or "withheld", "ood": good.json()["ood"]["flag"]}]
+                                   or "withheld", "ood": good.json()["ood"]["flag"], "set": good.json()["set"]}]
     assert good.json()["sha256"] == lines[0]["images"][0]["sha256"]
     assert lines[2]["images"] == [{"sha256": hashlib.sha256(b"not an image").hexdigest(), "decision": "unreadable"}]
     assert all(line["ms"] > 0 and line["time"].endswith("+00:00") for line in lines)

@@ -127,8 +127,8 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
-    request; each answer carries its conformal set at `coverage`. Images are predicted together, up to `max_batch` (1: each alone), a batch waiting at
-    most `max_wait_ms` for images still being decoded.
+    request; each answer carries its conformal set at `coverage`. Images are predicted together, up
+    to `max_batch` (1: each alone), a batch waiting at most `max_wait_ms` for images still being decoded.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
     default: they break offline); /openapi.json is always served."""
     check_coverage(coverage)
@@ -198,7 +198,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
             answer = answer_for(predictions, row, name, digest, image, False)
         decision, flagged = answer["predicted"] or "withheld", bool(answer.get("ood", {}).get("flag"))
         metrics.predicted(decision, flagged)
-        audited.append({"sha256": digest, "decision": decision, "ood": flagged})
+        audited.append({"sha256": digest, "decision": decision, "ood": flagged, "set": answer.get("set")})
         return answer
 
     @app.exception_handler(ImageError)
