@@ -261,7 +261,7 @@ def run_train(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from lungxray.evaluate import CLASSIFICATION_REPORT, HTML_REPORT, evaluate
+    from lungxray.evaluate import CLASSIFICATION_REPORT, HTML_REPORT, conformal_lines, evaluate
     from lungxray.predict import Predictor
 
     run = RunDir.open(args.model)
@@ -282,37 +282,17 @@ def run_evaluate(args) -> int:
     return 0
 
 
-def conformal_lines(metrics: dict) -> list[str]:
-    """The conformal sets' coverage, and plainly where it broke (overall, or in a subgroup)."""
-    lines = []
-    for nominal, result in metrics.get("conformal", {}).items():
-        per_class = ", ".join(f"{c} {m['coverage']:.3f}" for c, m in result["per_class"].items() if m["coverage"] is not None)
-        lines.append(f"conformal sets at {nominal}: coverage {result['coverage']:.3f} ({per_class}), "
-                     f"mean set size {result['mean_set_size']:.2f}")
-        broken = [f"{c} overall" for c in result["below_nominal"]]
-        for column, groups in metrics.get("subgroups", {}).items():
-            broken += [f"{c} in {column}={value}" for value, group in groups.items()
-                       for c in group.get("conformal", {}).get(nominal, {}).get("below_nominal", [])
-                       if not group["too_small"]]
-        if broken:
-            lines.append(f"warning: at {nominal} the sets do not hold their promise for {'; '.join(broken)}: "
-                         "these images do not come like the validation images (another hospital?)")
-    return lines
-
-
 def run_predict(args) -> int:
     if args.out:
         return run_scoring(args)
     if args.engine == "ray":
         raise ConfigError("--engine ray writes its results as Parquet: give --out DIR")
     from lungxray.batch import list_inputs
-    from lungxray.loader import describe_runtime, load_predictor
+    from lungxray.loader import load_predictor
     from lungxray.predictions import OOD_NOTE, prediction_rows
 
     files = [Path(f) for f in list_inputs(args.images)]
     predictor = load_predictor(args.model, _cache(args), args.runtime, gradients=bool(args.explain))
-    if args.runtime == "auto":
-        print(describe_runtime(predictor), file=sys.stderr)
     predictions = predictor.predict_files(files)
     rows = prediction_rows(predictions, files, predictor.classes, args.refuse_ood, predictor.conformal,
                            check_coverage(args.coverage))

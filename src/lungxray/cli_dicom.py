@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def run_listen(args) -> int:
     from lungxray.dicom.node import DicomNode, Limits
     from lungxray.dicom.send import Peer
     from lungxray.dicom.tls import client_context, server_context
-    from lungxray.loader import describe_runtime, load_predictor
+    from lungxray.loader import load_predictor
 
     send_to = Peer.parse(args.send_to)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -80,8 +79,6 @@ def run_listen(args) -> int:
     send_tls = client_context(args.send_tls_ca, args.send_tls_cert, args.send_tls_key) if args.send_tls_ca else None
     predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime,
                                gradients=args.heatmap)
-    if args.runtime == "auto":
-        print(describe_runtime(predictor), file=sys.stderr)
     heatmap = None
     if args.heatmap:
         if not hasattr(predictor, "model"):

@@ -7,17 +7,20 @@ TensorFlow); a run folder or `.keras` file as a Keras `Predictor`, or, with `run
 against its Keras model (LiteRT, then ONNX: 1,460 and 565 images/s in docs/benchmarks.md) and is
 newer than the model; without one, the Keras model (its backbone in LiteRT). It does not export by
 itself: exporting needs TensorFlow and writes into the run, which `lungxray export RUN` does once.
-`describe_runtime` says which was chosen and why."""
+It logs which it chose (the command line shows the line on stderr)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from lungxray.errors import ConfigError
 
 RUNTIMES = ("auto", "keras", "litert", "onnx")
 FASTEST_FIRST = ("litert", "onnx")
+
+log = logging.getLogger("lungxray")
 
 
 def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: str = "auto", gradients: bool = False):
@@ -34,13 +37,16 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
         return LitePredictor.load(model)
     if runtime in ("litert", "onnx"):
         return LitePredictor.load(run_export(model, runtime, cache_dir))
-    if runtime == "auto" and not gradients:
-        checked = checked_export(model)
-        if checked is not None:
-            return LitePredictor.load(checked)
-    from lungxray.predict import Predictor  # imports TensorFlow: only when a Keras model is asked for
+    checked = checked_export(model) if runtime == "auto" and not gradients else None
+    if checked is not None:
+        predictor = LitePredictor.load(checked)
+    else:
+        from lungxray.predict import Predictor  # imports TensorFlow: only when a Keras model is asked for
 
-    return Predictor.load(model, runtime=runtime, cache_dir=cache_dir)  # "keras", or "auto": the backbone in LiteRT
+        predictor = Predictor.load(model, runtime=runtime, cache_dir=cache_dir)  # "keras", or "auto": backbone in LiteRT
+    if runtime == "auto":
+        log.info("runtime keras: Grad-CAM needs the Keras model" if gradients else describe_runtime(predictor))
+    return predictor
 
 
 def checked_export(model: str | Path) -> Path | None:
@@ -49,12 +55,11 @@ def checked_export(model: str | Path) -> Path | None:
     from lungxray.rundir import RunDir
     from lungxray.runtimes import litert_available, onnx_available
 
+    installed = {"litert": litert_available, "onnx": onnx_available}
     run = RunDir.open(model)
     for fmt in FASTEST_FIRST:
         exported = run.export(EXPORT_SUFFIXES[fmt])
-        if not exported.is_file() or exported.stat().st_mtime < run.model.stat().st_mtime:
-            continue
-        if (fmt == "litert" and not litert_available()) or (fmt == "onnx" and not onnx_available()):
+        if not exported.is_file() or exported.stat().st_mtime < run.model.stat().st_mtime or not installed[fmt]():
             continue
         info_path, _ = sidecar_paths(exported)
         try:

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from lungxray.calibration import apply_temperature
-from lungxray.conformal import DEFAULT_COVERAGE, ConformalSets, describe_set, set_members
+from lungxray.conformal import DEFAULT_COVERAGE, ConformalSets, set_fields
 from lungxray.errors import ImageError
 
 OOD_NOTE = ("unlike the chest X-rays the model was trained on (out-of-distribution score above the gate's "
@@ -53,8 +53,7 @@ def prediction_rows(predictions: Predictions, files: list, classes: list[str], r
         row = {"file": str(path), "predicted": classes[int(probabilities.argmax())],
                "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)}}
         if sets is not None:
-            members = set_members(sets[index], probabilities, classes)
-            row.update(set=members, set_says=describe_set(members, classes), coverage=coverage)
+            row.update(set_fields(sets[index], probabilities, classes, coverage))
         if predictions.ood is not None:
             row.update(ood_score=round(float(predictions.ood_score[index]), 4), ood=bool(predictions.ood[index]))
             if row["ood"] and refuse_ood:

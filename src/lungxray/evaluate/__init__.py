@@ -133,6 +133,24 @@ def training_overlap(predictor: Predictor, records: list[Record], hashes: list[s
             "method": "SHA-256 of file contents; re-encoded or resized copies are not caught (see `lungxray data audit`)"}
 
 
+def conformal_lines(metrics: dict) -> list[str]:
+    """The conformal sets' coverage, and plainly where it broke (overall, or in a subgroup)."""
+    lines = []
+    for nominal, result in metrics.get("conformal", {}).items():
+        per_class = ", ".join(f"{c} {m['coverage']:.3f}" for c, m in result["per_class"].items() if m["coverage"] is not None)
+        lines.append(f"conformal sets at {nominal}: coverage {result['coverage']:.3f} ({per_class}), "
+                     f"mean set size {result['mean_set_size']:.2f}")
+        broken = [f"{c} overall" for c in result["below_nominal"]]
+        for column, groups in metrics.get("subgroups", {}).items():
+            broken += [f"{c} in {column}={value}" for value, group in groups.items()
+                       for c in group.get("conformal", {}).get(nominal, {}).get("below_nominal", [])
+                       if not group["too_small"]]
+        if broken:
+            lines.append(f"warning: at {nominal} the sets do not hold their promise for {'; '.join(broken)}: "
+                         "these images do not come like the validation images (another hospital?)")
+    return lines
+
+
 def subgroup_metrics(records: list[Record], y: np.ndarray, p: np.ndarray, classes: list[str], column: str,
                      resamples: int, ood_flags: np.ndarray | None = None, sets: dict | None = None) -> dict:
     """Every metric per value of `column`, with the share the out-of-distribution gate flagged and

@@ -2,9 +2,8 @@
 
 The model is loaded once (safe mode). Uploads are decoded in worker threads and predicted in
 others (`batching.Batcher`), at most one of each per CPU core; with `max_batch` > 1, images that
-arrive together are predicted together. Images beyond a
-bounded number in hand (a batch counts each image) get 503 at once instead of waiting; connections
-beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in stall time (408); work
+arrive together are predicted together. Images beyond a bounded number in hand (a batch counts
+each image) get 503 at once instead of waiting; connections beyond a limit get 503 from uvicorn; uploads are capped in size (413) and in stall time (408); work
 for a client that has gone is dropped. Uploads are sniffed by content rather than trusted by
 extension, and every bad request gets one JSON error, never a 500. Around it (`operations`): API
 keys, rate limits, security headers, request ids, metrics and the audit log.
@@ -17,7 +16,6 @@ import base64
 import hashlib
 import io
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -32,11 +30,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lungxray.conformal import DEFAULT_COVERAGE, check_coverage, describe_set, set_members
+from lungxray.conformal import DEFAULT_COVERAGE, check_coverage, set_fields
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import sha256_of
 from lungxray.lite import LitePredictor, is_export
-from lungxray.loader import describe_runtime, load_predictor
+from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
 from lungxray.serve.batching import Batcher
@@ -160,8 +158,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                   "model": identity["id"], "notice": NOTICE}
         if predictor.conformal is not None:
             in_set = predictor.conformal.sets(predictions.raw[row:row + 1], coverage)[0]
-            members = set_members(in_set, probabilities, predictor.classes)
-            answer.update(set=members, set_says=describe_set(members, predictor.classes), coverage=coverage)
+            answer.update(set_fields(in_set, probabilities, predictor.classes, coverage))
         if predictions.ood is not None:
             answer["ood"] = {"flag": bool(predictions.ood[row]), "score": float(predictions.ood_score[row]),
                              "threshold": predictor.ood.threshold}
@@ -310,8 +307,6 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache
         raise ConfigError(f"{keys} holds no keys: make one with `lungxray keys create NAME --keys {keys}`")
     run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
     predictor = load_predictor(run.model if run else model, cache_dir, runtime)
-    if runtime == "auto":
-        print(describe_runtime(predictor), file=sys.stderr)
     app = create_app(predictor, run, keys=key_store, **app_options)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=5, timeout_graceful_shutdown=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
