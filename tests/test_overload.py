@@ -90,11 +90,12 @@ def test_many_clients_health_stays_fast_and_memory_comes_back(server):
     threads = [threading.Thread(target=client) for _ in range(16)]  # 16 clients x 4 images, limit 8
     for thread in threads:
         thread.start()
-    while any(t.is_alive() for t in threads):
-        started = time.monotonic()
-        assert httpx.get(f"{url}/api/health", timeout=5).status_code in (200, 503)
-        health_seconds.append(time.monotonic() - started)
-        time.sleep(0.05)
+    with httpx.Client(timeout=5) as probe:  # one client, as a kubelet keeps one: its set-up is not the server's time
+        while any(t.is_alive() for t in threads):
+            started = time.monotonic()
+            assert probe.get(f"{url}/api/health").status_code in (200, 503)
+            health_seconds.append(time.monotonic() - started)
+            time.sleep(0.05)
     for thread in threads:
         thread.join()
     assert set(statuses) <= {200, 503}, statuses
