@@ -6,6 +6,7 @@ film."""
 
 import copy
 import csv
+import io
 import json
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from lungxray.cli import main
 from lungxray.dicom.heatmap import HeatmapMaker
 from lungxray.dicom.node import DicomNode, Limits
-from lungxray.dicom.report import ModelIdentity, Outcome, report_values, result_report
+from lungxray.dicom.report import ModelIdentity, Outcome, ReportWriter, encoded, report_values, result_report
 from lungxray.dicom.send import Peer, send_files
 from lungxray.dicom.spool import Spool
 from lungxray.dicom.tls import client_context, server_context
@@ -161,6 +162,43 @@ def test_a_report_made_again_is_the_same_instance():
     first, again = result_report(source, outcome, model), result_report(source, outcome, model)
     assert first.SOPInstanceUID == again.SOPInstanceUID and first.SeriesInstanceUID == again.SeriesInstanceUID
     assert result_report(source, outcome, other).SOPInstanceUID != first.SOPInstanceUID  # another model
+
+
+def elements(dataset: pydicom.Dataset, prefix: str = "") -> dict[str, object]:
+    """Every element of a dataset, sequences flattened ("Sequence[0].Keyword"), file meta included."""
+    flat = {}
+    for element in [*dataset.get("file_meta", []), *dataset]:
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value):
+                flat.update(elements(item, f"{prefix}{element.keyword}[{index}]."))
+        else:
+            flat[prefix + element.keyword] = element.value
+    return flat
+
+
+def test_the_report_writer_gives_highdicoms_report_for_every_film():
+    rng = np.random.default_rng(3)
+    model = ModelIdentity("run", "1", "ab" * 32)
+    outcomes = [Outcome(dict(zip(("covid", "normal", "pneumonia"), rng.dirichlet([1, 1, 1]))), float(rng.random()),
+                        bool(flagged)) for flagged in (0, 1, 0)]
+    outcomes += [Outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3}),  # no gate
+                 Outcome({"covid": 0.7, "normal": 0.2, "pneumonia": 0.1}),
+                 Outcome(not_analysed="a lateral view"), Outcome(not_analysed="unreadable pixels")]
+    write = ReportWriter(model)
+    for index, outcome in enumerate(outcomes):
+        source = pydicom.Dataset()
+        source.update({"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+                       "SOPInstanceUID": generate_uid(), "PatientSex": "MF"[index % 2], "StudyDate": f"2026010{index + 1}",
+                       "SOPClassUID": ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1")[index % 2]})
+        if index % 3:  # present in some films only: the writer must not keep another film's
+            source.update({"PatientName": f"Doe^Jane{index}", "PatientID": f"P-{index}", "AccessionNumber": "A1"})
+        written = elements(pydicom.dcmread(io.BytesIO(write(source, outcome))))
+        built = elements(pydicom.dcmread(io.BytesIO(encoded(result_report(source, outcome, model)))))
+        created = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                   "ContributingEquipmentSequence[0].ContributionDateTime"}
+        assert written.keys() == built.keys()
+        assert {k: v for k, v in written.items() if k not in created} == {k: v for k, v in built.items()
+                                                                          if k not in created}, outcome
 
 
 def test_with_heatmaps_each_classified_film_also_gets_a_grad_cam_capture(node_and_pacs, predictor, tmp_path):

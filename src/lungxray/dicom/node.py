@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -28,7 +27,7 @@ from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyIma
                                   SecondaryCaptureImageStorage, Verification)
 
 from lungxray.data.images import DICOM_SYNTAXES
-from lungxray.dicom.report import ModelIdentity, Outcome, result_report
+from lungxray.dicom.report import ModelIdentity, Outcome, ReportWriter, encoded
 from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError
@@ -69,6 +68,7 @@ class DicomNode:
         if not_analysed not in NOT_ANALYSED:
             raise ConfigError(f"'not_analysed' must be one of {list(NOT_ANALYSED)}. Got {not_analysed!r} instead.")
         self.predictor, self.model, self.send_to = predictor, model, send_to
+        self._reports = ReportWriter(model)
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
@@ -167,7 +167,7 @@ class DicomNode:
         if self.heatmap is not None and outcome.decision in self.predictor.classes:
             heatmap = encoded(self.heatmap(path, source, outcome.decision, outcome.probabilities[outcome.decision],
                                            self.model))
-        self.spool.reported(uid, encoded(result_report(source, outcome, self.model)), heatmap)
+        self.spool.reported(uid, self._reports(source, outcome), heatmap)
         self._audit("reported", uid, heatmap=(heatmap is not None) if self.heatmap else None, **facts)
         self._work.set()
 
@@ -232,10 +232,3 @@ class DicomNode:
         with self._audit_lock, open(self.audit_log, "a") as handle:
             handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")
 
-
-def encoded(dataset: pydicom.Dataset) -> bytes:
-    """A DICOM file's bytes (explicit VR little endian, which every peer accepts)."""
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
