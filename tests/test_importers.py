@@ -435,6 +435,71 @@ def test_covidx_both_label_conventions(tmp_path):
         import_collection("covidx", root, tmp_path / "x.csv")
 
 
+BIMCV_LABELS_HEADER = ["", "PatientID", "ReportID", "Report", "Labels", "Localizations", "LabelsLocalizationsBySentence",
+                       "labelCUIS", "LocalizationsCUIS"]
+
+
+def bimcv_root(root: Path, label_file: str, sessions: dict[tuple[str, str, str], str | None]) -> Path:
+    """A covid19_posi/ (or covid19_neg/) folder in the published layout: participants.tsv, the labels
+    TSV under derivatives/labels/, a 16-bit PNG and its JSON sidecar per session under mod-rx/."""
+    rows = []
+    for index, ((subject, session, view), labels) in enumerate(sessions.items()):
+        stem = f"sub-{subject}_ses-{session}_run-1_bp-chest_vp-{view}_{'cr' if index % 2 else 'dx'}"
+        film = root / f"sub-{subject}" / f"ses-{session}" / "mod-rx" / f"{stem}.png"
+        film.parent.mkdir(parents=True, exist_ok=True)
+        pixels = synthetic_image(index % 3, np.random.default_rng(index))[..., 0].astype(np.uint16) * 257
+        Image.fromarray(pixels).save(film)
+        film.with_suffix(".json").write_text("{}")
+        if labels is not None:
+            rows.append({"": str(index), "PatientID": f"sub-{subject}", "ReportID": f"ses-{session}", "Report": "...",
+                         "Labels": labels, "Localizations": "[]", "LabelsLocalizationsBySentence": "[]",
+                         "labelCUIS": "[]", "LocalizationsCUIS": "[]"})
+    (root / "sub-S9" / "ses-E9" / "mod-ct").mkdir(parents=True)
+    (root / "sub-S9" / "ses-E9" / "mod-ct" / "sub-S9_ses-E9_ct.png").write_bytes(b"not a radiograph")
+    labels_path = root / "derivatives" / "labels" / label_file
+    labels_path.parent.mkdir(parents=True)
+    with open(labels_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, BIMCV_LABELS_HEADER, delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    subjects = sorted({subject for subject, _, _ in sessions})
+    (root / "participants.tsv").write_text("participant\tmodality_dicom\tage\tgender\n" + "".join(
+        f"sub-{s}\t['CR', 'DX']\t[{60 + i}]\t{'MF'[i % 2]}\n" for i, s in enumerate(subjects)))
+    return root
+
+
+def test_bimcv_sessions_cohorts_and_uncertain_covid(tmp_path):
+    from lungxray.data.images import read_image
+
+    positive = bimcv_root(tmp_path / "covid19_posi", "labels_covid_posi.tsv", {
+        ("S1", "E1", "pa"): "['COVID 19', 'pneumonia']", ("S1", "E2", "ap"): "[' normal']",
+        ("S2", "E3", "pa"): "['COVID 19 uncertain', 'infiltrates']", ("S2", "E4", "pa"): "['pneumonia']",
+        ("S3", "E5", "pa"): "['exclude']", ("S3", "E6", "ap"): "['COVID 19', 'pneu",
+        ("S3", "E7", "ll"): "['COVID 19']", ("S4", "E8", "pa"): None})
+    summary = import_collection("bimcv", positive, tmp_path / "b.csv")
+    got = {r["study_id"]: r for r in csv.DictReader(open(tmp_path / "b.csv"))}
+    assert {s: r["label"] for s, r in got.items()} == {"ses-E1": "covid", "ses-E2": "normal"}
+    assert (got["ses-E1"]["patient_id"], got["ses-E1"]["age"], got["ses-E1"]["sex"], got["ses-E1"]["view"],
+            got["ses-E1"]["native_cohort"], got["ses-E1"]["native_modality"]) == ("sub-S1", "60", "M", "PA", "positive", "DX")
+    assert got["ses-E2"]["view"] == "AP" and got["ses-E2"]["age_group"] == "adult"
+    assert summary.dropped == {"COVID 19 uncertain (--uncertain drop)": 1,
+                               "pneumonia not called COVID 19 in a COVID-19-positive patient": 1,
+                               "excluded or suboptimal study": 1, "labels unreadable (cut short in the label file)": 1,
+                               "view LL not among --views PA,AP": 1, "session without labels in the label file": 1}
+    assert read_image(tmp_path / got["ses-E1"]["file"]).shape[2] == 3  # the 16-bit PNG the manifest names
+    import_collection("bimcv", positive, tmp_path / "u.csv", uncertain="positive")
+    assert {r["study_id"]: r["label"] for r in csv.DictReader(open(tmp_path / "u.csv"))}["ses-E3"] == "covid"
+    summary = import_collection("bimcv", positive, tmp_path / "n.csv", uncertain="negative")
+    assert summary.dropped["other findings"] == 1  # infiltrates, once the uncertain COVID-19 is read as absent
+
+    negative = bimcv_root(tmp_path / "covid19_neg", "Labels_covid_NEG_JAN21.tsv", {
+        ("N1", "E1", "pa"): "['pneumonia', 'infiltrates']", ("N1", "E2", "pa"): "['normal']",
+        ("N2", "E3", "ap"): "['COVID 19']"})
+    summary = import_collection("bimcv", negative, tmp_path / "neg.csv")
+    assert summary.kept == {"covid": 0, "normal": 1, "pneumonia": 1}
+    assert summary.dropped == {"COVID 19 in the PCR-negative set": 1}
+
+
 def test_dicom_ages_are_whole_years():
     from lungxray.data.importers.base import dicom_age_years
 

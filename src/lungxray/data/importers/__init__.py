@@ -17,7 +17,7 @@ from lungxray.errors import DataError
 
 # The names users type, each the module that reads that collection.
 COLLECTIONS = ("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "siim", "kermany", "radiography", "ieee8023",
-               "covidx")
+               "covidx", "bimcv")
 
 
 def import_collection(kind: str, root: str | Path, out: str | Path, uncertain: str = "drop",

@@ -86,13 +86,13 @@ def find_file(root: Path, *candidates: str) -> Path:
     raise DataError(f"{root} lacks the label file {candidates[0]}: give the folder the collection unpacks to")
 
 
-def read_rows(path: Path, required: Iterable[str] = ()) -> Iterator[dict[str, str]]:
-    """Rows of a CSV label file, plain or gzipped, as dictionaries. A file that is not CSV, or whose
-    header lacks a `required` column, is named."""
+def read_rows(path: Path, required: Iterable[str] = (), delimiter: str = ",") -> Iterator[dict[str, str]]:
+    """Rows of a CSV (or, with `delimiter="\\t"`, TSV) label file, plain or gzipped, as dictionaries.
+    A file that is not CSV, or whose header lacks a `required` column, is named."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, delimiter=delimiter)
             missing = [c for c in required if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path} lacks the column(s) {missing}: is it the collection's own label file?")
