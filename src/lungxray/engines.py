@@ -184,8 +184,9 @@ class CachedEngine(Engine):
         val_paths = {str(r.path) for r in val}
         errors = train_pass.errors + [e for e in held_out.errors if e.path in val_paths]
         plan, (train_kept, val_kept) = self._checked_plan(dataset, errors, train_pass.hashes)
-        plan.train_table = np.stack([train_pass.vectors["orig"], train_pass.vectors["flip"]], axis=1)[train_kept]
-        plan.val_table = held_out.vectors["orig"][: len(val), None][val_kept]
+        # Indexing copies the table: only when an unreadable image must go.
+        plan.train_table = train_pass.table if train_kept.all() else train_pass.table[train_kept]
+        plan.val_table = held_out.table[: len(val)][val_kept]
         return plan
 
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:

@@ -141,10 +141,11 @@ class FeatureCache:
 
 @dataclasses.dataclass
 class Extraction:
-    """What `FeatureExtractor.extract` found: feature vectors per view ("orig", and "flip" for the
-    mirror image), rows NaN for unreadable files; the errors; each file's content hash; how many were
-    computed."""
+    """What `FeatureExtractor.extract` found: the feature table (files, views, dim), rows NaN for
+    unreadable files, and the same per view ("orig", and "flip" for the mirror image); the errors;
+    each file's content hash; how many were computed."""
 
+    table: np.ndarray
     vectors: dict[str, np.ndarray]
     errors: list[ImageError]
     hashes: list[str | None]
@@ -174,7 +175,9 @@ class FeatureExtractor:
         views = VIEWS if flips else VIEWS[:1]
         if self.cluster is not None:
             self._fill_on_cluster(paths, views)
-        out = {v: np.full((len(paths), self.feature_dim), np.nan, np.float32) for v in views}
+        # One array for all views, so that training takes it as its table without stacking a copy.
+        table = np.full((len(paths), len(views), self.feature_dim), np.nan, np.float32)
+        out = {v: table[:, k] for k, v in enumerate(views)}
         errors: list[ImageError] = []
         hashes: list[str | None] = [None] * len(paths)
         pending: list[tuple[str, str, np.ndarray]] = []
@@ -212,7 +215,7 @@ class FeatureExtractor:
                 self.cache.add(pending)
                 pending = []
         self.cache.add(pending)
-        return Extraction(out, errors, hashes, computed)
+        return Extraction(table, out, errors, hashes, computed)
 
     def _fill_on_cluster(self, paths: list[Path], views: tuple[str, ...]) -> None:
         """Store in the cache the features of `paths` it lacks, computed by the cluster's workers."""
