@@ -78,7 +78,7 @@ def tree_rss_mb(root: int) -> float:
 def timed(command: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak MB of the process tree, last line of output) of `command`."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
 
     def sample():
@@ -88,10 +88,11 @@ def timed(command: list[str]) -> tuple[float, float, str]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    output = process.communicate()[0]
+    output, errors = process.communicate()
     sampler.join()
     if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode})")
+        said = errors.strip().splitlines()[-1] if errors.strip() else "nothing on stderr"
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {said}")
     return time.perf_counter() - started, peak[0], output.strip().splitlines()[-1]
 
 

@@ -1,6 +1,7 @@
 """Training on a large merged manifest: time and peak memory of `lungxray train` at two sizes, in one run.
 
-    python benchmarks/train_scale.py [--sizes 20000,100000] [--workdir /tmp/lungxray-scale] [--epochs 30]
+    LUNGXRAY_WEIGHTS=../shared/weights/mobilenet_v3_small_imagenet_tv_no_top.weights.h5 \
+        python benchmarks/train_scale.py [--sizes 20000,100000] [--workdir /tmp/lungxray-scale] [--epochs 30]
 
 The images are benchmarks/scale.py's (JPEGs re-encoded from ../shared/cxr films, made once in
 WORKDIR/images). Each size gets a manifest in the shape `lungxray data merge` writes (file, label,
