@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lungxray import Config, Predictor, train
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 from lungxray.model import build_backbone
 from tests.conftest import TINY
 
@@ -102,3 +102,47 @@ def test_fine_tuning_trains_the_top_of_the_backbone(split_folders, tmp_path, cac
     # The last 5 layers are add, conv_1, conv_1_bn (kept frozen), activation, pooling: only conv_1 learns.
     assert [name for name, moved in changed.items() if moved] == ["conv_1"]
 
+
+
+def test_fine_tuning_on_cached_block_inputs_trains_what_end_to_end_fine_tuning_trains(split_folders, tmp_path,
+                                                                                      cache_dir):
+    """train_from: the blocks from it up and the head, trained on cached inputs to that block, give the
+    model that end-to-end fine-tuning of the same layers gives: same batches, flips and optimiser, the
+    frozen layers below computed once instead of at every step (rounding only, as between the engines)."""
+    backbone = build_backbone("none", TINY)
+    first = next(i for i, layer in enumerate(backbone.layers) if layer.name.startswith("expanded_conv_10_"))
+    common = dict(epochs=2, fine_tune_epochs=2, fine_tune_learning_rate=1e-3)
+    cached = train(split_folders, tmp_path / "blocks", tiny_config(train_from="expanded_conv_10", **common),
+                   cache_dir=cache_dir)
+    end_to_end = train(split_folders, tmp_path / "images",
+                       tiny_config(engine="keras", fine_tune_layers=len(backbone.layers) - first, **common),
+                       cache_dir=cache_dir)
+    assert cached.engine == "blocks" and len(cached.history["loss"]) == 4 and "fine_tuning" in cached.timings
+    np.testing.assert_allclose(cached.history["loss"], end_to_end.history["loss"], atol=1e-4)
+    np.testing.assert_allclose(cached.history["val_loss"], end_to_end.history["val_loss"], atol=1e-4)
+    files = sorted(split_folders.rglob("*.png"))
+    predictors = [Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir) for r in (cached, end_to_end)]
+    np.testing.assert_allclose(*[p.predict_files(files).probabilities for p in predictors], atol=1e-4)
+
+    keras.utils.set_random_seed(tiny_config().seed)  # as train() does before it builds the backbone: its starting weights
+    start = build_backbone("none", TINY)
+    moved = [layer.name for layer in predictors[0].backbone.layers if layer.get_weights() and any(
+             not np.array_equal(a, b) for a, b in zip(layer.get_weights(), start.get_layer(layer.name).get_weights()))]
+    learnable = [layer.name for layer in backbone.layers[first:]
+                 if layer.get_weights() and not isinstance(layer, keras.layers.BatchNormalization)]
+    assert moved == learnable and "conv_1" in moved and "expanded_conv_10_expand" in moved
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (dict(train_from="expanded_conv_10"), "fine_tune_epochs > 0"),
+    (dict(train_from="expanded_conv_10", fine_tune_epochs=1, engine="keras"), "engine auto or cached"),
+])
+def test_train_from_needs_fine_tuning_epochs_on_cached_inputs(overrides, said):
+    with pytest.raises(ConfigError, match=said):
+        tiny_config(**overrides)
+
+
+def test_train_from_an_unknown_block_names_the_blocks(split_folders, tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match=r"one of the backbone's blocks \['expanded_conv_1', .*'conv_1'\]"):
+        train(split_folders, tmp_path / "run", tiny_config(train_from="block_99", fine_tune_epochs=1),
+              cache_dir=cache_dir)

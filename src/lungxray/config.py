@@ -121,12 +121,19 @@ class Config:
     fine_tune_epochs: int = setting(0, "end-to-end epochs with the top of the backbone unfrozen", Interval(0))
     fine_tune_layers: int = setting(20, "backbone layers (from the top) that fine-tuning unfreezes", Interval(1))
     fine_tune_learning_rate: float = setting(1e-5, "Adam learning rate while fine-tuning", Interval(0, None))
+    train_from: str | None = setting(None, "fine-tune from this backbone block (e.g. expanded_conv_9) on cached "
+                                     "inputs to it: the blocks from it up train with the head for fine_tune_epochs, "
+                                     "images never go through the backbone again; unset: fine-tuning runs end "
+                                     "to end on images")
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = _checked(field.name, getattr(self, field.name), hints[field.name], field.metadata["check"])
             object.__setattr__(self, field.name, value)
+        if self.train_from and (not self.fine_tune_epochs or self.engine == "keras"):
+            raise ConfigError("train_from fine-tunes on cached block inputs: it needs fine_tune_epochs > 0 and "
+                              "engine auto or cached")
         if self.crop == "lungs" and not self.lung_masks:
             raise ConfigError(f"crop='lungs' needs lung_masks, a folder of films with lung masks (such as "
                               f"../shared/lungmasks); set it or ${LUNG_MASKS_ENV}")
@@ -167,7 +174,8 @@ class Config:
 
     def describe_model(self) -> str:
         """The network this configuration builds, in one line (reports and model cards use it)."""
-        backbone = "MobileNetV3Small" + (" (top layers fine-tuned)" if self.fine_tune_epochs else " (frozen)")
+        tuned = f" (fine-tuned from {self.train_from} up)" if self.train_from else " (top layers fine-tuned)"
+        backbone = "MobileNetV3Small" + (tuned if self.fine_tune_epochs else " (frozen)")
         return (f"{backbone}, {self.pooling}-pooled, {self.image_size}x{self.image_size} input, weights "
                 f"{Path(self.weights).name if self.weights not in ('imagenet', 'none') else self.weights}; head "
                 f"Dense({self.dense_units}, relu) → BatchNormalization → Dropout({self.dropout:g}) → Dense(softmax)")

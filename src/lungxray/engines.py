@@ -5,7 +5,11 @@
   cached on disk); the head then trains on 576-number vectors. Same batches, same flips, same
   optimiser, same checkpoint and early-stopping rules: the same training, much faster.
 
-Both are used the same way:
+- `BlockEngine` (with `train_from`): the cached engine's way one step further, for fine-tuning. The
+  backbone below the block `train_from` stays frozen, so each training image again has two possible
+  inputs to the blocks above it; they are cached, and the blocks train with the head on them.
+
+All are used the same way:
 
     engine = make_engine(model, config, run, cache_dir)
     plan = engine.plan(dataset)     # reads every train/val image once; unreadable ones left out
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from lungxray.cluster import RayCluster
 from lungxray.config import Config
@@ -35,7 +40,7 @@ from lungxray.data.records import Dataset, Record, balancing_weights
 from lungxray.errors import ConfigError, DataError, ImageError
 from lungxray.features import FeatureExtractor, file_hashes
 from lungxray.lungs import LungCrop
-from lungxray.model import compile_for_training
+from lungxray.model import compile_for_training, split_backbone
 from lungxray.rundir import RunDir
 
 log = logging.getLogger("lungxray")
@@ -60,6 +65,8 @@ class TrainingPlan:
     train_weights: np.ndarray | None = None  # per training image, when the config balances cells
     train_table: np.ndarray | None = None
     val_table: np.ndarray | None = None
+    train_blocks: np.ndarray | None = None  # (block engine) the inputs to the blocks it trains: (n, 2, h, w, c)
+    val_blocks: np.ndarray | None = None  # (n, 1, h, w, c)
 
 
 @dataclasses.dataclass
@@ -137,7 +144,7 @@ class Engine:
         timings = {"head_training": time.perf_counter() - started}
         if self.config.fine_tune_epochs:
             started = time.perf_counter()
-            history = fine_tune(self.model, plan, self.config, self.run, history, self.crop)
+            history = self._fine_tune(plan, history)
             timings["fine_tuning"] = time.perf_counter() - started
         best, monitor = best_epoch(history, self.config.monitor), self.config.monitor
         log.info("best %s %.4f at epoch %d (weights restored from it)", monitor, history[monitor][best], best + 1)
@@ -146,8 +153,11 @@ class Engine:
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
         raise NotImplementedError
 
+    def _fine_tune(self, plan: TrainingPlan, history: dict[str, list[float]]) -> dict[str, list[float]]:
+        return fine_tune(self.model, plan, self.config, self.run, history, self.crop)
+
     def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
-        extractor = feature_extractor(self.model, self.config, self.cache_dir, self.crop)
+        extractor = feature_extractor(self.model.get_layer("backbone"), self.config, self.cache_dir, self.crop)
         val = extractor.extract([r.path for r in plan.val], desc="val features").vectors["orig"]
         train = extractor.extract([r.path for r in plan.train], desc="train features").vectors["orig"]
         return FittedModel(self.model, history, extractor, train, val, timings)
@@ -173,7 +183,7 @@ class CachedEngine(Engine):
     def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
                  crop: LungCrop | None = None, cluster: RayCluster | None = None):
         super().__init__(model, config, run, cache_dir, crop)
-        self.extractor = feature_extractor(model, config, cache_dir, crop, cluster)
+        self.extractor = feature_extractor(model.get_layer("backbone"), config, cache_dir, crop, cluster)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
         """Backbone features of every training image and its mirror image, and of val and test."""
@@ -190,21 +200,60 @@ class CachedEngine(Engine):
         return plan
 
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
-        epochs, val_epochs = epoch_plans(plan, self.config)
-        classes = len(plan.classes)
-        data = (distributed(lambda shares: feature_batches(epochs, plan.train_table, plan.train_labels, classes,
-                                                           plan.train_weights, shares)),
-                distributed(lambda shares: feature_batches(val_epochs, plan.val_table, plan.val_labels, classes,
-                                                           shares=shares)))
-        # One graph execution per epoch: the fewest Python round trips for the same steps.
-        return fit_phase(self.model.get_layer("head"), plan, epochs, data, self.config, self.run, "head",
-                         self.config.learning_rate, self.config.epochs, steps_per_execution=epochs.steps,
-                         val_inputs=plan.val_table[:, 0])
+        return fit_on_tables(self.model.get_layer("head"), plan, plan.train_table, plan.val_table, self.config,
+                             self.run, "head", self.config.learning_rate, self.config.epochs)
 
     def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
         if self.config.fine_tune_epochs:  # the backbone changed: its features are new
             return super()._fitted(plan, history, timings)
         return FittedModel(self.model, history, self.extractor, plan.train_table[:, 0], plan.val_table[:, 0], timings)
+
+
+class BlockEngine(CachedEngine):
+    name = "blocks"
+
+    def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
+                 crop: LungCrop | None = None):
+        Engine.__init__(self, model, config, run, cache_dir, crop)
+        below, self.above = split_backbone(model.get_layer("backbone"), config.train_from)
+        self.extractor = feature_extractor(below, config, cache_dir, crop)
+        self._features = tf.function(lambda blocks: self.above(blocks, training=False), reduce_retracing=True)
+
+    def plan(self, dataset: Dataset) -> TrainingPlan:
+        """The inputs to `train_from` of every training image and its mirror image, and of val; the
+        features the blocks above make of them, for head training."""
+        train, val = dataset.split("train"), dataset.split("val")
+        train_pass = self.extractor.extract([r.path for r in train], flips=True, desc="train block inputs")
+        val_pass = self.extractor.extract([r.path for r in val], desc="val block inputs")
+        plan, (train_kept, val_kept) = self._checked_plan(dataset, train_pass.errors + val_pass.errors,
+                                                          train_pass.hashes)
+        plan.train_blocks = train_pass.table if train_kept.all() else train_pass.table[train_kept]
+        plan.val_blocks = val_pass.table[val_kept]
+        plan.train_table, plan.val_table = self.features(plan.train_blocks), self.features(plan.val_blocks)
+        return plan
+
+    def features(self, blocks: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The backbone's features, (n, views, dim), of block inputs (n, views, h, w, c), as the blocks are now."""
+        flat = blocks.reshape(-1, *blocks.shape[2:])
+        out = [np.asarray(self._features(flat[start:start + batch_size])) for start in range(0, len(flat), batch_size)]
+        return np.concatenate(out).reshape(*blocks.shape[:2], -1)
+
+    def _fine_tune(self, plan: TrainingPlan, history: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The blocks from `train_from` up (their BatchNorm layers frozen) and the head, on the cached inputs."""
+        for layer in self.above.layers:
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        inputs = keras.Input(self.above.input_shape[1:])
+        tuned = keras.Model(inputs, self.model.get_layer("head")(self.above(inputs)), name="tuned")
+        more = fit_on_tables(tuned, plan, plan.train_blocks, plan.val_blocks, self.config, self.run, "blocks",
+                             self.config.fine_tune_learning_rate, self.config.fine_tune_epochs,
+                             initial_epoch=len(history["loss"]))
+        return {k: history.get(k, []) + more.get(k, []) for k in history}
+
+    def _fitted(self, plan: TrainingPlan, history, timings) -> FittedModel:
+        """The features of the fitted backbone come from the cached block inputs: below them it did not change."""
+        extractor = feature_extractor(self.model.get_layer("backbone"), self.config, self.cache_dir, self.crop)
+        return FittedModel(self.model, history, extractor, self.features(plan.train_blocks[:, :1])[:, 0],
+                           self.features(plan.val_blocks)[:, 0], timings)
 
 
 class KerasEngine(Engine):
@@ -224,17 +273,20 @@ class KerasEngine(Engine):
                          self.config.epochs)
 
 
-def feature_extractor(model: keras.Model, config: Config, cache_dir: Path | None,
+def feature_extractor(backbone: keras.Model, config: Config, cache_dir: Path | None,
                       crop: LungCrop | None, cluster: RayCluster | None = None) -> FeatureExtractor:
-    return FeatureExtractor(model.get_layer("backbone"), config.image_size, config.interpolation,
-                            config.feature_runtime, cache_dir, intensity=config.intensity, crop=crop, cluster=cluster)
+    return FeatureExtractor(backbone, config.image_size, config.interpolation, config.feature_runtime, cache_dir,
+                            intensity=config.intensity, crop=crop, cluster=cluster)
 
 
-ENGINES = {engine.name: engine for engine in (CachedEngine, KerasEngine)}
+ENGINES = {engine.name: engine for engine in (CachedEngine, BlockEngine, KerasEngine)}
 
 
 def choose_engine(config: Config) -> tuple[str, str]:
     """The engine to use and why."""
+    if config.train_from:
+        return "blocks", (f"train_from={config.train_from}: the backbone below it is frozen and the only "
+                          "augmentation is a horizontal flip, so each image has two possible inputs to that block")
     if config.engine != "auto":
         return config.engine, f"engine={config.engine} was asked for"
     return "cached", ("the backbone is frozen during head training and the only augmentation is a "
@@ -250,7 +302,7 @@ def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path
         return ENGINES[name](model, config, run, cache_dir, crop)
     if name != CachedEngine.name:
         raise ConfigError("features on Ray fill the feature cache, which only the cached engine reads: "
-                          "use engine auto or cached")
+                          "use engine auto or cached, without train_from")
     return CachedEngine(model, config, run, cache_dir, crop, cluster)
 
 
@@ -270,6 +322,22 @@ def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_ep
                                                      plan.train_weights, shares)),
             distributed(lambda shares: image_batches(val_epochs, load[1], plan.val_labels, classes, shape,
                                                      shares=shares)))
+
+
+def fit_on_tables(model: keras.Model, plan: TrainingPlan, train_table: np.ndarray, val_table: np.ndarray,
+                  config: Config, run: RunDir, holds: str, learning_rate: float, num_epochs: int,
+                  initial_epoch: int = 0) -> dict[str, list[float]]:
+    """fit_phase on cached inputs: `train_table` (n, 2, ...) holds each training image's and its mirror
+    image's, `val_table` (n, 1, ...) each validation image's."""
+    epochs, val_epochs = epoch_plans(plan, config)
+    classes = len(plan.classes)
+    data = (distributed(lambda shares: feature_batches(epochs, train_table, plan.train_labels, classes,
+                                                       plan.train_weights, shares)),
+            distributed(lambda shares: feature_batches(val_epochs, val_table, plan.val_labels, classes,
+                                                       shares=shares)))
+    # One graph execution per epoch: the fewest Python round trips for the same steps.
+    return fit_phase(model, plan, epochs, data, config, run, holds, learning_rate, num_epochs,
+                     steps_per_execution=epochs.steps, initial_epoch=initial_epoch, val_inputs=val_table[:, 0])
 
 
 def fit_phase(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, data, config: Config, run: RunDir,

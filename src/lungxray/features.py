@@ -141,7 +141,7 @@ class FeatureCache:
 
 @dataclasses.dataclass
 class Extraction:
-    """What `FeatureExtractor.extract` found: the feature table (files, views, dim), rows NaN for
+    """What `FeatureExtractor.extract` found: the feature table (files, views, *output shape), rows NaN for
     unreadable files, and the same per view ("orig", and "flip" for the mirror image); the errors;
     each file's content hash; how many were computed."""
 
@@ -165,7 +165,7 @@ class FeatureExtractor:
         self.cache = FeatureCache(cache_dir, self.runtime, interpolation, intensity, crop and crop.fingerprint)
         self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
         self.workers, self.cluster = workers, cluster
-        self.feature_dim = backbone.output_shape[-1]
+        self.feature_shape = tuple(backbone.output_shape[1:])
         if cluster is not None and (self.runtime.name != "litert" or crop is not None):
             raise ConfigError("features on Ray are computed by the LiteRT backbone on whole images: they need "
                               "feature_runtime auto or litert, and crop none")
@@ -176,7 +176,7 @@ class FeatureExtractor:
         if self.cluster is not None:
             self._fill_on_cluster(paths, views)
         # One array for all views, so that training takes it as its table without stacking a copy.
-        table = np.full((len(paths), len(views), self.feature_dim), np.nan, np.float32)
+        table = np.full((len(paths), len(views), *self.feature_shape), np.nan, np.float32)
         out = {v: table[:, k] for k, v in enumerate(views)}
         errors: list[ImageError] = []
         hashes: list[str | None] = [None] * len(paths)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from lungxray.errors import WeightsError
+from lungxray.errors import ConfigError, WeightsError
 
 
 def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max") -> keras.Model:
@@ -47,6 +48,27 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
     backbone = keras.Model(backbone.input, backbone.output, name="backbone")
     backbone.trainable = False
     return backbone
+
+
+def backbone_blocks(backbone: keras.Model) -> list[str]:
+    """The blocks fine-tuning may start from, bottom to top: MobileNetV3's inverted-residual blocks
+    (expanded_conv_1 to expanded_conv_10 in the small one) and its last convolution (conv_1)."""
+    blocks = []
+    for layer in backbone.layers:
+        match = re.match(r"(expanded_conv_\d+|conv_1)(_|$)", layer.name)
+        if match and match.group(1) not in blocks:
+            blocks.append(match.group(1))
+    return blocks
+
+
+def split_backbone(backbone: keras.Model, block: str) -> tuple[keras.Model, keras.Model]:
+    """(below, above): the backbone up to the input of `block`, and from there to the features.
+    `above` is made of the backbone's own layers, so training it trains the backbone."""
+    blocks = backbone_blocks(backbone)
+    if block not in blocks:
+        raise ConfigError(f"train_from must be one of the backbone's blocks {blocks}. Got {block!r} instead.")
+    cut = next(layer for layer in backbone.layers if re.match(rf"{block}(_|$)", layer.name)).input
+    return keras.Model(backbone.input, cut, name="below"), keras.Model(cut, backbone.output, name="above")
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int = 256, dropout: float = 0.2,

@@ -97,7 +97,8 @@ class RunDir:
         return self.folder / self.EXPORT / f"model{suffix}"
 
     def checkpoint(self, holds: str) -> Path:
-        """Where the best weights of a phase are kept: `holds` is "head" or "model"."""
+        """Where the best weights of a phase are kept: `holds` is "head", "blocks" (the head and the
+        blocks above `train_from`) or "model"."""
         return self.folder / self.CHECKPOINTS / f"{holds}.weights.h5"
 
     def evaluation(self, external: bool = False) -> Path:
