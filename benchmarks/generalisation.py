@@ -44,6 +44,10 @@ CONFIGURATIONS = {
     "robust + blocks from expanded_conv_9 fine-tuned": {"pooling": "avg", "monitor": "val_worst_group_accuracy",
                                                         "train_from": "expanded_conv_9", "fine_tune_epochs": 10,
                                                         "fine_tune_learning_rate": 1e-4},
+    "robust + 6 training views": {"pooling": "avg", "monitor": "val_worst_group_accuracy", "views": 6},
+    "robust + 6 views + blocks from conv_1 fine-tuned": {"pooling": "avg", "monitor": "val_worst_group_accuracy",
+                                                         "views": 6, "train_from": "conv_1", "fine_tune_epochs": 10,
+                                                         "fine_tune_learning_rate": 1e-4},
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 MARKERS = ("<!-- generalisation table: start -->", "<!-- generalisation table: end -->")

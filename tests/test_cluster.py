@@ -25,12 +25,12 @@ def test_ray_workers_fill_the_cache_with_the_same_features(data, tmp_path):
     paths = sorted(data.rglob("*.png"))
     (tmp_path / "broken.png").write_bytes(b"not a png")
     paths.append(tmp_path / "broken.png")
-    local = FeatureExtractor(backbone, TINY, cache_dir=tmp_path / "local").extract(paths, flips=True)
+    local = FeatureExtractor(backbone, TINY, cache_dir=tmp_path / "local").extract(paths, views=3)
     on_ray = FeatureExtractor(backbone, TINY, cache_dir=tmp_path / "ray", cluster=RayCluster(workers=2))
-    extraction = on_ray.extract(paths, flips=True)
+    extraction = on_ray.extract(paths, views=3)
     assert extraction.computed == 0  # every vector came back from the cache the workers filled
     assert list((tmp_path / "ray" / "features").glob("*/shard-*.npz"))
-    for view in ("orig", "flip"):
+    for view in ("orig", "flip", "acq1-2"):  # the film, its mirror image and a variant
         np.testing.assert_array_equal(extraction.vectors[view], local.vectors[view])  # NaN rows alike
     assert [e.path for e in extraction.errors] == [str(tmp_path / "broken.png")]
     assert extraction.hashes == local.hashes

@@ -38,7 +38,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def test_each_replica_gets_its_share_of_every_batch():
-    plan = EpochPlan(10, batch_size=4, seed=0, flip=True)
+    plan = EpochPlan(10, batch_size=4, seed=0, views=2)
     whole = [(o.tolist(), f.tolist()) for o, f in plan()]
     halves = [[(o.numpy().tolist(), f.numpy().tolist()) for o, f in plan.dataset(((i,), 2))] for i in (0, 1)]
     for (order, flips), first, second in zip(whole, *halves):

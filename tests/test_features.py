@@ -23,10 +23,10 @@ def test_litert_matches_keras(tmp_path, split_folders):
     require_shared()
     backbone = build_backbone(str(WEIGHTS), 64)
     files = files_of(split_folders)[:12]
-    keras_features = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, flips=True).vectors
+    keras_features = FeatureExtractor(backbone, 64, runtime="keras", cache_dir=tmp_path).extract(files, views=2).vectors
     litert = FeatureExtractor(backbone, 64, runtime="litert", cache_dir=tmp_path)
     assert litert.runtime.name == "litert"
-    litert_features = litert.extract(files, flips=True).vectors
+    litert_features = litert.extract(files, views=2).vectors
     for view in ("orig", "flip"):
         np.testing.assert_allclose(litert_features[view], keras_features[view], atol=1e-3, rtol=1e-4)
     assert not np.allclose(keras_features["orig"], keras_features["flip"])
@@ -35,10 +35,10 @@ def test_litert_matches_keras(tmp_path, split_folders):
 def test_second_pass_reads_the_cache(backbone, split_folders, cache_dir):
     files = files_of(split_folders)
     first = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    first_pass = first.extract(files, flips=True)
+    first_pass = first.extract(files, views=2)
     assert first_pass.computed == len(files) and not first_pass.errors
     again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
-    second_pass = again.extract(files, flips=True)
+    second_pass = again.extract(files, views=2)
     assert second_pass.computed == 0
     np.testing.assert_array_equal(second_pass.vectors["flip"], first_pass.vectors["flip"])
     assert second_pass.hashes == first_pass.hashes and len(set(first_pass.hashes)) == len(files)
@@ -144,3 +144,22 @@ def test_stale_temporary_shards_are_removed(cache_dir):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
     assert not stale.exists() and fresh.exists()
+
+
+def test_further_views_add_to_the_cache(backbone, split_folders, cache_dir):
+    """Going from 2 views to 4 computes only views 2 and 3, from the films' variants; a new
+    extractor then reads all four back."""
+    from lungxray.data.acquisition import read_views
+
+    files = files_of(split_folders)[:6]
+    extractor = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir)
+    two = extractor.extract(files, views=2)
+    four = extractor.extract(files, views=4)
+    assert four.computed == len(files) and four.table.shape == (len(files), 4, *extractor.feature_shape)
+    np.testing.assert_array_equal(four.table[:, :2], two.table)
+    expected = extractor.runtime(read_views(files[0], [2, 3], four.hashes[0], TINY))
+    np.testing.assert_allclose(four.table[0, 2:], expected, rtol=1e-4, atol=0)
+    assert not np.allclose(four.table[:, 2], four.table[:, 0], rtol=1e-2, atol=0)
+    again = FeatureExtractor(backbone, TINY, runtime="keras", cache_dir=cache_dir).extract(files, views=4)
+    assert again.computed == 0
+    np.testing.assert_array_equal(again.table, four.table)

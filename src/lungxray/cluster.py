@@ -19,7 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from lungxray.data.images import read_bytes, read_image
+from lungxray.data.acquisition import read_views, view_names
+from lungxray.data.images import read_bytes
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import file_hash
 from lungxray.runtimes import InterpreterPool
@@ -64,26 +65,27 @@ class RayCluster:
 
 class BackboneWorker:
     """A Ray actor computing backbone features, as `features.FeatureExtractor` does in one process:
-    the same reading, the same LiteRT model, one image (and its mirror image) at a time."""
+    the same reading, the same LiteRT model, one image (and its other training views) at a time."""
 
-    def __init__(self, model_path: str, image_size: int, interpolation: str, intensity: str, flips: bool):
+    def __init__(self, model_path: str, image_size: int, interpolation: str, intensity: str, views: int):
         self.pool = InterpreterPool(Path(model_path), size=1)
-        self.image_size, self.interpolation, self.intensity, self.flips = image_size, interpolation, intensity, flips
+        self.image_size, self.interpolation, self.intensity = image_size, interpolation, intensity
+        self.views = view_names(views)
 
     def __call__(self, batch: dict) -> dict:
         files = [str(f) for f in batch["file"]]
         dim = self.pool.output_shapes[0][0]
-        out = {"sha256": np.full(len(files), None, object), "orig": np.full((len(files), dim), np.nan, np.float32),
-               "flip": np.full((len(files), dim), np.nan, np.float32)}
+        out = {"sha256": np.full(len(files), None, object),
+               **{view: np.full((len(files), dim), np.nan, np.float32) for view in self.views}}
         for row, name in enumerate(files):
             try:
                 data = read_bytes(name, name)
-                image = read_image(data, self.image_size, self.interpolation, name, self.intensity)
+                content_hash = file_hash(data)
+                images = read_views(data, list(range(len(self.views))), content_hash, self.image_size,
+                                    self.interpolation, name, self.intensity)
             except ImageError:
                 continue  # the extraction that reads the cache afterwards reports it, with the others
-            out["sha256"][row] = file_hash(data)
-            vectors = self.pool([image, image[:, ::-1]] if self.flips else [image])[0]
-            out["orig"][row] = vectors[0]
-            if self.flips:
-                out["flip"][row] = vectors[1]
+            out["sha256"][row] = content_hash
+            for view, vector in zip(self.views, self.pool(images)[0]):
+                out[view][row] = vector
         return out

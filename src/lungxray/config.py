@@ -102,6 +102,10 @@ class Config:
     epochs: int = setting(30, "head-training epochs (at most; see early_stopping_patience)", Interval(1))
     seed: int = setting(21, "seed of every random choice (splits, shuffling, flips, initial weights)", Interval(0))
     horizontal_flip: bool = setting(True, "mirror each training image with probability 1/2")
+    views: int = setting(2, "training views of each film, each epoch showing it as one of them: 2 is itself and its "
+                            "mirror image (horizontal_flip); each further view changes what a scanner or a hospital "
+                            "changes (gamma, contrast, blur, noise, JPEG quality, small rotation and scale), drawn "
+                            "once per film and cached like its features", Interval(2))
     monitor: str = setting("val_accuracy", "validation metric that picks the best epoch; "
                            "val_worst_group_accuracy is the lowest accuracy over the validation's class x source "
                            "cells (needs a manifest with a source column)",
@@ -134,6 +138,8 @@ class Config:
         if self.train_from and (not self.fine_tune_epochs or self.engine == "keras"):
             raise ConfigError("train_from fine-tunes on cached block inputs: it needs fine_tune_epochs > 0 and "
                               "engine auto or cached")
+        if self.views > 2 and not self.horizontal_flip:
+            raise ConfigError("views above 2 add variants to each film and its mirror image: they need horizontal_flip")
         if self.crop == "lungs" and not self.lung_masks:
             raise ConfigError(f"crop='lungs' needs lung_masks, a folder of films with lung masks (such as "
                               f"../shared/lungmasks); set it or ${LUNG_MASKS_ENV}")

@@ -1,9 +1,10 @@
 """Training engines: two ways to train exactly the same head, behind one interface.
 
 - `KerasEngine`: images through the frozen backbone at every step (the reference's way).
-- `CachedEngine`: every training image's backbone output, and its mirror image's, computed once (and
-  cached on disk); the head then trains on 576-number vectors. Same batches, same flips, same
-  optimiser, same checkpoint and early-stopping rules: the same training, much faster.
+- `CachedEngine`: every training image's backbone output, and its mirror image's (and those of its
+  other training views, `Config.views`), computed once (and cached on disk); the head then trains on
+  576-number vectors. Same batches, same views, same optimiser, same checkpoint and early-stopping
+  rules: the same training, much faster.
 
 - `BlockEngine` (with `train_from`): the cached engine's way one step further, for fine-tuning. The
   backbone below the block `train_from` stays frozen, so each training image again has two possible
@@ -53,8 +54,8 @@ MIN_BALANCED_CELL = 100  # cells smaller than this weigh as if they had this man
 @dataclasses.dataclass
 class TrainingPlan:
     """What to fit on: the readable train and val images, their labels and content hashes, and
-    (cached engine) their backbone features: (n, 2, dim) for train, each image and its mirror image;
-    (n, 1, dim) for val."""
+    (cached engine) their backbone features: (n, views, dim) for train, each image, its mirror image
+    and its other training views; (n, 1, dim) for val."""
 
     train: list[Record]
     val: list[Record]
@@ -65,7 +66,7 @@ class TrainingPlan:
     train_weights: np.ndarray | None = None  # per training image, when the config balances cells
     train_table: np.ndarray | None = None
     val_table: np.ndarray | None = None
-    train_blocks: np.ndarray | None = None  # (block engine) the inputs to the blocks it trains: (n, 2, h, w, c)
+    train_blocks: np.ndarray | None = None  # (block engine) the inputs to the blocks it trains: (n, views, h, w, c)
     val_blocks: np.ndarray | None = None  # (n, 1, h, w, c)
 
 
@@ -186,9 +187,9 @@ class CachedEngine(Engine):
         self.extractor = feature_extractor(model.get_layer("backbone"), config, cache_dir, crop, cluster)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
-        """Backbone features of every training image and its mirror image, and of val and test."""
+        """Backbone features of every training image's views, and of val and test."""
         train, val = dataset.split("train"), dataset.split("val")
-        train_pass = self.extractor.extract([r.path for r in train], flips=True, desc="train features")
+        train_pass = self.extractor.extract([r.path for r in train], self.config.views, desc="train features")
         # Test features go into the cache now, so that evaluation finds them there.
         held_out = self.extractor.extract([r.path for r in val + dataset.split("test")], desc="val+test features")
         val_paths = {str(r.path) for r in val}
@@ -220,10 +221,10 @@ class BlockEngine(CachedEngine):
         self._features = tf.function(lambda blocks: self.above(blocks, training=False), reduce_retracing=True)
 
     def plan(self, dataset: Dataset) -> TrainingPlan:
-        """The inputs to `train_from` of every training image and its mirror image, and of val; the
-        features the blocks above make of them, for head training."""
+        """The inputs to `train_from` of every training image's views, and of val; the features the
+        blocks above make of them, for head training."""
         train, val = dataset.split("train"), dataset.split("val")
-        train_pass = self.extractor.extract([r.path for r in train], flips=True, desc="train block inputs")
+        train_pass = self.extractor.extract([r.path for r in train], self.config.views, desc="train block inputs")
         val_pass = self.extractor.extract([r.path for r in val], desc="val block inputs")
         plan, (train_kept, val_kept) = self._checked_plan(dataset, train_pass.errors + val_pass.errors,
                                                           train_pass.hashes)
@@ -285,12 +286,12 @@ ENGINES = {engine.name: engine for engine in (CachedEngine, BlockEngine, KerasEn
 def choose_engine(config: Config) -> tuple[str, str]:
     """The engine to use and why."""
     if config.train_from:
-        return "blocks", (f"train_from={config.train_from}: the backbone below it is frozen and the only "
-                          "augmentation is a horizontal flip, so each image has two possible inputs to that block")
+        return "blocks", (f"train_from={config.train_from}: the backbone below it is frozen and each image has "
+                          f"{config.views} training views, so {config.views} possible inputs to that block")
     if config.engine != "auto":
         return config.engine, f"engine={config.engine} was asked for"
-    return "cached", ("the backbone is frozen during head training and the only augmentation is a "
-                      "horizontal flip, so each image has exactly two possible backbone outputs")
+    return "cached", ("the backbone is frozen during head training and each image has "
+                      f"{config.views} training views, so exactly {config.views} possible backbone outputs")
 
 
 def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
@@ -307,17 +308,17 @@ def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path
 
 
 def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPlan]:
-    """Shuffled, flipped batches for training; validation in order, unflipped."""
-    return (EpochPlan(len(plan.train), config.batch_size, config.seed, config.horizontal_flip),
-            EpochPlan(len(plan.val), config.batch_size, config.seed, flip=False, shuffle=False))
+    """Shuffled batches of training views for training; validation in order, as the images are."""
+    return (EpochPlan(len(plan.train), config.batch_size, config.seed, config.views if config.horizontal_flip else 1),
+            EpochPlan(len(plan.val), config.batch_size, config.seed, shuffle=False))
 
 
 def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_epochs: EpochPlan, config: Config,
                crop: LungCrop | None):
     """(train, val) tf.data pipelines of decoded images following the epoch plans."""
     shape, classes = model.input_shape[1:], len(plan.classes)
-    load = [image_loader(records, config.image_size, config.interpolation, config.intensity, crop)
-            for records in (plan.train, plan.val)]
+    load = [image_loader(plan.train, config.image_size, config.interpolation, config.intensity, crop, plan.train_hashes),
+            image_loader(plan.val, config.image_size, config.interpolation, config.intensity, crop)]
     return (distributed(lambda shares: image_batches(epochs, load[0], plan.train_labels, classes, shape,
                                                      plan.train_weights, shares)),
             distributed(lambda shares: image_batches(val_epochs, load[1], plan.val_labels, classes, shape,
@@ -327,8 +328,8 @@ def image_data(model: keras.Model, plan: TrainingPlan, epochs: EpochPlan, val_ep
 def fit_on_tables(model: keras.Model, plan: TrainingPlan, train_table: np.ndarray, val_table: np.ndarray,
                   config: Config, run: RunDir, holds: str, learning_rate: float, num_epochs: int,
                   initial_epoch: int = 0) -> dict[str, list[float]]:
-    """fit_phase on cached inputs: `train_table` (n, 2, ...) holds each training image's and its mirror
-    image's, `val_table` (n, 1, ...) each validation image's."""
+    """fit_phase on cached inputs: `train_table` (n, views, ...) holds each training image's views',
+    `val_table` (n, 1, ...) each validation image's."""
     epochs, val_epochs = epoch_plans(plan, config)
     classes = len(plan.classes)
     data = (distributed(lambda shares: feature_batches(epochs, train_table, plan.train_labels, classes,

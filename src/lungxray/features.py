@@ -1,9 +1,10 @@
 """Backbone features: the runtime that computes them and the on-disk cache that keeps them.
 
 With a frozen backbone and horizontal flips as the only augmentation, every training image has
-exactly two possible backbone outputs, its own and its mirror image's. They are computed once and
-stored under a key made of everything that determines them: the backbone's weight values, the input
-size and resize method, the runtime, and the file's content hash.
+exactly two possible backbone outputs, its own and its mirror image's (and one more per training
+view, `lungxray.data.acquisition`). They are computed once and stored under a key made of everything
+that determines them: the backbone's weight values, the input size and resize method, the runtime,
+and the file's content hash and view.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from lungxray.config import conversions_dir, default_cache_dir
-from lungxray.data.images import read_image
+from lungxray.data.acquisition import read_views, view_names
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import atomic_path, file_hash, write_json
 from lungxray.model import model_fingerprint
@@ -28,7 +29,6 @@ from lungxray.parallel import bounded_map, progress
 from lungxray.runtimes import InterpreterPool, as_batch, litert_available
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
-VIEWS = ("orig", "flip")
 SHARD_SIZE = 2048
 
 
@@ -142,8 +142,8 @@ class FeatureCache:
 @dataclasses.dataclass
 class Extraction:
     """What `FeatureExtractor.extract` found: the feature table (files, views, *output shape), rows NaN for
-    unreadable files, and the same per view ("orig", and "flip" for the mirror image); the errors;
-    each file's content hash; how many were computed."""
+    unreadable files, and the same per view name ("orig", "flip" for the mirror image, ...); the
+    errors; each file's content hash; how many files had a view computed."""
 
     table: np.ndarray
     vectors: dict[str, np.ndarray]
@@ -170,9 +170,10 @@ class FeatureExtractor:
             raise ConfigError("features on Ray are computed by the LiteRT backbone on whole images: they need "
                               "feature_runtime auto or litert, and crop none")
 
-    def extract(self, paths: list[Path], flips: bool = False, desc: str = "features") -> Extraction:
-        """Features of each file, and of its mirror image when `flips`."""
-        views = VIEWS if flips else VIEWS[:1]
+    def extract(self, paths: list[Path], views: int = 1, desc: str = "features") -> Extraction:
+        """Features of the first `views` training views of each file: 1, the file itself; 2, and its
+        mirror image; more, and variants (`lungxray.data.acquisition`). Only views the cache lacks are computed."""
+        views = view_names(views)
         if self.cluster is not None:
             self._fill_on_cluster(paths, views)
         # One array for all views, so that training takes it as its table without stacking a copy.
@@ -184,21 +185,25 @@ class FeatureExtractor:
         computed = 0
 
         def prepare(i: int):
-            """(i, content hash, vectors per view, whether they were computed now, error)."""
+            """(i, content hash, vectors per view, the views computed now, error)."""
             try:
                 data = Path(paths[i]).read_bytes()
             except OSError as error:
-                return i, None, None, False, ImageError(paths[i], f"cannot read file ({error.strerror or error})")
+                return i, None, None, [], ImageError(paths[i], f"cannot read file ({error.strerror or error})")
             content_hash = file_hash(data)
-            cached = [self.cache.get(content_hash, v) for v in views]
-            if all(c is not None for c in cached):
-                return i, content_hash, cached, False, None
+            vectors = [self.cache.get(content_hash, v) for v in views]
+            missing = [k for k, vector in enumerate(vectors) if vector is None]
+            if not missing:
+                return i, content_hash, vectors, [], None
             try:
-                image = read_image(data, self.image_size, self.interpolation, str(paths[i]), self.intensity, self.crop)
+                images = read_views(data, missing, content_hash, self.image_size, self.interpolation, str(paths[i]),
+                                    self.intensity, self.crop)
             except ImageError as error:
-                return i, content_hash, None, False, error
+                return i, content_hash, None, [], error
             # Each worker thread runs the backbone itself, on an interpreter it borrows from the pool.
-            return i, content_hash, self.runtime([image, image[:, ::-1]] if flips else [image]), True, None
+            for k, vector in zip(missing, self.runtime(images)):
+                vectors[k] = vector
+            return i, content_hash, vectors, missing, None
 
         items = bounded_map(prepare, range(len(paths)), self.workers)
         for i, content_hash, vectors, fresh, error in progress(items, len(paths), desc):
@@ -209,7 +214,7 @@ class FeatureExtractor:
             for v, vector in zip(views, vectors):
                 out[v][i] = vector
             if fresh:
-                pending += [(content_hash, v, vector) for v, vector in zip(views, vectors)]
+                pending += [(content_hash, views[k], vectors[k]) for k in fresh]
                 computed += 1
             if len(pending) >= SHARD_SIZE:
                 self.cache.add(pending)
@@ -226,7 +231,7 @@ class FeatureExtractor:
         pending: list[tuple[str, str, np.ndarray]] = []
         for batch in self.cluster.map_files(missing, BackboneWorker, batch_size=64, model_path=str(self.runtime.litert_path),
                                             image_size=self.image_size, interpolation=self.interpolation,
-                                            intensity=self.intensity, flips=len(views) == 2):
+                                            intensity=self.intensity, views=len(views)):
             pending += [(content_hash, v, batch[v][row]) for row, content_hash in enumerate(batch["sha256"])
                         if content_hash is not None for v in views]
             if len(pending) >= SHARD_SIZE:

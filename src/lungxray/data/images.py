@@ -59,6 +59,11 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     the reference did (aspect ratio squashed). `intensity` names a normalisation of INTENSITY,
     applied last. `name` is what errors call the image (default: the path, or "<bytes>").
     """
+    return to_array(decode_image(source, name, crop), size, interpolation, intensity)
+
+
+def decode_image(source, name: str | None = None, crop: Callable[[Image.Image], tuple] | None = None) -> Image.Image:
+    """The first half of `read_image`: the file decoded to an RGB image (and cropped), or an ImageError."""
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     data = read_bytes(source, name)
@@ -70,10 +75,17 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
         raise
     except Exception as error:  # a decoder's own exception must still name the file
         raise ImageError(name, f"cannot decode ({type(error).__name__}: {error})") from None
-    if crop is not None:
-        image = image.crop(crop(image))
+    return image.crop(crop(image)) if crop is not None else image
+
+
+def to_array(image: Image.Image, size: int | None = None, interpolation: str = "nearest", intensity: str = "none",
+             variant: Callable[[Image.Image], Image.Image] | None = None) -> np.ndarray:
+    """The second half of `read_image`: resized, then changed by `variant` (a training view's, see
+    `lungxray.data.acquisition`), then normalised, as a uint8 array."""
     if size is not None:
         image = image.resize((size, size), RESAMPLING[interpolation])
+    if variant is not None:
+        image = variant(image)
     if INTENSITY[intensity] is not None:
         image = INTENSITY[intensity](image)
     return np.asarray(image, dtype=np.uint8)
