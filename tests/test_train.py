@@ -6,6 +6,7 @@ import pytest
 
 from lungxray import Config, Predictor, train
 from lungxray.errors import ConfigError, DataError
+from lungxray.data.images import read_image
 from lungxray.model import build_backbone
 from tests.conftest import TINY
 
@@ -148,3 +149,31 @@ def test_train_from_an_unknown_block_names_the_blocks(split_folders, tmp_path, c
     with pytest.raises(ConfigError, match=r"one of the backbone's blocks \['expanded_conv_1', .*'conv_1'\]"):
         train(split_folders, tmp_path / "run", tiny_config(train_from="block_99", fine_tune_epochs=1),
               cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("architecture,dim", [("MobileNetV3Large", 960), ("EfficientNetV2B0", 1280), ("DenseNet121", 1024)])
+def test_other_backbones_train_on_cached_features(split_folders, tmp_path, cache_dir, architecture, dim):
+    """Each backbone trains through the feature cache like the reference's: the saved model, run on
+    the images end to end, gives the probabilities the run's predictor computes from cached features."""
+    result = train(split_folders, tmp_path / "run", tiny_config(backbone=architecture, epochs=1), cache_dir=cache_dir)
+    model = keras.models.load_model(result.run_dir / "model.keras", compile=False)
+    assert model.get_layer("head").input_shape[-1] == dim
+    assert architecture in json.loads((result.run_dir / "model.json").read_text())["architecture"]
+    files = sorted(split_folders.rglob("*.png"))[:6]
+    raw = Predictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).raw
+    images = np.stack([read_image(f, TINY) for f in files]).astype(np.float32)
+    np.testing.assert_allclose(raw, np.asarray(model(images)), atol=1e-5)
+
+
+def test_a_backbone_weights_file_must_be_that_backbones(tmp_path):
+    from lungxray.errors import WeightsError
+    from lungxray.model import model_fingerprint
+
+    large = build_backbone("none", TINY, architecture="MobileNetV3Large")
+    large.save_weights(tmp_path / "large.weights.h5")
+    assert model_fingerprint(build_backbone(str(tmp_path / "large.weights.h5"), TINY,
+                                            architecture="MobileNetV3Large")) == model_fingerprint(large)
+    with pytest.raises(WeightsError, match="large.weights.h5 is not a DenseNet121 \\(no top\\) weights file"):
+        build_backbone(str(tmp_path / "large.weights.h5"), TINY, architecture="DenseNet121")
+    with pytest.raises(ConfigError, match="train_from names one of MobileNetV3's blocks"):
+        tiny_config(backbone="DenseNet121", train_from="conv_1", fine_tune_epochs=1)

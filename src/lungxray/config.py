@@ -18,6 +18,8 @@ WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 LUNG_MASKS_ENV = "LUNGXRAY_LUNGMASKS"
 CACHE_ENV = "LUNGXRAY_CACHE"
 CONVERSIONS_ENV = "LUNGXRAY_CONVERSIONS"
+# Keras applications a backbone may be; the first is the reference's.
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetV2B0", "DenseNet121")
 
 
 def environment_path(name: str) -> Path | None:
@@ -82,6 +84,8 @@ class Config:
     """Every setting that determines a run. Defaults are the reference recipe (seed-recipe.md)."""
 
     # Backbone: frozen MobileNetV3Small, max-pooled to 576 features.
+    backbone: str = setting(BACKBONES[0], "the ImageNet network, frozen, whose features the head learns from; "
+                                          "weights must be that network's", BACKBONES)
     weights: str = setting(default_weights, "backbone weights: imagenet, none or a weights file "
                                             f"(default: ${WEIGHTS_ENV} if set, else imagenet)")
     image_size: int = setting(224, "input size in pixels (square)", Interval(32))
@@ -138,6 +142,9 @@ class Config:
         if self.train_from and (not self.fine_tune_epochs or self.engine == "keras"):
             raise ConfigError("train_from fine-tunes on cached block inputs: it needs fine_tune_epochs > 0 and "
                               "engine auto or cached")
+        if self.train_from and not self.backbone.startswith("MobileNetV3"):
+            raise ConfigError(f"train_from names one of MobileNetV3's blocks; backbone {self.backbone} has none of "
+                              "them: fine-tune it end to end (fine_tune_epochs without train_from)")
         if self.views > 2 and not self.horizontal_flip:
             raise ConfigError("views above 2 add variants to each film and its mirror image: they need horizontal_flip")
         if self.crop == "lungs" and not self.lung_masks:
@@ -181,7 +188,7 @@ class Config:
     def describe_model(self) -> str:
         """The network this configuration builds, in one line (reports and model cards use it)."""
         tuned = f" (fine-tuned from {self.train_from} up)" if self.train_from else " (top layers fine-tuned)"
-        backbone = "MobileNetV3Small" + (tuned if self.fine_tune_epochs else " (frozen)")
+        backbone = self.backbone + (tuned if self.fine_tune_epochs else " (frozen)")
         return (f"{backbone}, {self.pooling}-pooled, {self.image_size}x{self.image_size} input, weights "
                 f"{Path(self.weights).name if self.weights not in ('imagenet', 'none') else self.weights}; head "
                 f"Dense({self.dense_units}, relu) → BatchNormalization → Dropout({self.dropout:g}) → Dense(softmax)")

@@ -1,4 +1,4 @@
-"""The network: a frozen MobileNetV3Small backbone and the reference's small head.
+"""The network: a frozen ImageNet backbone (MobileNetV3Small, the reference's) and the reference's small head.
 
 The full model is `inputs -> backbone -> head`, with `backbone` and `head` as named sub-models, so
 that the cached-feature engine can train `head` alone on backbone outputs and still save the same
@@ -15,37 +15,52 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from lungxray.config import BACKBONES
 from lungxray.errors import ConfigError, WeightsError
 
+# ImageNet's channel statistics, which DenseNet121's weights expect after scaling to [0, 1]
+# (`keras.applications.densenet.preprocess_input`); the other backbones rescale [0, 255] themselves.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max") -> keras.Model:
-    """MobileNetV3Small without its top, frozen. It takes RGB in [0, 255] (it rescales itself).
 
-    `weights`: "imagenet" (Keras' download), "none" (random initialisation) or a weights file.
+def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max",
+                   architecture: str = "MobileNetV3Small") -> keras.Model:
+    """`architecture` (one of `lungxray.config.BACKBONES`) without its top, frozen. It takes RGB in [0, 255].
+
+    `weights`: "imagenet" (Keras' download), "none" (random initialisation) or a weights file of that
+    architecture without its top, as `save_weights` writes it.
     """
-    shape = (image_size, image_size, 3)
+    if architecture not in BACKBONES:
+        raise ConfigError(f"backbone must be one of {list(BACKBONES)}. Got {architecture!r} instead.")
+    application = getattr(keras.applications, architecture)
+    inputs = keras.Input((image_size, image_size, 3))
+    images = inputs
+    if architecture == "DenseNet121":
+        images = keras.layers.Rescaling(1 / 255)(images)
+        images = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=np.square(IMAGENET_STD))(images)
+    # Built on `images`, so that its layers follow the preprocessing in one flat graph (Grad-CAM and
+    # train_from look for layers by name).
+    options = dict(input_tensor=images, include_top=False, pooling=pooling)
     if weights == "imagenet":
         try:
-            backbone = keras.applications.MobileNetV3Small(input_shape=shape, include_top=False,
-                                                           weights="imagenet", pooling=pooling)
+            network = application(weights="imagenet", **options)
         except Exception as error:  # urllib, socket and HTTP errors all end up here
             raise WeightsError(
-                f"could not download the ImageNet weights for MobileNetV3Small ({type(error).__name__}: "
+                f"could not download the ImageNet weights for {architecture} ({type(error).__name__}: "
                 f"{error}). Without internet, pass a weights file with --weights PATH or set "
                 "LUNGXRAY_WEIGHTS=PATH (e.g. ../shared/weights/mobilenet_v3_small_imagenet_tv_no_top.weights.h5)"
             ) from None
     else:
-        backbone = keras.applications.MobileNetV3Small(input_shape=shape, include_top=False,
-                                                       weights=None, pooling=pooling)
+        network = application(weights=None, **options)
         if weights != "none":
             path = Path(weights)
             if not path.is_file():
                 raise WeightsError(f"weights file {path} does not exist; use imagenet, none or a file path")
             try:
-                backbone.load_weights(str(path))
+                network.load_weights(str(path))
             except Exception as error:
-                raise WeightsError(f"{path} is not a MobileNetV3Small (no top) weights file: {error}") from None
-    backbone = keras.Model(backbone.input, backbone.output, name="backbone")
+                raise WeightsError(f"{path} is not a {architecture} (no top) weights file: {error}") from None
+    backbone = keras.Model(network.input, network.output, name="backbone")
     backbone.trainable = False
     return backbone
 

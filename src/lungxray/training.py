@@ -116,7 +116,7 @@ def start_run(out, config: Config, dataset: Dataset, resume: bool = False) -> Ru
 
 
 def network(config: Config, num_classes: int, synchronized: bool = False) -> keras.Model:
-    backbone = build_backbone(config.weights, config.image_size, config.pooling)
+    backbone = build_backbone(config.weights, config.image_size, config.pooling, config.backbone)
     head = build_head(backbone.output_shape[-1], num_classes, config.dense_units, config.dropout, config.seed,
                       synchronized)
     return build_model(backbone, head)
