@@ -312,6 +312,21 @@ def certificate(folder, name: str):
     return str(cert), str(key)
 
 
+def test_films_and_reports_are_on_the_disk_before_the_spool_answers(tmp_path, monkeypatch):
+    """Each kept film and report is fsynced, then moved into place, then its folder fsynced."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    assert spool.accept("1.2.3", b"film") is None
+    spool.reported("1.2.3", b"report")
+    names = [os.path.basename(p) for p in synced]
+    assert len(names) == 4 and names[0].startswith(".tmp-") and names[0].endswith("1.2.3.dcm")
+    assert names[1] == "incoming" and names[2].startswith(".tmp-") and names[3] == "outbox"
+
+
 def test_tls_associations(node_and_pacs, tmp_path):
     make, pacs, node_peer = node_and_pacs
     node_cert, node_key = certificate(tmp_path, "node")

@@ -28,6 +28,23 @@ def atomic_path(path: str | Path):
             os.remove(temporary)
 
 
+def write_durably(path: str | Path, data: bytes) -> None:
+    """Write `path` whole (as `atomic_path` does) and on the disk before returning: the file is
+    flushed to the device before it is moved into place, and its folder after. A received film is
+    kept this way before its sender is told it is stored: a power cut must not lose it either."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 @contextmanager
 def atomic_folder(path: str | Path):
     """`atomic_path` for a folder (a SavedModel): a temporary folder beside `path` replaces it whole."""
