@@ -47,10 +47,9 @@ def compare_runs(runs: list[Path], resamples: int = 1000, seed: int = 0) -> dict
     draws = [bootstrap_draws(labels, p, classes, resamples, seed) for p in probabilities]
     result = {"images": len(files), "resamples": resamples, "runs": []}
     for i, run in enumerate(runs):
-        entry = {"run": str(run), **{m: interval(points[i][m], [d[m] for d in draws[i]]) for m in METRICS}}
+        entry = {"run": str(run), **{m: interval(points[i][m], draws[i][m]) for m in METRICS}}
         for m in METRICS if i else ():
-            pairs = [(d[m], b[m]) for d, b in zip(draws[i], draws[0]) if d[m] is not None and b[m] is not None]
-            difference = interval(points[i][m] - points[0][m], [d - b for d, b in pairs])
+            difference = interval(points[i][m] - points[0][m], draws[i][m] - draws[0][m])  # NaN where either is undefined
             low, high = difference["ci95"]
             entry[f"{m}_difference"] = {**difference, "significant": bool(low > 0 or high < 0)}
         result["runs"].append(entry)
