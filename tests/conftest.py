@@ -40,10 +40,12 @@ def write_class_folders(root: Path, per_class: int, seed: int = 0, splits=None) 
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_conversions(tmp_path_factory):
-    """Backbones converted to LiteRT once a session, for every test's cache and every child process
-    (a conversion is a function of the model alone and takes ~7 s; the parity tests still convert)."""
+    """Models converted to LiteRT (and ONNX) once a session, for every test's cache, every child process
+    and every pytest-xdist worker (a conversion is a function of the model alone and takes ~10 s; the
+    parity tests still convert). Workers share the folder above their own temporary folders."""
     before = os.environ.get(CONVERSIONS_ENV)
-    os.environ[CONVERSIONS_ENV] = str(tmp_path_factory.mktemp("conversions"))
+    shared = os.environ.get("PYTEST_XDIST_WORKER") and tmp_path_factory.getbasetemp().parent / "conversions"
+    os.environ[CONVERSIONS_ENV] = str(shared or tmp_path_factory.mktemp("conversions"))
     yield
     if before is None:
         del os.environ[CONVERSIONS_ENV]

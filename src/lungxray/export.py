@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from lungxray import __version__
+from lungxray.config import conversions_dir, default_cache_dir
 from lungxray.data.records import load_dataset
 from lungxray.errors import DataError, WeightsError
 from lungxray.io import atomic_folder, atomic_path, remove, write_json
 from lungxray.lite import EXPORT_SUFFIXES, LitePredictor, sidecar_paths
+from lungxray.model import converted
 from lungxray.predict import Predictor
 from lungxray.rundir import RunDir
 
@@ -56,7 +59,7 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
         raise WeightsError(f"a {fmt} export is a {EXPORT_SUFFIXES[fmt]} file, not {out.name}")
     info_path, gate_path = sidecar_paths(out)
     try:
-        write_export(predictor, out, fmt)
+        write_export(predictor, out, fmt, cache_dir)
         parity = check_parity(predictor, LitePredictor.load(out), sample)
         if parity["max_abs_difference"] > FLOAT_TOLERANCE:
             raise WeightsError(f"the exported model disagrees with the Keras model by "
@@ -69,11 +72,18 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
     return ExportResult(out, parity)
 
 
-def write_export(predictor: Predictor, out: Path, fmt: str) -> None:
-    """The model file, its sidecar (parity still to come) and its gate."""
-    keras_format = {"savedmodel": "tf_saved_model"}.get(fmt, fmt)
-    with (atomic_folder if fmt == "savedmodel" else atomic_path)(out) as temporary:
-        with_features(predictor.model).export(str(temporary), format=keras_format, verbose=False)
+def write_export(predictor: Predictor, out: Path, fmt: str, cache_dir: Path | None = None) -> None:
+    """The model file, its sidecar (parity still to come) and its gate. A LiteRT or ONNX file is
+    converted once per model and kept with the backbone's conversions: exporting the same model again
+    (to another place, or after model.keras was touched) copies it and checks it again."""
+    network = with_features(predictor.model)
+    if fmt == "savedmodel":
+        with atomic_folder(out) as temporary:
+            network.export(str(temporary), format="tf_saved_model", verbose=False)
+    else:
+        made = converted(network, fmt, conversions_dir(Path(cache_dir or default_cache_dir())), tag="export")
+        with atomic_path(out) as temporary:
+            shutil.copyfile(made, temporary)
     info_path, gate_path = sidecar_paths(out)
     write_json(info_path, sidecar(predictor, fmt))
     if predictor.ood is not None:

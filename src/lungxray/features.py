@@ -24,7 +24,7 @@ from lungxray.config import conversions_dir, default_cache_dir
 from lungxray.data.acquisition import read_views, view_names
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import atomic_path, file_hash, write_json
-from lungxray.model import model_fingerprint
+from lungxray.model import converted, model_fingerprint
 from lungxray.parallel import bounded_map, progress
 from lungxray.runtimes import InterpreterPool, as_batch, litert_available
 
@@ -48,17 +48,8 @@ class ModelRuntime:
         # Not predict_on_batch, which under a multi-worker strategy would gather across workers.
         self._traced = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
         if runtime == "litert":
-            self.litert_path = self._litert_model(Path(cache_dir or default_cache_dir()))
+            self.litert_path = converted(model, "litert", conversions_dir(Path(cache_dir or default_cache_dir())))
             self._pool = InterpreterPool(self.litert_path)
-
-    def _litert_model(self, cache_dir: Path) -> Path:
-        """The model converted to LiteRT once per weights fingerprint and input size (~7 s for the backbone)."""
-        model_path = conversions_dir(cache_dir) / f"{self.fingerprint[:32]}-{self.input_shape[0]}.tflite"
-        if not model_path.is_file():
-            tf.get_logger().setLevel("ERROR")  # the exporter logs every asset it writes
-            with atomic_path(model_path) as temporary:
-                self.model.export(str(temporary), format="litert", verbose=False)
-        return model_path
 
     def __call__(self, images) -> np.ndarray:
         """Outputs (n, *output_shape) of images: an (n, H, W, C) array or a sequence of (H, W, C) arrays."""

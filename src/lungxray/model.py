@@ -17,6 +17,7 @@ import numpy as np
 
 from lungxray.config import BACKBONES
 from lungxray.errors import ConfigError, WeightsError
+from lungxray.io import atomic_path
 
 # ImageNet's channel statistics, which DenseNet121's weights expect after scaling to [0, 1]
 # (`keras.applications.densenet.preprocess_input`); the other backbones rescale [0, 255] themselves.
@@ -144,6 +145,25 @@ def model_fingerprint(model: keras.Model) -> str:
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+CONVERTED_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
+
+
+def converted(model: keras.Model, fmt: str, folder: Path, tag: str = "") -> Path:
+    """`model` converted to `fmt` (litert or onnx) by Keras' exporter, once per fingerprint and input
+    size, in `folder` (`lungxray.config.conversions_dir`): a conversion depends on the model alone and
+    takes ~10 s even for a small one. `tag` tells apart models that share their layers but not their
+    outputs (an export's network also returns its features)."""
+    name = "-".join(filter(None, [model_fingerprint(model)[:32], str(model.input_shape[1]), tag]))
+    path = Path(folder) / f"{name}{CONVERTED_SUFFIXES[fmt]}"
+    if not path.is_file():
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # the exporters log every asset they write
+        with atomic_path(path) as temporary:
+            model.export(str(temporary), format=fmt, verbose=False)
+    return path
 
 
 def load_model(path: Path) -> keras.Model:
