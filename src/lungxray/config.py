@@ -35,8 +35,9 @@ def default_cache_dir() -> Path:
 
 
 def conversions_dir(cache_dir: Path) -> Path:
-    """Where converted LiteRT backbones are kept: `LUNGXRAY_CONVERSIONS`, or the cache's `litert/`.
-    A conversion depends on the model alone (~7 s each), so several feature caches may share one folder."""
+    """Where converted models are kept (LiteRT backbones, LiteRT and ONNX exports): `LUNGXRAY_CONVERSIONS`,
+    or the cache's `litert/`. A conversion depends on the model alone (~10 s each), so several feature
+    caches may share one folder."""
     return environment_path(CONVERSIONS_ENV) or cache_dir / "litert"
 
 

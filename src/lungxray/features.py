@@ -48,7 +48,8 @@ class ModelRuntime:
         # Not predict_on_batch, which under a multi-worker strategy would gather across workers.
         self._traced = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
         if runtime == "litert":
-            self.litert_path = converted(model, "litert", conversions_dir(Path(cache_dir or default_cache_dir())))
+            self.litert_path = converted(model, "litert", conversions_dir(Path(cache_dir or default_cache_dir())),
+                                         fingerprint=self.fingerprint)
             self._pool = InterpreterPool(self.litert_path)
 
     def __call__(self, images) -> np.ndarray:
