@@ -19,8 +19,8 @@ from lungxray.data.pipeline import EpochPlan
 from tests.conftest import TINY, write_class_folders
 
 # Same images, same seeds; dropout 0 because each replica draws its own mask for its share. Features
-# from Keras: LiteRT would convert each fine-tuned backbone in every process (~10 s each) and is not
-# what is tested here.
+# from Keras, in the workers and in the comparison: LiteRT would convert each fine-tuned backbone
+# (~10 s each) and is not what is tested here.
 CONFIG = Config(weights="none", image_size=TINY, engine="keras", epochs=2, batch_size=8, dense_units=16, dropout=0.0,
                 feature_runtime="keras")
 # The all-reduce and the synchronised batch statistics add in another order (~1e-7); Adam turns a
@@ -81,8 +81,8 @@ def test_two_workers_on_loopback_train_the_model_one_process_trains(tmp_path, se
     assert "run folder" in outputs[0][0] and "the chief wrote the run folder" in outputs[1][0]
     assert all("strategy: multi-worker, 2 replicas" in err for _, err in outputs)
 
-    together = Predictor.load(tmp_path / "together", cache_dir=tmp_path / "cache")
-    head = Predictor.load(alone.run_dir, cache_dir=tmp_path / "cache")
+    together = Predictor.load(tmp_path / "together", runtime="keras", cache_dir=tmp_path / "cache")
+    head = Predictor.load(alone.run_dir, runtime="keras", cache_dir=tmp_path / "cache")
     for mine, theirs in zip(together.head.get_weights(), head.head.get_weights()):
         np.testing.assert_allclose(mine, theirs, atol=WEIGHT_TOLERANCE)
     files = sorted((data / "test").rglob("*.png"))
