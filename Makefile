@@ -21,6 +21,13 @@ $(BIN)/lungxray: pyproject.toml
 $(LABELS): | $(BIN)/lungxray
 	$(BIN)/python -m pip download -q --no-deps torchxrayvision==1.5.7 -d $(dir $@)
 
+# torch for `convert-backbone` and its parity test (which runs torchxrayvision's own DenseNet from the
+# wheel above). 2.13.0 is the CPU build these machines keep on disk; elsewhere pip takes PyPI's build.
+TORCH = $(VENV)/lib/torch.installed
+$(TORCH): | $(BIN)/lungxray
+	$(BIN)/python -m pip install -q torch==2.13.0
+	touch $@
+
 setup: $(BIN)/lungxray
 
 # Data: $LUNGXRAY_DATA if set (e.g. ../shared/cxr), else the reference Dataset.zip, downloaded once.
@@ -30,7 +37,7 @@ reference: setup
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
 # One worker per core (pytest-xdist), each test file on one worker so that its fixtures are made once.
-test: setup system $(LABELS)
+test: setup system $(LABELS) $(TORCH)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # What the tests run beside lungxray, from Debian's packages, installed where missing: Chromium (the

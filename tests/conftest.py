@@ -1,6 +1,7 @@
 import csv
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,17 @@ def client(run):
     run_dir, _, cache = run
     predictor = Predictor.load(run_dir, cache_dir=cache)
     return TestClient(create_app(predictor, RunDir.open(run_dir), max_upload_mb=1))
+
+
+def torchxrayvision_wheel() -> Path:
+    """The torchxrayvision wheel `make test` downloads: its published label files (read without torch)
+    and its own DenseNet (the conversion's reference)."""
+    folder = Path(sys.prefix) / "published-labels"
+    found = sorted(folder.glob("torchxrayvision-*.whl"))
+    if not found:
+        pytest.fail(f"the torchxrayvision wheel is not in {folder}: run make test, which downloads it, or "
+                    f"pip download --no-deps torchxrayvision==1.5.7 -d {folder}")
+    return found[-1]
 
 
 def require_shared():

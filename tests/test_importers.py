@@ -7,7 +7,6 @@ import csv
 import gzip
 import io
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,23 +18,11 @@ from lungxray import Config, train
 from lungxray.cli import main
 from lungxray.data.importers import import_collection
 from lungxray.errors import DataError
-from tests.conftest import TINY, synthetic_image
-
-WHEEL_GLOB = "torchxrayvision-*.whl"
-
-
-def label_wheel() -> Path:
-    found = sorted((Path(sys.prefix) / "published-labels").glob(WHEEL_GLOB))
-    if not found:
-        folder = Path(sys.prefix) / "published-labels"
-        pytest.fail(f"the torchxrayvision wheel is not in {folder}: run make test, which downloads it, or "
-                    f"pip download --no-deps torchxrayvision==1.5.7 -d {folder}")
-    return found[-1]
-
+from tests.conftest import TINY, synthetic_image, torchxrayvision_wheel
 
 def published_rows(member: str, keys: set[str], column: str) -> tuple[list[str], list[dict]]:
     """The header of a label file in the wheel and its rows whose `column` is among `keys`."""
-    with zipfile.ZipFile(label_wheel()) as wheel:
+    with zipfile.ZipFile(torchxrayvision_wheel()) as wheel:
         data = wheel.read(f"torchxrayvision/data/{member}")
     if member.endswith(".gz"):
         data = gzip.decompress(data)
@@ -134,7 +121,7 @@ def test_all_views_keeps_the_lateral(chexpert_root, tmp_path, capsys):
 
 
 def test_padchest_mapping(tmp_path):
-    with zipfile.ZipFile(label_wheel()) as wheel:
+    with zipfile.ZipFile(torchxrayvision_wheel()) as wheel:
         data = gzip.decompress(wheel.read("torchxrayvision/data/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"))
     reader = csv.DictReader(io.StringIO(data.decode("utf-8")))
     picked = {}

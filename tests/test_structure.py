@@ -26,7 +26,7 @@ LAYERS = [
     {"features", "lite"},
     {"lungs", "predict", "probe"},
     {"engines"},
-    {"evaluate", "explain", "export", "loader"},
+    {"evaluate", "explain", "export", "loader", "convert"},
     {"report", "training", "serve", "batch", "dicom"},
     {"cli", "cli_dicom", "cli_serve", "__init__"},
 ]

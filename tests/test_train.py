@@ -151,7 +151,8 @@ def test_train_from_an_unknown_block_names_the_blocks(split_folders, tmp_path, c
               cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("architecture,dim", [("MobileNetV3Large", 960), ("EfficientNetV2B0", 1280), ("DenseNet121", 1024)])
+@pytest.mark.parametrize("architecture,dim", [("MobileNetV3Large", 960), ("EfficientNetV2B0", 1280), ("DenseNet121", 1024),
+                                               ("DenseNet121-XRV", 1024)])
 def test_other_backbones_train_on_cached_features(split_folders, tmp_path, cache_dir, architecture, dim):
     """Each backbone trains through the feature cache like the reference's: the saved model, run on
     the images end to end, gives the probabilities the run's predictor computes from cached features."""

@@ -23,7 +23,7 @@ from lungxray.rundir import RunDir
 # Modules the base install lacks, and the extra that brings each (pyproject.toml).
 EXTRA_PROVIDING = {"tensorflow": "full", "keras": "full", "sklearn": "full", "matplotlib": "full", "scipy": "full",
                    "imagehash": "full", "pyarrow": "full", "onnxruntime": "onnx", "tf2onnx": "onnx", "ray": "ray",
-                   "pynetdicom": "dicom", "highdicom": "dicom"}
+                   "pynetdicom": "dicom", "highdicom": "dicom", "torch": "convert"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--sample", type=int, default=200, help="how many images to check it on (default: 200)")
     export.add_argument("--cache", help="feature cache folder")
     export.set_defaults(run=run_export)
+
+    convert = commands.add_parser("convert-backbone", help="a TorchXRayVision DenseNet121 checkpoint as the weights "
+                                                          "of --backbone DenseNet121-XRV")
+    convert.add_argument("checkpoint", help="a PyTorch checkpoint: a state dict, or with --trust-pickle a whole model")
+    convert.add_argument("--out", required=True, help="the Keras weights file to write (NAME.weights.h5)")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle a whole saved model (this runs code from the file: only for a trusted one)")
+    convert.set_defaults(run=run_convert_backbone)
 
     compare = commands.add_parser("compare", help="compare evaluated runs on the same images (paired bootstrap)")
     compare.add_argument("runs", nargs="+", help="run folders (their evaluation/) or evaluation folders")
@@ -359,6 +367,14 @@ def format_predictions(rows: list[dict], classes: list[str], fmt: str) -> str:
               "yes" if r.get("ood") else "", r.get("error", "")] for r, p in zip(rows, probabilities)]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *table])
+
+
+def run_convert_backbone(args) -> int:
+    from lungxray.convert.torchxrayvision import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out, args.trust_pickle)
+    print(f"wrote {out}: train on it with --backbone DenseNet121-XRV --weights {out}")
+    return 0
 
 
 def run_compare(args) -> int:

@@ -18,8 +18,9 @@ WEIGHTS_ENV = "LUNGXRAY_WEIGHTS"
 LUNG_MASKS_ENV = "LUNGXRAY_LUNGMASKS"
 CACHE_ENV = "LUNGXRAY_CACHE"
 CONVERSIONS_ENV = "LUNGXRAY_CONVERSIONS"
-# Keras applications a backbone may be; the first is the reference's.
-BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetV2B0", "DenseNet121")
+# Keras applications a backbone may be; the first is the reference's. DenseNet121-XRV is DenseNet121
+# with TorchXRayVision's input, for its chest-film weights (`lungxray convert-backbone`).
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetV2B0", "DenseNet121", "DenseNet121-XRV")
 
 
 def environment_path(name: str) -> Path | None:

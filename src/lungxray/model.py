@@ -22,6 +22,11 @@ from lungxray.io import atomic_path
 # ImageNet's channel statistics, which DenseNet121's weights expect after scaling to [0, 1]
 # (`keras.applications.densenet.preprocess_input`); the other backbones rescale [0, 255] themselves.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# TorchXRayVision's models take films scaled from [0, 255] to [-1024, 1024] (`xrv.datasets.normalize`).
+XRV_BACKBONE, XRV_RANGE = "DenseNet121-XRV", 1024.0
+# The HDF5 attribute that names the backbone a converted weights file is for: DenseNet121's ImageNet
+# weights and TorchXRayVision's have the same layers, so only this tells their files apart.
+BACKBONE_ATTRIBUTE = "lungxray_backbone"
 
 
 def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: str = "max",
@@ -33,12 +38,17 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
     """
     if architecture not in BACKBONES:
         raise ConfigError(f"backbone must be one of {list(BACKBONES)}. Got {architecture!r} instead.")
-    application = getattr(keras.applications, architecture)
+    application = getattr(keras.applications, architecture.removesuffix("-XRV"))
     inputs = keras.Input((image_size, image_size, 3))
     images = inputs
     if architecture == "DenseNet121":
         images = keras.layers.Rescaling(1 / 255)(images)
         images = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=np.square(IMAGENET_STD))(images)
+    if architecture == XRV_BACKBONE:
+        if weights == "imagenet":
+            raise WeightsError(f"{XRV_BACKBONE} has no ImageNet weights: convert a TorchXRayVision checkpoint with "
+                               "`lungxray convert-backbone CHECKPOINT --out FILE` and pass --weights FILE")
+        images = keras.layers.Rescaling(2 * XRV_RANGE / 255, offset=-XRV_RANGE)(images)
     # Built on `images`, so that its layers follow the preprocessing in one flat graph (Grad-CAM and
     # train_from look for layers by name).
     options = dict(input_tensor=images, include_top=False, pooling=pooling)
@@ -57,6 +67,7 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
             path = Path(weights)
             if not path.is_file():
                 raise WeightsError(f"weights file {path} does not exist; use imagenet, none or a file path")
+            check_marked_backbone(path, architecture)
             try:
                 network.load_weights(str(path))
             except Exception as error:
@@ -64,6 +75,31 @@ def build_backbone(weights: str = "imagenet", image_size: int = 224, pooling: st
     backbone = keras.Model(network.input, network.output, name="backbone")
     backbone.trainable = False
     return backbone
+
+
+def mark_backbone(path: Path, architecture: str) -> None:
+    """Write into a weights file which backbone it is for (see BACKBONE_ATTRIBUTE)."""
+    import h5py
+
+    with h5py.File(path, "a") as weights:
+        weights.attrs[BACKBONE_ATTRIBUTE] = architecture
+
+
+def check_marked_backbone(path: Path, architecture: str) -> None:
+    """Refuse a weights file marked for another backbone, and an unmarked one for DenseNet121-XRV."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as weights:
+            marked = weights.attrs.get(BACKBONE_ATTRIBUTE)
+    except OSError:
+        return  # not HDF5: Keras' own loading says what is wrong with it
+    if marked is not None and marked != architecture:
+        raise WeightsError(f"{path} holds {marked} weights: train with --backbone {marked}, not {architecture}")
+    if marked is None and architecture == XRV_BACKBONE:
+        raise WeightsError(f"{path} is not a converted TorchXRayVision DenseNet121: make one with "
+                           "`lungxray convert-backbone CHECKPOINT --out FILE` (an ImageNet DenseNet121 file is "
+                           "--backbone DenseNet121)")
 
 
 def backbone_blocks(backbone: keras.Model) -> list[str]:

@@ -1,0 +1,1 @@
+"""Backbones trained elsewhere, converted to the weights files lungxray's backbones load."""
