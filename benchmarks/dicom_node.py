@@ -15,13 +15,16 @@ starts. Two phases, each with films the node has not seen:
   stored in Orthanc.
 
 "Stored in Orthanc" is when the report first appears in Orthanc's /changes, polled every 25 ms.
-Memory: the node process's peak resident set (VmHWM).
+Memory: the node process's peak resident set (VmHWM). CPU: seconds of the two cores each phase used,
+by the node, by Orthanc and by the whole machine (this benchmark's own polling included), per film:
+whether the cores, not a wait, set the pace.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -114,6 +117,32 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time of the whole machine so far, all cores, not idle or waiting on the disk."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds the node, Orthanc and the machine spend between start() and stop()."""
+
+    def __init__(self, node_pid: int, orthanc_pid: int):
+        self.pids = {"node": node_pid, "orthanc": orthanc_pid}
+
+    def start(self) -> None:
+        self.began = {name: cpu_seconds(pid) for name, pid in self.pids.items()} | {"machine": machine_cpu_seconds()}
+
+    def stop(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()} | {"machine": machine_cpu_seconds()}
+        return {name: now[name] - self.began[name] for name in now}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an export (or run folder) for `dicom listen`")
@@ -139,14 +168,17 @@ def main() -> None:
         ids = [orthanc.upload(f) for f in films]
         print(f"{len(films)} films of {films[0].stat().st_size / 2**20:.2f} MB uploaded to Orthanc", flush=True)
         rows = []
+        meter = CpuMeter(node.pid, orthanc.process.pid)
 
         watcher = ChangeWatcher(orthanc.url)
         watcher.start()
+        meter.start()
         burst = slice(0, args.count)
         started = time.time()
         httpx.post(f"{orthanc.url}/modalities/lungxray/store", json={"Resources": ids[burst], "Asynchronous": True},
                    timeout=60).raise_for_status()
         watcher.wait_for(args.count, timeout=600)
+        cpu = meter.stop()
         watcher.stopping.set()
         watcher.join()
         stored = reported_at(watcher, orthanc.url)
@@ -154,11 +186,12 @@ def main() -> None:
         latencies = [stored[d.StudyInstanceUID] - received[hashed(str(d.SOPInstanceUID))]
                      for d in datasets[burst] if d.StudyInstanceUID in stored]
         elapsed = max(stored.values()) - started
-        rows.append(("burst", len(stored), elapsed, len(stored) / elapsed, latencies))
+        rows.append(("burst", len(stored), elapsed, len(stored) / elapsed, latencies, cpu))
 
         watcher = ChangeWatcher(orthanc.url)
         watcher.start()
         asked = {}
+        meter.start()
         paced_start = time.time()
         with httpx.Client(timeout=60) as client:
             for index in range(args.count, len(ids)):
@@ -169,12 +202,13 @@ def main() -> None:
                 client.post(f"{orthanc.url}/modalities/lungxray/store",
                             json={"Resources": [ids[index]], "Asynchronous": True}).raise_for_status()
         watcher.wait_for(args.paced, timeout=600)
+        cpu = meter.stop()
         watcher.stopping.set()
         watcher.join()
         stored = reported_at(watcher, orthanc.url)
         latencies = [stored[study] - at for study, at in asked.items() if study in stored]
         elapsed = max(stored.values()) - paced_start
-        rows.append((f"paced {args.rate:g}/s", len(stored), elapsed, len(stored) / elapsed, latencies))
+        rows.append((f"paced {args.rate:g}/s", len(stored), elapsed, len(stored) / elapsed, latencies, cpu))
         memory = peak_rss_mb(node.pid)
     finally:
         node.terminate()
@@ -183,10 +217,12 @@ def main() -> None:
 
     print(f"\nfilms {'%dx%d 12-bit' % (args.side, args.side) if args.side else 'as in ' + args.films}, "
           f"model {args.model}, Orthanc {'with TCP_NODELAY=1' if args.orthanc_nodelay else 'as shipped'}")
-    print(f"{'phase':<14}{'reports':>9}{'seconds':>9}{'per s':>8}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
-    for phase, count, elapsed, rate, latencies in rows:
+    print(f"{'phase':<14}{'reports':>9}{'seconds':>9}{'per s':>8}{'p50 s':>8}{'p95 s':>8}{'max s':>8}"
+          f"{'cores busy':>12}{'node ms/film':>14}{'Orthanc ms/film':>17}")
+    for phase, count, elapsed, rate, latencies, cpu in rows:
         print(f"{phase:<14}{count:>9}{elapsed:>9.1f}{rate:>8.1f}{percentile(latencies, 50):>8.3f}"
-              f"{percentile(latencies, 95):>8.3f}{max(latencies, default=float('nan')):>8.3f}")
+              f"{percentile(latencies, 95):>8.3f}{max(latencies, default=float('nan')):>8.3f}"
+              f"{cpu['machine'] / elapsed:>12.2f}{1000 * cpu['node'] / count:>14.1f}{1000 * cpu['orthanc'] / count:>17.1f}")
     print(f"node peak memory {memory:.0f} MB; mean latency burst {statistics.fmean(rows[0][4]):.2f} s")
 
 

@@ -64,6 +64,8 @@ def model_identity(model: str, predictor):
 
 
 def run_listen(args) -> int:
+    import pydicom.config
+
     from lungxray.dicom.node import DicomNode, Limits
     from lungxray.dicom.send import Peer
     from lungxray.dicom.tls import client_context, server_context
@@ -91,6 +93,11 @@ def run_listen(args) -> int:
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
                      tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed)
+    # pydicom checks each UID it makes against the standard's pattern, and on reading a check only
+    # ever warns. A PACS that proposes every storage class in each association (Orthanc before 1.12.5,
+    # DCMTK's storescu: 126 presentation contexts) makes pynetdicom build thousands of UIDs per film;
+    # their checks were a quarter of the node's time for each association (docs/clinical-integration.md#speed).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
