@@ -94,7 +94,7 @@ def run_listen(args) -> int:
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
                      tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed)
     # pydicom checks each UID it makes against the standard's pattern, and on reading a check only
-    # ever warns. A PACS that proposes every storage class in each association (Orthanc before 1.12.5,
+    # ever warns. A PACS that proposes every storage class in each association (Debian's Orthanc 1.10,
     # DCMTK's storescu: 126 presentation contexts) makes pynetdicom build thousands of UIDs per film;
     # their checks were a quarter of the node's time for each association (docs/clinical-integration.md#speed).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
