@@ -2,7 +2,7 @@
 without dynamic batching, each with 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_load.py --model RUN_DIR_or_EXPORT [--images ../shared/cxr/test]
-                                    [--requests 2000] [--clients 1,8,32] [--max-batch 32] [--two-servers]
+                                    [--requests 2000] [--clients 1,8,32] [--max-batch 32] [--workers 2]
 
 The server is a separate process (`lungxray serve`, its audit log written to a file as in service);
 the clients run in another process on loopback and send pre-encoded HTTP/1.1 requests over raw
@@ -10,8 +10,8 @@ keep-alive sockets, so that the client's own cost on these shared cores is as sm
 One upload in ten is invalid (random bytes, empty, truncated). It prints predictions/s (answers
 with 200 per second), that figure against the in-process one measured just before the row, latency percentiles of the 200s,
 responses by status, the mean images per predicted batch (from /metrics) and the server's memory.
-`--two-servers` adds a row per client count for two unbatched server processes with the clients
-split between them: what serving from more than one process would give on these cores.
+`--workers N` adds a row per client count for an unbatched `serve --workers N` (N processes on the
+port, sharing their limits and metrics).
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ BOUNDARY = "lungxray-load"
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants (a server's workers and their manager)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += rss_mb(int(child))
+    return total
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -124,13 +128,14 @@ def batch_totals(base: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def server(model: str, max_batch: int, audit: Path):
+def server(model: str, max_batch: int, audit: Path, workers: int = 1):
     """A `lungxray serve` process: yields (port, process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", model, "--port", str(port),
-                                "--max-batch", str(max_batch), "--audit-log", str(audit)], stderr=subprocess.DEVNULL)
+                                "--max-batch", str(max_batch), "--audit-log", str(audit), "--workers", str(workers)],
+                               stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             try:
@@ -158,26 +163,6 @@ def measure(port: int, process, work: list[bytes], warm: list[bytes], clients: i
             "memory": (memory_before, rss_mb(process.pid))}
 
 
-def measure_split(servers: list, work: list[bytes], warm: list[bytes], clients: int, seconds: float) -> dict:
-    """`measure` with the clients and the requests shared out among several servers at once."""
-    for port, _ in servers:
-        run_load(port, warm, min(clients, 8), time.time() + 60)
-    memory_before = sum(rss_mb(process.pid) for _, process in servers)
-    queue: multiprocessing.Queue = multiprocessing.Queue()
-    deadline, share = time.time() + seconds, len(servers)
-    loads = [multiprocessing.Process(target=client_process, args=(port, work[i::share], max(1, clients // share),
-                                                                  deadline, queue))
-             for i, (port, _) in enumerate(servers)]
-    for load in loads:
-        load.start()
-    answers = [queue.get() for _ in loads]
-    for load in loads:
-        load.join()
-    return {"clients": clients, "results": [r for results, _ in answers for r in results],
-            "elapsed": max(elapsed for _, elapsed in answers), "batch": 1.0,
-            "memory": (memory_before, sum(rss_mb(process.pid) for _, process in servers))}
-
-
 def run_load(port: int, work: list[bytes], clients: int, deadline: float):
     queue: multiprocessing.Queue = multiprocessing.Queue()
     process = multiprocessing.Process(target=client_process, args=(port, work, clients, deadline, queue))
@@ -195,8 +180,8 @@ def main() -> None:
     parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32, help="the batching server's (default: 32)")
     parser.add_argument("--seconds", type=float, default=120, help="at most, per row")
-    parser.add_argument("--two-servers", action="store_true",
-                        help="add rows for two unbatched server processes, the clients split between them")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="add rows for an unbatched server with this many worker processes (default 1: none)")
     args = parser.parse_args()
 
     files = image_files(Path(args.images))
@@ -209,16 +194,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as servers:
         unbatched = servers.enter_context(server(args.model, 1, Path(folder) / "off.jsonl"))
         batched = servers.enter_context(server(args.model, args.max_batch, Path(folder) / "on.jsonl"))
-        second = servers.enter_context(server(args.model, 1, Path(folder) / "second.jsonl")) if args.two_servers else None
+        several = (servers.enter_context(server(args.model, 1, Path(folder) / "workers.jsonl", args.workers))
+                   if args.workers > 1 else None)
         for clients in args.clients:
             for name, (port, process) in (("off", unbatched), (f"up to {args.max_batch}", batched)):
                 in_process = reference.images_per_second()
                 rows.append({"batching": name, "in_process": in_process,
                              **measure(port, process, work, warm, clients, args.seconds)})
-            if second is not None:
+            if several is not None:
                 in_process = reference.images_per_second()
-                rows.append({"batching": "off, two servers", "in_process": in_process,
-                             **measure_split([unbatched, second], work, warm, clients, args.seconds)})
+                rows.append({"batching": f"off, {args.workers} workers", "in_process": in_process,
+                             **measure(*several, work, warm, clients, args.seconds)})
 
     print(f"{args.requests} requests per row; {os.cpu_count()} CPUs")
     print("| batching | clients | in-process images/s | predictions/s | × in-process | p50 ms | p95 ms | p99 ms "

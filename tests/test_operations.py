@@ -5,11 +5,14 @@ requests, HTTPS with a certificate the test makes, and the keys command."""
 import asyncio
 import hashlib
 import json
+import math
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -26,6 +29,7 @@ from lungxray.serve.batching import Batcher
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.operations import parse_rate
 from tests.servers import lungxray_serve
+from tests.test_distribute import free_ports
 from tests.test_dicom_node import certificate, chest_film
 from tests.test_export import WITHOUT_TENSORFLOW
 from tests.test_serve import png_bytes
@@ -114,6 +118,47 @@ def test_rate_limit_per_key(predictor, tmp_path):
     with pytest.raises(ConfigError, match="10/s"):
         parse_rate("fast")
     assert parse_rate("600/min") == 10 and parse_rate("2.5/s") == 2.5
+
+
+def test_workers_share_the_rate_limit_admission_and_metrics(export, tmp_path):
+    """`serve --workers 2`: both processes answer, and the limits and the counts hold for the server
+    as a whole (a bucket per worker would let a key through twice as often)."""
+    keys = KeyStore(tmp_path / "keys.json")
+    busy, monitor = keys.create("busy"), keys.create("monitor")
+    audit = tmp_path / "audit.jsonl"
+    with lungxray_serve(export, "--workers", "2", "--keys", str(tmp_path / "keys.json"), "--rate", "4/s",
+                        "--audit-log", str(audit)) as (url, _, process):
+        def five_requests(_) -> list[int]:  # a connection of its own, which either worker may take
+            with httpx.Client(headers={"Authorization": f"Bearer {busy}"}) as client:
+                return [client.get(f"{url}/api/model").status_code for _ in range(5)]
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            statuses = [status for answers in pool.map(five_requests, range(8)) for status in answers]
+        elapsed = time.monotonic() - started
+        assert set(statuses) == {200, 429}
+        assert statuses.count(200) <= 4 + math.ceil(4 * elapsed)  # a burst of one second's worth, then 4/s
+        watch = {"Authorization": f"Bearer {monitor}"}
+        film = httpx.post(f"{url}/api/predict", files={"file": ("x.png", png_bytes(), "image/png")}, headers=watch)
+        assert film.status_code == 200 and film.json()["predicted"] in film.json()["probabilities"]
+        text = httpx.get(f"{url}/metrics", headers=watch).text
+        for status in (200, 429):  # summed over the workers
+            assert f'lungxray_requests_total{{route="/api/model",status="{status}"}} {statuses.count(status):.1f}' in text
+        assert 'lungxray_requests_total{route="/api/predict",status="200"} 1.0' in text
+        assert "lungxray_images_in_hand 0.0" in text and "lungxray_model_info{" in text
+        workers = {json.loads(line).get("worker") for line in audit.read_text().splitlines()}
+        assert len(workers) == 2 and None not in workers  # both answered, and each line says which
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a model")
+    started = subprocess.run([sys.executable, "-m", "lungxray.cli", "serve", "--model", str(broken), "--workers", "2",
+                              "--port", str(free_ports(1)[0])], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 2, started.stderr[-2000:]
+    assert "a worker could not start" in started.stderr and "broken.tflite" in started.stderr
 
 
 def test_audit_log_keeps_who_what_and_the_answer_but_no_patient(predictor, tmp_path):

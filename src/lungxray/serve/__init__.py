@@ -38,7 +38,7 @@ from lungxray.loader import load_predictor
 from lungxray.predictions import OOD_NOTE
 from lungxray.rundir import RunDir
 from lungxray.serve.batching import Batcher
-from lungxray.serve.guards import Admission, GuardRequests
+from lungxray.serve.guards import Admission, GuardRequests, admitted
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
 from lungxray.serve.operations import Operations, RateLimit, audit_logger
@@ -121,14 +121,15 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False, *,
                keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-               coverage: float = DEFAULT_COVERAGE) -> FastAPI:
+               coverage: float = DEFAULT_COVERAGE, shared=None) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
     request; each answer carries its conformal set at `coverage`. Images are predicted together, up
     to `max_batch` (1: each alone), a batch waiting at most `max_wait_ms` for images still being decoded.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
-    default: they break offline); /openapi.json is always served."""
+    default: they break offline); /openapi.json is always served. `shared`: what the workers of
+    `serve --workers N` share (`workers.Shared`), whose limits then hold for all of them."""
     check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
@@ -138,8 +139,8 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
     identity = model_identity(predictor, run)
     cores = os.cpu_count() or 2
     decoders = anyio.CapacityLimiter(cores)
-    admission = Admission(max_pending)
-    metrics = Metrics(identity, lambda: admission.count)
+    admission = shared.admission if shared is not None else Admission(max_pending)
+    metrics = Metrics(identity, admission.in_hand)
     # Even unbatched (max_batch 1), prediction runs in the batcher's threads: decoding the next
     # images then overlaps the network's call for this one (measured faster than both in one thread).
     batcher = Batcher(predictor.predict_images, max_batch, max_wait_ms / 1000, cores, metrics.batch.observe)
@@ -218,7 +219,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
     @app.get("/api/health", response_model=Health)
     async def health() -> dict:  # on the event loop: answers while every worker thread is busy
-        return {"status": "ok", "model": identity["id"], "images_in_hand": admission.count}
+        return {"status": "ok", "model": identity["id"], "images_in_hand": admission.in_hand()}
 
     @app.get("/api/ready", response_model=Ready)
     async def ready() -> dict:  # the model is loaded before the port opens: reachable means ready
@@ -226,9 +227,8 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
     @app.get("/api/model", response_model=ModelIdentity, response_model_exclude_unset=True, responses=guarded,
              openapi_extra=bearer)
@@ -239,7 +239,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
               responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
     async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
-        with admission.admit(1):
+        with admitted(admission, 1):
             return await run_prediction(request, *await received(request, file), explain)
 
     @app.post("/api/predict/batch", response_model=BatchResults, response_model_exclude_unset=True,
@@ -257,7 +257,7 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
             except ImageError as error:
                 return {"file": upload.filename, "sha256": digest, "error": f"cannot read the image: {error.reason}"}
 
-        with admission.admit(len(files)):
+        with admitted(admission, len(files)):
             return {"results": list(await asyncio.gather(*map(one, files)))}
 
     if keys is not None:
@@ -269,8 +269,10 @@ def create_app(predictor: Predictor | LitePredictor, run: RunDir | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout)
+    if rate is not None:
+        rate = shared.rate_limit if shared is not None else RateLimit(rate)
     app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer
-                       rate=RateLimit(rate) if rate is not None else None, audit=audit_logger(audit_log))
+                       rate=rate, audit=audit_logger(audit_log), worker=os.getpid() if shared is not None else None)
     return app
 
 
@@ -289,11 +291,13 @@ def with_bearer_scheme(app: FastAPI):
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache_dir: Path | None = None,
           runtime: str = "auto", keys: Path | None = None, insecure: bool = False, tls_cert: str | None = None,
-          tls_key: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, **app_options) -> None:
+          tls_key: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = 1,
+          **app_options) -> None:
     """Serve until stopped; `app_options` go to `create_app`. Beyond `max_connections` open
     connections uvicorn answers 503 at once; idle keep-alive connections close after 5 s. Without
     `keys`, only a loopback address is served unless `insecure`; SIGTERM lets the requests in flight
-    finish (30 s at most) before exit."""
+    finish (30 s at most) before exit. `workers` > 1: that many processes on the port, sharing the
+    limits (`workers.py`)."""
     import uvicorn
 
     if keys is None and not insecure and not is_loopback(host):
@@ -302,9 +306,19 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache
                           "(or pass --insecure on a network you trust)")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1. Got {workers} instead.")
     key_store = KeyStore(keys) if keys is not None else None
     if key_store is not None and not key_store.keys:
         raise ConfigError(f"{keys} holds no keys: make one with `lungxray keys create NAME --keys {keys}`")
+    if workers > 1:  # each worker loads the model itself
+        from lungxray.serve.workers import serve_workers
+
+        if not is_export(model):
+            RunDir.open(model)  # a wrong folder is said here, once, not by every worker
+        return serve_workers(str(model), host, port, workers, cache_dir=cache_dir, runtime=runtime, keys=keys,
+                             tls_cert=tls_cert, tls_key=tls_key, max_connections=max_connections,
+                             app_options=app_options)
     run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
     predictor = load_predictor(run.model if run else model, cache_dir, runtime)
     app = create_app(predictor, run, keys=key_store, **app_options)

@@ -70,20 +70,35 @@ async def send_error(send, status: int, error: str, headers: list | tuple = ()) 
 
 
 class Admission:
-    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1."""
+    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1. Its
+    methods are plain calls, so that `serve --workers N` can share one through a manager process."""
 
     def __init__(self, limit: int):
         self.limit, self.count, self.lock = limit, 0, threading.Lock()
 
-    @contextlib.contextmanager
-    def admit(self, images: int):
+    def reserve(self, images: int) -> str | None:
+        """None if `images` more fit (and they are counted), else why not."""
         with self.lock:
             if self.count + images > self.limit:
-                raise HTTPException(503, f"server busy: {self.count} images in hand, limit {self.limit}; "
-                                         "retry shortly")
+                return f"server busy: {self.count} images in hand, limit {self.limit}; retry shortly"
             self.count += images
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.count -= images
+            return None
+
+    def release(self, images: int) -> None:
+        with self.lock:
+            self.count -= images
+
+    def in_hand(self) -> int:
+        return self.count
+
+
+@contextlib.contextmanager
+def admitted(admission: Admission, images: int):
+    """Hold `images` of the admission's room for the block, or answer 503 at once."""
+    refusal = admission.reserve(images)
+    if refusal is not None:
+        raise HTTPException(503, refusal)
+    try:
+        yield
+    finally:
+        admission.release(images)

@@ -1,10 +1,18 @@
 """What an operator's Prometheus scrapes from `/metrics` (the official client, one registry per app):
 requests by route and status, latency histograms, predictions by class, out-of-distribution flags,
-refused uploads, the sizes of the batches predicted, images in hand, and which model answers."""
+refused uploads, the sizes of the batches predicted, images in hand, and which model answers.
+
+Under `serve --workers N` each worker counts into files that the client's multiprocess mode sums
+(PROMETHEUS_MULTIPROC_DIR, set before the workers start), so whichever worker is scraped answers for
+all of them; images in hand and the model are read when scraped, from what the workers share."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # The routes a label may name; anything else is "other", so that a scanner probing random paths
 # cannot grow the number of series without bound.
@@ -35,11 +43,17 @@ class Metrics:
                                registry=self.registry)
         self.batch = Histogram("lungxray_batch_images", "Images predicted in one call (dynamic batching)",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        Gauge("lungxray_images_in_hand", "Images waiting or being predicted",
-              registry=self.registry).set_function(images_in_hand)
-        Info("lungxray_model", "The model that answers", registry=self.registry).info(
-            {"id": str(model_identity.get("id")), "sha256": str(model_identity.get("sha256", "")),
-             "classes": ",".join(model_identity["classes"])})
+        self.read_when_scraped = ReadWhenScraped(model_identity, images_in_hand)
+        self.registry.register(self.read_when_scraped)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text a scrape gets, and its content type."""
+        registry = self.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(self.read_when_scraped)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         route = route_of(path)
@@ -52,3 +66,18 @@ class Metrics:
         self.predictions.labels(decision).inc()
         if flagged:
             self.ood.inc()
+
+
+class ReadWhenScraped:
+    """A collector of what is read at each scrape rather than counted: images in hand, and the model
+    (a gauge of 1 with its identity as labels, as prometheus-client's Info shows it)."""
+
+    def __init__(self, model_identity: dict, images_in_hand):
+        self.images_in_hand = images_in_hand
+        self.model = {"id": str(model_identity.get("id")), "sha256": str(model_identity.get("sha256", "")),
+                      "classes": ",".join(model_identity["classes"])}
+
+    def collect(self):
+        yield GaugeMetricFamily("lungxray_images_in_hand", "Images waiting or being predicted",
+                                value=self.images_in_hand())
+        yield InfoMetricFamily("lungxray_model", "The model that answers", value=self.model)

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,9 +50,14 @@ class RateLimit:
     def __init__(self, per_second: float):
         self.per_second, self.burst = per_second, max(1.0, per_second)
         self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
+        self.lock = threading.Lock()  # shared by `serve --workers N`, it is called from several threads
 
     def retry_after(self, caller: str) -> float:
         """0 when the request may go now (and takes its token), else the seconds until it may."""
+        with self.lock:
+            return self._take(caller)
+
+    def _take(self, caller: str) -> float:
         now = time.monotonic()
         tokens, then = self.buckets.get(caller, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.per_second)
@@ -63,6 +69,10 @@ class RateLimit:
             return 0.0
         self.buckets[caller] = (tokens, now)
         return (1 - tokens) / self.per_second
+
+    def limit(self) -> float:
+        """Requests a second (a method, so that a manager's proxy tells it too)."""
+        return self.per_second
 
 
 def audit_logger(target: str | Path | None) -> logging.Logger | None:
@@ -90,9 +100,12 @@ def audit_logger(target: str | Path | None) -> logging.Logger | None:
 
 class Operations:
     def __init__(self, app, metrics: Metrics, keys: KeyStore | None = None, api_docs: bool = False,
-                 rate: RateLimit | None = None, audit: logging.Logger | None = None):
+                 rate: RateLimit | None = None, audit: logging.Logger | None = None, worker: int | None = None):
+        """`rate`: a RateLimit, or its proxy when workers share one; `worker`: this process's id in
+        the audit lines when there are several."""
         self.app, self.metrics, self.keys, self.api_docs = app, metrics, keys, api_docs
-        self.rate, self.audit = rate, audit
+        self.rate, self.audit, self.worker = rate, audit, worker
+        self.per_second = rate.limit() if rate is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -122,7 +135,10 @@ class Operations:
             seconds = time.perf_counter() - started
             self.metrics.answered(path, status, seconds)
             if self.audit is not None:
-                self.audit.info(json.dumps(audit_line(scope, request_id, status, seconds)))
+                line = audit_line(scope, request_id, status, seconds)
+                if self.worker is not None:
+                    line["worker"] = self.worker
+                self.audit.info(json.dumps(line))
 
     def refusal(self, scope) -> tuple[int, str, list] | None:
         """None if the request may go on (its key's name in scope["state"]["key"]), or the answer:
@@ -143,7 +159,7 @@ class Operations:
             caller = scope["state"].get("key") or (scope.get("client") or ("unknown",))[0]
             wait = self.rate.retry_after(caller)
             if wait > 0:
-                return (429, f"more than {self.rate.per_second:g} requests a second; retry in {wait:.1f} s",
+                return (429, f"more than {self.per_second:g} requests a second; retry in {wait:.1f} s",
                         [(b"retry-after", str(math.ceil(wait)).encode())])
         return None
 
