@@ -23,7 +23,7 @@ def add_serve_commands(commands) -> None:
                        help="open connections before new ones get 503 (default: 100; shared out among --workers)")
     serve.add_argument("--workers", type=int, default=1,
                        help="server processes on the port, each with the model loaded; --rate, --max-pending and "
-                            "/metrics hold for all of them together (default 1; 2 answered 1.4x as many requests "
+                            "/metrics hold for all of them together (default 1; 2 answered 1.3-1.5x as many requests "
                             "as 1 on 2 cores)")
     serve.add_argument("--read-timeout", type=float, default=10.0,
                        help="seconds an upload may stall before it is cut off with 408 (default: 10)")
