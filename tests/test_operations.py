@@ -120,7 +120,7 @@ def test_rate_limit_per_key(predictor, tmp_path):
     assert parse_rate("600/min") == 10 and parse_rate("2.5/s") == 2.5
 
 
-def test_workers_share_the_rate_limit_admission_and_metrics(export, tmp_path):
+def test_workers_share_the_rate_limit_and_the_metrics(export, tmp_path):
     """`serve --workers 2`: both processes answer, and the limits and the counts hold for the server
     as a whole (a bucket per worker would let a key through twice as often)."""
     keys = KeyStore(tmp_path / "keys.json")
@@ -150,6 +150,24 @@ def test_workers_share_the_rate_limit_admission_and_metrics(export, tmp_path):
         assert len(workers) == 2 and None not in workers  # both answered, and each line says which
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def test_workers_count_the_images_in_hand_together(tmp_path):
+    """--max-pending holds for all the workers: each maps the same count (here two in this process
+    and one in another)."""
+    from lungxray.serve.workers import COUNT, SharedAdmission
+
+    path = tmp_path / "admission"
+    path.write_bytes(bytes(COUNT.size))
+    first, second = SharedAdmission(path, 3), SharedAdmission(path, 3)
+    assert first.reserve(2) is None and second.in_hand() == 2
+    assert "2 images in hand, limit 3" in second.reserve(2)
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from lungxray.serve.workers "
+                            "import SharedAdmission; print(SharedAdmission(Path(sys.argv[1]), 3).reserve(1))",
+                            str(path)], capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() == "None" and first.in_hand() == 3
+    first.release(2)
+    assert second.in_hand() == 1 and second.reserve(2) is None
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
