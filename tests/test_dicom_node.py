@@ -129,6 +129,40 @@ def test_a_film_comes_back_as_a_report_in_its_study(node_and_pacs, predictor, tm
     assert "P-0042" not in audit and "Doe" not in audit and source.SOPInstanceUID not in audit
 
 
+def test_films_waiting_together_are_predicted_together_and_one_that_breaks_is_set_aside(node_and_pacs, predictor,
+                                                                                          tmp_path):
+    """The worker predicts the films waiting in one call; each report holds what that film alone
+    gets, and a film the predictor fails on (not merely an unreadable image) is set aside, the
+    others reported."""
+    make, pacs, _ = node_and_pacs
+    films = [chest_film(tmp_path / f"f{i}.dcm", np.tile(np.arange(64, dtype=np.uint8) * (i + 1), (64, 1)))
+             for i in range(5)]
+    uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in films]
+    calls = []
+
+    class BreaksOnTheThird:  # the predictor, but a call holding the third film fails
+        classes = predictor.classes
+
+        def predict_files(self, paths, desc=None):
+            calls.append(len(paths))
+            if any(uids[2] in str(p) for p in paths):
+                raise RuntimeError("the runtime failed")
+            return predictor.predict_files(paths, desc=desc)
+
+    node = make(start=False, predictor=BreaksOnTheThird())
+    for uid, film in zip(uids, films):
+        assert node.spool.accept(uid, film.read_bytes()) is None
+    node.report(uids)
+    assert calls[0] == 5  # together first, then each alone
+    assert (tmp_path / "spool" / "failed" / f"{uids[2]}.dcm").is_file()
+    reported = {uid: report_values(pydicom.dcmread(node.spool.outbox(uid))) for uid in uids if uid != uids[2]}
+    assert set(reported) == set(uids) - {uids[2]} and not node.spool.waiting()
+    for uid, film in zip(uids, films):
+        if uid in reported:
+            alone = predictor.predict_files([film]).probabilities[0]
+            np.testing.assert_allclose([reported[uid][f"p-{c}"] for c in predictor.classes], alone, atol=1e-6)
+
+
 def test_a_film_it_must_not_classify_gets_not_analysed(node_and_pacs, tmp_path):
     make, pacs, node_peer = node_and_pacs
     make()

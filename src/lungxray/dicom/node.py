@@ -42,6 +42,7 @@ NOT_ANALYSED = ("report", "nothing")  # what a film it must not classify gets
 # What the node sends: its reports and heat maps, always written explicit VR little endian (`encoded`).
 RESULTS = [(ComprehensiveSRStorage, ExplicitVRLittleEndian), (SecondaryCaptureImageStorage, ExplicitVRLittleEndian)]
 IDLE_SECONDS = 2.0  # the association to the PACS is released after this long with nothing to send
+PREDICT_TOGETHER = 16  # films waiting that are predicted in one call
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
 
@@ -143,20 +144,43 @@ class DicomNode:
         while not self._stopping.is_set():
             self._work.wait(timeout=1.0)
             self._work.clear()
-            for uid in self.spool.waiting():
+            waiting = self.spool.waiting()
+            for start in range(0, len(waiting), PREDICT_TOGETHER):
                 if self._stopping.is_set():
                     return
-                try:
-                    self.report(uid)
-                except Exception:  # a film no report can be made for must not stop the node
-                    log.exception("no report could be made for instance %s; it is kept in %s", hashed(uid),
-                                  self.spool.set_aside(uid))
+                self.report(waiting[start:start + PREDICT_TOGETHER])
 
-    def report(self, uid: str) -> None:
-        """Predict the film `uid` of the spool and put its report (and heat map) in the outbox."""
-        path = self.spool.incoming(uid)
-        source = pydicom.dcmread(path, stop_before_pixels=True)
-        outcome = self.outcome(path, source)
+    def report(self, uids: list[str]) -> None:
+        """Predict the spool's films `uids` together and put each one's report (and heat map) in the
+        outbox. A film no report can be made for is set aside; the others go on."""
+        sources = {}
+        for uid in uids:
+            try:
+                sources[uid] = pydicom.dcmread(self.spool.incoming(uid), stop_before_pixels=True)
+            except Exception:
+                self._set_aside(uid)
+        try:
+            outcomes = self.outcomes(sources)
+        except Exception:  # a film broke the call for all: each alone, so that only it is set aside
+            outcomes = {}
+            for uid in list(sources):
+                try:
+                    outcomes.update(self.outcomes({uid: sources[uid]}))
+                except Exception:
+                    self._set_aside(uid)
+                    del sources[uid]
+        for uid, source in sources.items():
+            try:
+                self._answer(uid, source, outcomes[uid])
+            except Exception:
+                self._set_aside(uid)
+        self._work.set()
+
+    def _set_aside(self, uid: str) -> None:  # a film no report can be made for must not stop the node
+        log.exception("no report could be made for instance %s; it is kept in %s", hashed(uid),
+                      self.spool.set_aside(uid))
+
+    def _answer(self, uid: str, source: pydicom.Dataset, outcome: Outcome) -> None:
         facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=outcome.decision, ood=outcome.ood,
                      probabilities=outcome.probabilities, reason=outcome.not_analysed)
         if outcome.not_analysed is not None and self.not_analysed == "nothing":
@@ -165,22 +189,30 @@ class DicomNode:
             return
         heatmap = None
         if self.heatmap is not None and outcome.decision in self.predictor.classes:
-            heatmap = encoded(self.heatmap(path, source, outcome.decision, outcome.probabilities[outcome.decision],
-                                           self.model))
+            heatmap = encoded(self.heatmap(self.spool.incoming(uid), source, outcome.decision,
+                                           outcome.probabilities[outcome.decision], self.model))
         self.spool.reported(uid, self._reports(source, outcome), heatmap)
         self._audit("reported", uid, heatmap=(heatmap is not None) if self.heatmap else None, **facts)
-        self._work.set()
 
-    def outcome(self, path: Path, source: pydicom.Dataset) -> Outcome:
-        if source.get("Manufacturer") == "lungxray":  # its own heat map, routed back by the PACS
-            return Outcome(not_analysed="made by lungxray (a heat map), not a film")
-        predictions = self.predictor.predict_files([path], desc=None)
-        if predictions.errors:
-            return Outcome(not_analysed=predictions.errors[0].reason)
-        probabilities = {c: float(p) for c, p in zip(self.predictor.classes, predictions.probabilities[0])}
-        if predictions.ood is None:
-            return Outcome(probabilities)
-        return Outcome(probabilities, float(predictions.ood_score[0]), bool(predictions.ood[0]))
+    def outcomes(self, sources: dict[str, pydicom.Dataset]) -> dict[str, Outcome]:
+        """What the model says of each film, by UID; the films are predicted in one call, so that
+        their decoding and inference run in the predictor's threads side by side."""
+        outcomes = {uid: Outcome(not_analysed="made by lungxray (a heat map), not a film")
+                    for uid, source in sources.items() if source.get("Manufacturer") == "lungxray"}  # routed back
+        films = [uid for uid in sources if uid not in outcomes]
+        if not films:
+            return outcomes
+        paths = [self.spool.incoming(uid) for uid in films]
+        predictions = self.predictor.predict_files(paths, desc=None)
+        reasons = {error.path: error.reason for error in predictions.errors}
+        for index, (uid, path) in enumerate(zip(films, paths)):
+            if str(path) in reasons:
+                outcomes[uid] = Outcome(not_analysed=reasons[str(path)])
+                continue
+            probabilities = {c: float(p) for c, p in zip(self.predictor.classes, predictions.probabilities[index])}
+            outcomes[uid] = (Outcome(probabilities) if predictions.ood is None else
+                             Outcome(probabilities, float(predictions.ood_score[index]), bool(predictions.ood[index])))
+        return outcomes
 
     # -- the sender: reports to the PACS -------------------------------------------------------
     def _send_loop(self) -> None:
