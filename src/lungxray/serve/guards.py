@@ -70,8 +70,8 @@ async def send_error(send, status: int, error: str, headers: list | tuple = ()) 
 
 
 class Admission:
-    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1. Its
-    methods are plain calls, so that `serve --workers N` can share one through a manager process."""
+    """Images admitted (waiting or running), counted one by one: a batch of 50 is 50, not 1. Under
+    `serve --workers N` the count is one for all of them (`workers.SharedAdmission`)."""
 
     def __init__(self, limit: int):
         self.limit, self.count, self.lock = limit, 0, threading.Lock()
