@@ -20,6 +20,7 @@ from lungxray.data.importers import import_collection
 from lungxray.errors import DataError
 from tests.conftest import TINY, synthetic_image, torchxrayvision_wheel
 
+
 def published_rows(member: str, keys: set[str], column: str) -> tuple[list[str], list[dict]]:
     """The header of a label file in the wheel and its rows whose `column` is among `keys`."""
     with zipfile.ZipFile(torchxrayvision_wheel()) as wheel:

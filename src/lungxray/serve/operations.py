@@ -55,20 +55,17 @@ class RateLimit:
     def retry_after(self, caller: str) -> float:
         """0 when the request may go now (and takes its token), else the seconds until it may."""
         with self.lock:
-            return self._take(caller)
-
-    def _take(self, caller: str) -> float:
-        now = time.monotonic()
-        tokens, then = self.buckets.get(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.per_second)
-        if len(self.buckets) > self.MAX_CALLERS:
-            self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items()
-                            if t + (now - w) * self.per_second < self.burst}
-        if tokens >= 1:
-            self.buckets[caller] = (tokens - 1, now)
-            return 0.0
-        self.buckets[caller] = (tokens, now)
-        return (1 - tokens) / self.per_second
+            now = time.monotonic()
+            tokens, then = self.buckets.get(caller, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.per_second)
+            if len(self.buckets) > self.MAX_CALLERS:
+                self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items()
+                                if t + (now - w) * self.per_second < self.burst}
+            if tokens >= 1:
+                self.buckets[caller] = (tokens - 1, now)
+                return 0.0
+            self.buckets[caller] = (tokens, now)
+            return (1 - tokens) / self.per_second
 
     def limit(self) -> float:
         """Requests a second (a method, so that a manager's proxy tells it too)."""

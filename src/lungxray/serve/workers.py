@@ -108,8 +108,6 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
-    from lungxray.serve import DEFAULT_MAX_PENDING
-
     folder = Path(tempfile.mkdtemp(prefix="lungxray-serve-"))
     (folder / "metrics").mkdir()
     (folder / "admission").write_bytes(bytes(COUNT.size))
@@ -126,8 +124,7 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
     os.environ[SETTINGS_ENV] = json.dumps({
         "model": str(model), "cache_dir": str(cache_dir) if cache_dir else None, "runtime": runtime,
         "keys": str(keys) if keys else None, "app": app_options, "rate": rate,
-        "admission": str(folder / "admission"),
-        "max_pending": app_options.get("max_pending", DEFAULT_MAX_PENDING)}, default=str)
+        "admission": str(folder / "admission")}, default=str)
     config = uvicorn.Config("lungxray.serve.workers:app_from_environment", factory=True, host=host, port=port,
                             workers=workers, log_level="warning",
                             limit_concurrency=max(1, math.ceil(max_connections / workers)),
@@ -167,10 +164,11 @@ def build_app(settings: dict):
     from lungxray.lite import is_export
     from lungxray.loader import load_predictor
     from lungxray.rundir import RunDir
-    from lungxray.serve import create_app
+    from lungxray.serve import DEFAULT_MAX_PENDING, create_app
     from lungxray.serve.keys import KeyStore
 
-    shared = Shared(Path(settings["admission"]), settings["max_pending"], settings["rate"])
+    shared = Shared(Path(settings["admission"]), settings["app"].get("max_pending", DEFAULT_MAX_PENDING),
+                    settings["rate"])
     model = settings["model"]
     run = None if is_export(model) else RunDir.open(model)
     cache_dir = Path(settings["cache_dir"]) if settings["cache_dir"] else None
