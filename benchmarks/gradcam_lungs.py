@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lungxray import Predictor
-from lungxray.explain import GradCam, share_inside
+from lungxray import KerasPredictor
+from lungxray.infer.explain import GradCam, share_inside
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
             films[row["source"]].append(row)
     print("| run | source | films | saliency inside the lungs (mean, IQR) | uniform (lung area) |\n|---|---|---|---|---|")
     for run in args.runs:
-        predictor = Predictor.load(run)
+        predictor = KerasPredictor.load(run)
         gradcam = GradCam(predictor.model)
         for source, rows in films.items():
             shares, areas = [], []

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.export import export_model
-from lungxray.lite import EXPORT_SUFFIXES, LitePredictor
+from lungxray.infer.export import export_model
+from lungxray.infer.lite_predictor import EXPORT_SUFFIXES, LitePredictor
 from lungxray.parallel import bounded_map
-from lungxray.predict import Predictor
+from lungxray.infer.keras_predictor import KerasPredictor
 
 
 def images_per_second(predictor, files: list[Path]) -> float:
@@ -66,7 +66,7 @@ def network_ms(predictor: LitePredictor, image: np.ndarray, calls: int = 500) ->
 
 def import_seconds(runs: int = 5) -> float:
     """What a `predict` process from an export pays before it opens the model: Python and the imports."""
-    code = "import lungxray.cli, lungxray.loader, lungxray.lite"
+    code = "import lungxray.cli, lungxray.infer.loader, lungxray.infer.lite_predictor"
     times = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -104,7 +104,7 @@ def main() -> None:
             export_model(args.model, path, fmt=fmt)
     files = sorted(args.images.rglob("*.jpg"))[: args.n]
     with tempfile.TemporaryDirectory() as cache:
-        keras_side = Predictor.load(args.model, cache_dir=Path(cache))
+        keras_side = KerasPredictor.load(args.model, cache_dir=Path(cache))
         image = keras_side.read(files[0])
         rows = [("Keras run (LiteRT backbone, Keras head)", keras_side, args.model)]
         rows += [(f"{fmt} export", LitePredictor.load(path), path) for fmt, path in exports.items()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungxray import Predictor  # noqa: E402
+from lungxray import KerasPredictor  # noqa: E402
 from lungxray.data.records import load_dataset  # noqa: E402
 from tests.test_integration import non_xray_images  # noqa: E402
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/cxr")
     parser.add_argument("--cache")
     args = parser.parse_args()
-    predictor = Predictor.load(args.model, cache_dir=args.cache)
+    predictor = KerasPredictor.load(args.model, cache_dir=args.cache)
     if predictor.ood is None:
         sys.exit(f"{args.model} has no out-of-distribution gate (ood.npz); retrain it")
     others = non_xray_images(Path(tempfile.mkdtemp()) / "others")

@@ -22,8 +22,8 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from lungxray.data.records import load_dataset
-from lungxray.export import with_features
-from lungxray.predict import Predictor
+from lungxray.infer.export import with_features
+from lungxray.infer.keras_predictor import KerasPredictor
 
 VARIANTS = {
     "dynamic-range int8": dict(representative=False, ops=None),
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args()
 
-    predictor = Predictor.load(args.model, runtime="keras")
+    predictor = KerasPredictor.load(args.model, runtime="keras")
     dataset = load_dataset(args.model / "data.csv")
     rng = np.random.default_rng(0)
 

@@ -107,8 +107,8 @@ class InProcess:
     """The predictor that `serve` would load, run on files in this process: images/s."""
 
     def __init__(self, model: str, files: list[Path]):
-        from lungxray.loader import load_predictor
-        from lungxray.lite import is_export
+        from lungxray.infer.loader import load_predictor
+        from lungxray.infer.lite_predictor import is_export
         from lungxray.rundir import RunDir
 
         self.predictor, self.files = load_predictor(model if is_export(model) else RunDir.open(model).model), files

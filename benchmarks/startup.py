@@ -2,7 +2,7 @@
 
     python benchmarks/startup.py [--runs 7]
 
-Commands that need no model must not pay for TensorFlow; the last row (importing the Predictor,
+Commands that need no model must not pay for TensorFlow; the last row (importing the KerasPredictor,
 which loads TensorFlow) shows what they would otherwise pay.
 """
 
@@ -40,8 +40,8 @@ def main() -> None:
             "lungxray train --help": [lungxray, "train", "--help"],
             "lungxray data fetch --print-path": [lungxray, "data", "fetch", "--print-path", "--dest", dest],
             "lungxray compare --help": [lungxray, "compare", "--help"],
-            "python -c 'from lungxray import Predictor' (TensorFlow)": [sys.executable, "-c",
-                                                                       "from lungxray import Predictor"],
+            "python -c 'from lungxray import KerasPredictor' (TensorFlow)": [sys.executable, "-c",
+                                                                       "from lungxray import KerasPredictor"],
         }
         print(f"| command | median s of {args.runs} |\n|---|---|")
         for name, argv in commands.items():

@@ -19,8 +19,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lungxray.data.records import load_dataset
-from lungxray.features import FeatureExtractor
-from lungxray.model import build_backbone
+from lungxray.model.features import FeatureExtractor
+from lungxray.model.network import build_backbone
 
 SELECTIONS = {
     "ieee8023 only": lambda r: r.extra["source"] == "ieee8023_covid-chestxray",

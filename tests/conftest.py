@@ -98,7 +98,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def export(run, tmp_path_factory) -> Path:
     """The shared run exported to LiteRT (checked on 8 images), for what runs without TensorFlow."""
-    from lungxray.export import export_model
+    from lungxray.infer.export import export_model
 
     run_dir, _, cache = run
     return export_model(run_dir, tmp_path_factory.mktemp("export") / "model.tflite", cache_dir=cache, sample_size=8).path
@@ -109,11 +109,11 @@ def client(run):
     """FastAPI's test client on the shared run, uploads limited to 1 MB."""
     from fastapi.testclient import TestClient
 
-    from lungxray import Predictor, RunDir
+    from lungxray import KerasPredictor, RunDir
     from lungxray.serve import create_app
 
     run_dir, _, cache = run
-    predictor = Predictor.load(run_dir, cache_dir=cache)
+    predictor = KerasPredictor.load(run_dir, cache_dir=cache)
     return TestClient(create_app(predictor, RunDir.open(run_dir), max_upload_mb=1))
 
 

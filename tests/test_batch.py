@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lungxray.batch import PART_GLOB, score
+from lungxray.infer.batch import PART_GLOB, score
 from lungxray.cli import main
 from lungxray.cluster import RayCluster
-from lungxray.lite import LitePredictor
-from lungxray.ood import OutOfDistribution
+from lungxray.infer.lite_predictor import LitePredictor
+from lungxray.model.ood import OutOfDistribution
 
 
 @pytest.fixture

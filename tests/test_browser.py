@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from lungxray import Predictor, RunDir
+from lungxray import KerasPredictor, RunDir
 from lungxray.serve import create_app
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -26,7 +26,7 @@ def server(run, tmp_path):
     """The app, its gate's threshold set between a test X-ray's score and a noise photo's, so that
     the photo is flagged and the X-ray is not."""
     run_dir, data, cache = run
-    predictor = Predictor.load(run_dir, cache_dir=cache)
+    predictor = KerasPredictor.load(run_dir, cache_dir=cache)
     xray, photo = sorted((data / "test" / "pneumonia").iterdir())[0], noise_photo(tmp_path / "photo.png")
     scores = predictor.predict_files([xray, photo]).ood_score
     assert scores[1] > scores[0], "the noise photo must look less like the training X-rays than an X-ray does"

@@ -92,7 +92,7 @@ def flagging_run(trained_run, tmp_path):
     """A copy of the trained run whose out-of-distribution gate flags every image."""
     import shutil
 
-    from lungxray.ood import OutOfDistribution
+    from lungxray.model.ood import OutOfDistribution
 
     run = tmp_path / "flagging"
     shutil.copytree(trained_run[0], run)
@@ -115,7 +115,7 @@ def test_every_output_format_shows_the_gate(trained_run, flagging_run, capsys):
     assert row["ood"] == "1" and float(row["ood_score"]) > -1.0 and row["predicted"] in {"covid", "normal", "pneumonia"}
     main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--format", "json", image])
     (answer,) = json.loads(capsys.readouterr().out)
-    assert answer["ood"] is True and answer["ood_score"] > -1.0 and answer["predicted"]
+    assert answer["ood"]["flag"] is True and answer["ood"]["score"] > -1.0 and answer["predicted"]
 
 
 def test_refuse_ood_withholds_the_class(trained_run, flagging_run, capsys):
@@ -124,7 +124,7 @@ def test_refuse_ood_withholds_the_class(trained_run, flagging_run, capsys):
     capsys.readouterr()
     main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--refuse-ood", "--format", "json", image])
     (answer,) = json.loads(capsys.readouterr().out)
-    assert answer["predicted"] is None and answer["probabilities"] is None and answer["ood"] is True
+    assert answer["predicted"] is None and answer["probabilities"] is None and answer["ood"]["flag"] is True
     main(["predict", "--model", str(flagging_run), "--cache", str(cache), "--refuse-ood", image])
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[1].split()[1] == "withheld" and "withheld (--refuse-ood)" in err

@@ -8,8 +8,8 @@ from lungxray import Config, train
 from lungxray.cli import main
 from lungxray.cluster import RayCluster
 from lungxray.errors import ConfigError
-from lungxray.features import FeatureExtractor
-from lungxray.model import build_backbone
+from lungxray.model.features import FeatureExtractor
+from lungxray.model.network import build_backbone
 from tests.conftest import TINY, write_class_folders
 
 pytestmark = pytest.mark.usefixtures("ray_alone")

@@ -9,12 +9,12 @@ import pytest
 from crepes import ConformalClassifier
 from fastapi.testclient import TestClient
 
-from lungxray import Predictor, RunDir
+from lungxray import KerasPredictor, RunDir
 from lungxray.cli import main
-from lungxray.conformal import ConformalSets, describe_set
+from lungxray.model.conformal import ConformalSets, describe_set
 from lungxray.errors import ConfigError
 from lungxray.evaluate.metrics import set_coverage
-from lungxray.lite import LitePredictor
+from lungxray.infer.lite_predictor import LitePredictor
 from lungxray.serve import create_app
 from tests.test_serve import png_bytes
 
@@ -62,7 +62,7 @@ def test_each_class_is_covered_as_promised_on_exchangeable_data():
 
 def test_sets_everywhere_a_prediction_is_shown(run, export, tmp_path, capsys):
     run_dir, data, cache = run
-    keras_side = Predictor.load(run_dir, cache_dir=cache)
+    keras_side = KerasPredictor.load(run_dir, cache_dir=cache)
     lite_side = LitePredictor.load(export)
     assert keras_side.conformal is not None and lite_side.conformal is not None  # the run and the export carry it
     images = sorted((data / "test").rglob("*.png"))

@@ -14,7 +14,7 @@ from lungxray.cli import main
 from lungxray.convert.torchxrayvision import convert_checkpoint
 from lungxray.data.images import read_image
 from lungxray.errors import WeightsError
-from lungxray.model import XRV_BACKBONE, build_backbone
+from lungxray.model.network import XRV_BACKBONE, build_backbone
 from tests.conftest import CXR, require_shared, torchxrayvision_wheel
 
 

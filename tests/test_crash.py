@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from lungxray import Predictor
+from lungxray import KerasPredictor
 from lungxray.cli import main
 from lungxray.errors import DataError
 from lungxray.rundir import RunDir
@@ -57,7 +57,7 @@ def uninterrupted(tmp_path_factory):
     data = write_class_folders(root / "data", per_class=8, splits=["train", "val", "test"])
     assert main([*TRAIN, "--data", str(data), "--out", str(root / "clean"), "--cache", str(root / "cache")]) == 0
     images = sorted(data.rglob("*.png"))
-    expected = Predictor.load(root / "clean", runtime="keras", cache_dir=root / "cache").predict_files(images)
+    expected = KerasPredictor.load(root / "clean", runtime="keras", cache_dir=root / "cache").predict_files(images)
     return data, root / "cache", root / "clean", images, expected.probabilities
 
 
@@ -70,12 +70,12 @@ def test_killed_run_resumes_to_the_same_model(uninterrupted, tmp_path, kill_at):
     assert kill_when(start([*TRAIN, *argv]), run / kill_at), f"training ended before {kill_at} appeared"
     check_whole(run)
     if (run / "model.keras").exists():  # the kill came after the model was saved: it must load as it is
-        Predictor.load(run, runtime="keras", cache_dir=cache)
+        KerasPredictor.load(run, runtime="keras", cache_dir=cache)
         return
     assert main([*TRAIN, *argv]) == 2  # an interrupted run is not silently overwritten
     assert main(["train", "--resume", *argv]) == 0
     assert not list(run.rglob(".tmp-*"))
-    resumed = Predictor.load(run, runtime="keras", cache_dir=cache).predict_files(images).probabilities
+    resumed = KerasPredictor.load(run, runtime="keras", cache_dir=cache).predict_files(images).probabilities
     np.testing.assert_allclose(resumed, expected, atol=1e-6)
 
 

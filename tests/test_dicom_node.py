@@ -24,15 +24,40 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from lungxray.cli import main
 from lungxray.dicom.heatmap import HeatmapMaker
 from lungxray.dicom.node import DicomNode, Limits
-from lungxray.dicom.report import ModelIdentity, Outcome, ReportWriter, encoded, report_values, result_report
+from lungxray.dicom.sr import ReportWriter, encoded, result_report
 from lungxray.dicom.send import Peer, send_files
 from lungxray.dicom.spool import Spool
 from lungxray.dicom.tls import client_context, server_context
 from lungxray.errors import ConfigError, DataError
-from lungxray.loader import load_predictor
+from lungxray.infer.answer import NOT_ANALYSED, WITHHELD, Answer
+from lungxray.infer.identity import ModelIdentity
+from lungxray.infer.loader import load_predictor
 from tests.conftest import CXR, require_shared
 from tests.test_dicom import make_dicom
 from tests.test_distribute import free_ports
+
+
+def report_values(report: pydicom.Dataset) -> dict[str, str | float]:
+    """The report's items by concept code (numbers as floats)."""
+    values: dict[str, str | float] = {}
+    for item in report.ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if item.ValueType == "NUM":
+            values[code] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "TEXT":
+            values[code] = str(item.TextValue)
+        elif item.ValueType == "IMAGE":
+            values[code] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return values
+
+
+def outcome(probabilities=None, ood_score=None, ood=None, not_analysed=None, refuse_ood=True) -> Answer:
+    """An answer as the node makes it: withheld when the gate flags the film."""
+    if not_analysed is not None:
+        return Answer("film", None, "ab" * 6, NOT_ANALYSED, not_analysed)
+    decision = WITHHELD if ood and refuse_ood else max(probabilities, key=probabilities.get)
+    return Answer("film", None, "ab" * 6, decision, "gate" if decision == WITHHELD else None, probabilities=probabilities,
+                  ood_score=ood_score, ood=ood, ood_threshold=0.5 if ood is not None else None)
 
 
 class Pacs:
@@ -84,11 +109,10 @@ def predictor(run):
 def node_and_pacs(predictor, tmp_path):
     node_port, pacs_port = free_ports(2)
     pacs = Pacs(pacs_port).start()
-    identity = ModelIdentity("run", "test", "ab" * 32)
     made = []
 
     def make(start=True, predictor=predictor, **options):
-        node = DicomNode(predictor, identity, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
+        node = DicomNode(predictor, Peer("PACS", "127.0.0.1", pacs_port), tmp_path / "spool",
                          port=node_port, retry_seconds=0.2, max_retry_seconds=0.5, **options)
         if start:
             node.start()
@@ -110,7 +134,7 @@ def real_film(tmp_path) -> tuple:
 
 def test_a_film_comes_back_as_a_report_in_its_study(node_and_pacs, predictor, tmp_path):
     make, pacs, node_peer = node_and_pacs
-    make()
+    make(refuse_ood=False)  # the tiny test run's gate flags real films: with its class shown, the report has it all
     film, _ = real_film(tmp_path)
     assert send_files([film], node_peer) == [(film, "sent")]
     (report,) = pacs.wait_for(1)
@@ -122,38 +146,39 @@ def test_a_film_comes_back_as_a_report_in_its_study(node_and_pacs, predictor, tm
     expected = predictor.predict_files([film]).probabilities[0]
     got = np.array([values[f"p-{c}"] for c in predictor.classes])
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert values["decision"] in {*predictor.classes, "withheld"} and values["model-sha256"] == "ab" * 32
+    assert values["decision"] in {*predictor.classes, "withheld"} and values["model-sha256"] == predictor.identity.fingerprint
     assert "not a medical device" in values["notice"]
     audit = (tmp_path / "spool" / "audit.jsonl").read_text()
     assert [json.loads(line)["event"] for line in audit.splitlines()] == ["received", "reported", "delivered"]
     assert "P-0042" not in audit and "Doe" not in audit and source.SOPInstanceUID not in audit
 
 
-def test_films_waiting_together_are_predicted_together_and_one_that_breaks_is_set_aside(node_and_pacs, predictor,
-                                                                                          tmp_path):
-    """The worker predicts the films waiting in one call; each report holds what that film alone
-    gets, and a film the predictor fails on (not merely an unreadable image) is set aside, the
-    others reported."""
+def test_films_waiting_together_are_each_read_once_and_one_that_breaks_is_set_aside(node_and_pacs, predictor,
+                                                                                      tmp_path):
+    """The worker answers the films waiting side by side, each parsed once; each report holds what
+    that film alone gets, and a film the predictor fails on (not merely an unreadable image) is set
+    aside, the others reported."""
     make, pacs, _ = node_and_pacs
     films = [chest_film(tmp_path / f"f{i}.dcm", np.tile(np.arange(64, dtype=np.uint8) * (i + 1), (64, 1)))
              for i in range(5)]
     uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in films]
-    calls = []
+    reads = []
 
-    class BreaksOnTheThird:  # the predictor, but a call holding the third film fails
-        classes = predictor.classes
+    class BreaksOnTheThird:  # the predictor, but it fails on the third film
+        def __getattr__(self, name):
+            return getattr(predictor, name)
 
-        def predict_files(self, paths, desc=None):
-            calls.append(len(paths))
-            if any(uids[2] in str(p) for p in paths):
+        def read(self, source, name=None):
+            reads.append(str(source.SOPInstanceUID))
+            if str(source.SOPInstanceUID) == uids[2]:
                 raise RuntimeError("the runtime failed")
-            return predictor.predict_files(paths, desc=desc)
+            return predictor.read(source, name)
 
-    node = make(start=False, predictor=BreaksOnTheThird())
+    node = make(start=False, predictor=BreaksOnTheThird(), refuse_ood=False)
     for uid, film in zip(uids, films):
         assert node.spool.accept(uid, film.read_bytes()) is None
     node.report(uids)
-    assert calls[0] == 5  # together first, then each alone
+    assert sorted(reads) == sorted(uids)  # each film parsed and decoded once
     assert (tmp_path / "spool" / "failed" / f"{uids[2]}.dcm").is_file()
     reported = {uid: report_values(pydicom.dcmread(node.spool.outbox(uid))) for uid in uids if uid != uids[2]}
     assert set(reported) == set(uids) - {uids[2]} and not node.spool.waiting()
@@ -191,11 +216,11 @@ def test_a_report_made_again_is_the_same_instance():
     source = pydicom.Dataset()
     source.update({"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
                    "SOPInstanceUID": generate_uid(), "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1"})
-    outcome = Outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3})
+    answer = outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3})
     model, other = ModelIdentity("run", "1", "ab" * 32), ModelIdentity("run", "1", "cd" * 32)
-    first, again = result_report(source, outcome, model), result_report(source, outcome, model)
+    first, again = result_report(source, answer, model), result_report(source, answer, model)
     assert first.SOPInstanceUID == again.SOPInstanceUID and first.SeriesInstanceUID == again.SeriesInstanceUID
-    assert result_report(source, outcome, other).SOPInstanceUID != first.SOPInstanceUID  # another model
+    assert result_report(source, answer, other).SOPInstanceUID != first.SOPInstanceUID  # another model
 
 
 def elements(dataset: pydicom.Dataset, prefix: str = "") -> dict[str, object]:
@@ -213,26 +238,26 @@ def elements(dataset: pydicom.Dataset, prefix: str = "") -> dict[str, object]:
 def test_the_report_writer_gives_highdicoms_report_for_every_film():
     rng = np.random.default_rng(3)
     model = ModelIdentity("run", "1", "ab" * 32)
-    outcomes = [Outcome(dict(zip(("covid", "normal", "pneumonia"), rng.dirichlet([1, 1, 1]))), float(rng.random()),
+    outcomes = [outcome(dict(zip(("covid", "normal", "pneumonia"), rng.dirichlet([1, 1, 1]))), float(rng.random()),
                         bool(flagged)) for flagged in (0, 1, 0)]
-    outcomes += [Outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3}),  # no gate
-                 Outcome({"covid": 0.7, "normal": 0.2, "pneumonia": 0.1}),
-                 Outcome(not_analysed="a lateral view"), Outcome(not_analysed="unreadable pixels")]
+    outcomes += [outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3}),  # no gate
+                 outcome({"covid": 0.7, "normal": 0.2, "pneumonia": 0.1}),
+                 outcome(not_analysed="a lateral view"), outcome(not_analysed="unreadable pixels")]
     write = ReportWriter(model)
-    for index, outcome in enumerate(outcomes):
+    for index, answer in enumerate(outcomes):
         source = pydicom.Dataset()
         source.update({"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
                        "SOPInstanceUID": generate_uid(), "PatientSex": "MF"[index % 2], "StudyDate": f"2026010{index + 1}",
                        "SOPClassUID": ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1")[index % 2]})
         if index % 3:  # present in some films only: the writer must not keep another film's
             source.update({"PatientName": f"Doe^Jane{index}", "PatientID": f"P-{index}", "AccessionNumber": "A1"})
-        written = elements(pydicom.dcmread(io.BytesIO(write(source, outcome))))
-        built = elements(pydicom.dcmread(io.BytesIO(encoded(result_report(source, outcome, model)))))
+        written = elements(pydicom.dcmread(io.BytesIO(write(source, answer))))
+        built = elements(pydicom.dcmread(io.BytesIO(encoded(result_report(source, answer, model)))))
         created = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
                    "ContributingEquipmentSequence[0].ContributionDateTime"}
         assert written.keys() == built.keys()
         assert {k: v for k, v in written.items() if k not in created} == {k: v for k, v in built.items()
-                                                                          if k not in created}, outcome
+                                                                          if k not in created}, answer
 
 
 def test_with_heatmaps_each_classified_film_also_gets_a_grad_cam_capture(node_and_pacs, predictor, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, KerasPredictor, train
 from lungxray.cli import main
 from lungxray.data.pipeline import EpochPlan
 from tests.conftest import TINY, write_class_folders
@@ -81,8 +81,8 @@ def test_two_workers_on_loopback_train_the_model_one_process_trains(tmp_path, se
     assert "run folder" in outputs[0][0] and "the chief wrote the run folder" in outputs[1][0]
     assert all("strategy: multi-worker, 2 replicas" in err for _, err in outputs)
 
-    together = Predictor.load(tmp_path / "together", runtime="keras", cache_dir=tmp_path / "cache")
-    head = Predictor.load(alone.run_dir, runtime="keras", cache_dir=tmp_path / "cache")
+    together = KerasPredictor.load(tmp_path / "together", runtime="keras", cache_dir=tmp_path / "cache")
+    head = KerasPredictor.load(alone.run_dir, runtime="keras", cache_dir=tmp_path / "cache")
     for mine, theirs in zip(together.head.get_weights(), head.head.get_weights()):
         np.testing.assert_allclose(mine, theirs, atol=WEIGHT_TOLERANCE)
     files = sorted((data / "test").rglob("*.png"))

@@ -6,9 +6,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, KerasPredictor, train
 from lungxray.cli import main
-from lungxray.evaluate import evaluate
+from lungxray.evaluate.evaluation import evaluate
 from tests.conftest import TINY, write_class_folders
 
 
@@ -68,7 +68,7 @@ def test_holdout_source_is_never_trained_on(runs, manifest):
 
 def test_overlap_with_training_is_reported(runs, manifest, tmp_path):
     plain, _, cache = runs
-    predictor = Predictor.load(plain.run_dir, runtime="keras", cache_dir=cache)
+    predictor = KerasPredictor.load(plain.run_dir, runtime="keras", cache_dir=cache)
     metrics = evaluate(predictor, manifest, tmp_path, split="train", resamples=20)
     assert metrics["overlap_with_training"]["images"] == metrics["n"] == 14 * 3
 

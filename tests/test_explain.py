@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lungxray.cli import main
-from lungxray.explain import GradCam, overlay, share_inside
+from lungxray.infer.explain import GradCam, overlay, share_inside
 
 
 def known_model(size=64):

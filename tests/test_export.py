@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from lungxray import Predictor
+from lungxray import KerasPredictor
 from lungxray.cli import main
 from lungxray.errors import WeightsError
-from lungxray.export import FLOAT_TOLERANCE, export_model
-from lungxray.lite import LitePredictor, sidecar_paths
+from lungxray.infer.export import FLOAT_TOLERANCE, export_model
+from lungxray.infer.loader import load_predictor
+from lungxray.infer.lite_predictor import LitePredictor, sidecar_paths
 
 # Importing TensorFlow or Keras fails in this child, as in an install without them.
 WITHOUT_TENSORFLOW = """
@@ -50,7 +51,7 @@ def test_export_writes_the_model_its_sidecar_and_gate_and_checks_them(exported):
 def test_exported_predictions_match_keras(run, exported):
     run_dir, data, cache = run
     files = sorted(data.rglob("*.png"))
-    keras_side = Predictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
+    keras_side = KerasPredictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
     lite_side = LitePredictor.load(exported.path).predict_files(files)
     np.testing.assert_allclose(lite_side.probabilities, keras_side.probabilities, atol=FLOAT_TOLERANCE)
     np.testing.assert_allclose(lite_side.ood_score, keras_side.ood_score, rtol=1e-3)
@@ -100,7 +101,7 @@ import sys
 for name in ("tensorflow", "keras", "tf_keras"):
     sys.modules[name] = None
 from fastapi.testclient import TestClient
-from lungxray.lite import LitePredictor, sidecar_paths
+from lungxray.infer.lite_predictor import LitePredictor, sidecar_paths
 from lungxray.serve import create_app
 client = TestClient(create_app(LitePredictor.load(sys.argv[1])))
 response = client.post("/api/predict", files={"file": ("x.png", open(sys.argv[2], "rb").read(), "image/png")})
@@ -118,7 +119,7 @@ def test_serve_an_export_without_tensorflow(run, exported):
 
 @pytest.mark.parametrize("name", ["model.tflite", "model.savedmodel"])
 def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch, name):
-    import lungxray.export as export
+    import lungxray.infer.export as export
 
     run_dir, _, cache = run
     monkeypatch.setattr(export, "FLOAT_TOLERANCE", -1.0)  # no export can pass
@@ -135,12 +136,14 @@ def test_savedmodel_export_matches_keras(run, tmp_path):
     info_path, gate_path = sidecar_paths(result.path)
     assert json.loads(info_path.read_text())["format"] == "savedmodel" and gate_path.is_file()
     files = sorted(data.rglob("*.png"))[:10]
-    keras_side = Predictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
+    keras_side = KerasPredictor.load(run_dir, runtime="keras", cache_dir=cache).predict_files(files)
     np.testing.assert_allclose(LitePredictor.load(result.path).predict_files(files).probabilities,
                                keras_side.probabilities, atol=FLOAT_TOLERANCE)
 
 
-def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):
+def test_runtime_takes_the_runs_export_that_lungxray_export_made(run, tmp_path, capsys):
+    """Loading never writes: --runtime litert on a run without a fresh export says which command
+    makes it; after `lungxray export`, it runs that export, until the model is newer again."""
     run_dir, data, cache = run
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
     images = [str(p) for p in sorted((data / "test").rglob("*.png"))[:4]]
@@ -151,19 +154,23 @@ def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):
         return json.loads(capsys.readouterr().out)
 
     keras_rows = predicted("keras")
-    lite_rows = predicted("litert")
     exported = copy / "export" / "model.tflite"
+    assert main(["predict", "--model", str(copy), "--runtime", "litert", *images]) == 2
+    assert "lungxray export --model" in capsys.readouterr().err and not exported.exists()
+    assert main(["export", "--model", str(copy), "--cache", str(cache), "--sample", "8"]) == 0
+    capsys.readouterr()
+    lite_rows = predicted("litert")
     assert exported.is_file() and (copy / "export" / "model.tflite.json").is_file()
     for keras_row, lite_row in zip(keras_rows, lite_rows):
-        assert lite_row["predicted"] == keras_row["predicted"]
+        assert lite_row["predicted"] == keras_row["predicted"] and lite_row["model"] == keras_row["model"]
         assert all(abs(lite_row["probabilities"][c] - keras_row["probabilities"][c]) <= FLOAT_TOLERANCE
                    for c in ("covid", "normal", "pneumonia"))
     made = exported.stat().st_mtime_ns
     predicted("litert")
     assert exported.stat().st_mtime_ns == made  # reused, not exported again
-    os.utime(copy / "model.keras", ns=(made + 10**9, made + 10**9))  # a newer model: exported again
-    predicted("litert")
-    assert exported.stat().st_mtime_ns > made
+    os.utime(copy / "model.keras", ns=(made + 10**9, made + 10**9))  # a newer model: the export is stale
+    assert main(["predict", "--model", str(copy), "--runtime", "litert", *images]) == 2
+    assert "is older than its model" in capsys.readouterr().err and exported.stat().st_mtime_ns == made
     assert main(["predict", "--model", str(exported), "--runtime", "onnx", *images]) == 2
     assert "runs in its own runtime" in capsys.readouterr().err
 
@@ -173,7 +180,7 @@ def test_runtime_picks_the_runs_export_made_on_first_use(run, tmp_path, capsys):
 IMPORTED_DISTRIBUTIONS = "import sys; startup = set(sys.modules)\n" + WITHOUT_TENSORFLOW.split("code = main")[0] + """
 import importlib.metadata, json
 code = main(sys.argv[2:])
-from lungxray.lite import LitePredictor
+from lungxray.infer.lite_predictor import LitePredictor
 from lungxray.serve import create_app
 import uvicorn
 create_app(LitePredictor.load(sys.argv[1]))
@@ -225,12 +232,12 @@ def test_the_base_install_says_what_training_needs(tmp_path):
     assert "pip install 'lungxray[full]'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_predictor_load_opens_an_export_with_or_without_tensorflow(run, exported):
+def test_load_predictor_opens_an_export_with_or_without_tensorflow(run, exported):
     image = sorted((run[1] / "test" / "covid").iterdir())[0]
-    assert isinstance(Predictor.load(exported.path), LitePredictor)
+    assert isinstance(load_predictor(exported.path), LitePredictor)
     code = WITHOUT_TENSORFLOW.split("from lungxray.cli")[0] + """
 import lungxray
-predictor = lungxray.Predictor.load(sys.argv[1])
+predictor = lungxray.load_predictor(sys.argv[1])
 print(type(predictor).__name__, predictor.predict_files([sys.argv[2]]).probabilities.shape)
 """
     result = subprocess.run([sys.executable, "-c", code, str(exported.path), str(image)], capture_output=True,

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray.features import FeatureExtractor
-from lungxray.model import build_backbone
+from lungxray.model.features import FeatureExtractor
+from lungxray.model.network import build_backbone
 from tests.conftest import TINY, WEIGHTS, require_shared
 
 
@@ -92,7 +92,7 @@ def test_corrupt_or_foreign_shards_are_discarded(backbone, split_folders, cache_
 
 
 def test_interrupted_extraction_keeps_finished_shards(backbone, split_folders, cache_dir, monkeypatch):
-    import lungxray.features as features
+    import lungxray.model.features as features
 
     monkeypatch.setattr(features, "SHARD_SIZE", 4)
     files = files_of(split_folders)

@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, KerasPredictor, train
 from lungxray.config import PRESETS
 from lungxray.data.images import read_image
 from lungxray.data.records import Record, balancing_weights
-from lungxray.engines import WorstGroupAccuracy
+from lungxray.training.engines import WorstGroupAccuracy
 from lungxray.errors import DataError
 from lungxray.evaluate.metrics import pairwise_auroc
-from lungxray.features import FeatureExtractor
-from lungxray.model import build_backbone
+from lungxray.model.features import FeatureExtractor
+from lungxray.model.network import build_backbone
 from tests.conftest import CLASSES, TINY, synthetic_image
 
 
@@ -92,7 +92,7 @@ def test_balanced_training_with_worst_group_selection(tmp_path, cache_dir, monke
     # The worst cell can never beat the pooled accuracy.
     assert all(w <= a + 1e-9 for w, a in zip(worst, result.history["val_accuracy"]))
     assert "best val_worst_group_accuracy" in (result.run_dir / "report.md").read_text()
-    predictor = Predictor.load(result.run_dir, cache_dir=cache_dir)
+    predictor = KerasPredictor.load(result.run_dir, cache_dir=cache_dir)
     assert predictor.intensity == "equalize"
 
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from lungxray import Config, Predictor, train
-from lungxray.evaluate import evaluate
+from lungxray import Config, KerasPredictor, train
+from lungxray.evaluate.evaluation import evaluate
 from tests.conftest import WEIGHTS
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_keras_engine_matches_cached_on_real_xrays(cached_run, cxr_subset, tmp_p
 
 def test_evaluate_keeps_manifest_columns(cached_run, cxr_subset, tmp_path):
     result, cache = cached_run
-    predictor = Predictor.load(result.run_dir, cache_dir=cache)
+    predictor = KerasPredictor.load(result.run_dir, cache_dir=cache)
     evaluate(predictor, cxr_subset, tmp_path, split="val")
     header = (tmp_path / "predictions.csv").read_text().splitlines()[0]
     assert header == "file,label,predicted,p_covid,p_normal,p_pneumonia,age_group,source"
@@ -85,7 +85,7 @@ def non_xray_images(folder):
 
 def test_ood_gate_flags_non_xrays_and_few_xrays(cached_run, tmp_path):
     result, cache = cached_run
-    predictor = Predictor.load(result.run_dir, cache_dir=cache)
+    predictor = KerasPredictor.load(result.run_dir, cache_dir=cache)
     assert predictor.ood is not None
     others = predictor.predict_files(non_xray_images(tmp_path / "others"))
     detection = others.ood.mean()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, KerasPredictor, train
 from lungxray import lungs
 from lungxray.data.images import read_image
 from lungxray.errors import ConfigError, DataError
-from lungxray.lungs import SIZE, LungCrop
+from lungxray.model.lungs import SIZE, LungCrop
 from tests.conftest import TINY
 
 
@@ -94,7 +94,7 @@ def test_a_cropped_run_crops_again_when_loaded(split_folders, tmp_path, cache_di
                     crop="lungs", lung_masks=str(tmp_path))
     result = train(split_folders, tmp_path / "run", config, cache_dir=cache_dir)
     assert (result.run_dir / "lungs.keras").is_file()
-    loaded = Predictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir)
+    loaded = KerasPredictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir)
     assert loaded.crop is not None and loaded.crop.fingerprint == LungCrop(segmenter, "keras").fingerprint
     film = sorted(split_folders.rglob("*.png"))[0]
     cropped = read_image(film, TINY, crop=LungCrop(segmenter, "keras"))

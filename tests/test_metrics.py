@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from lungxray.calibration import apply_temperature, fit_temperature
+from lungxray.model.calibration import apply_temperature, fit_temperature
 from lungxray.evaluate.metrics import (bootstrap_intervals, calibration_metrics, classification_metrics, headline,
                                        per_class_metrics)
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from lungxray import Predictor, RunDir
+from lungxray import KerasPredictor, RunDir
 from lungxray.cli import main
 from lungxray.errors import ConfigError
-from lungxray.lite import LitePredictor
-from lungxray.loader import checked_export, load_predictor
+from lungxray.infer.lite_predictor import LitePredictor
+from lungxray.infer.loader import checked_export, load_predictor
 from lungxray.serve import create_app, serve
 from lungxray.serve.batching import Batcher
 from lungxray.serve.keys import KeyStore
@@ -38,7 +38,7 @@ from tests.test_serve import png_bytes
 @pytest.fixture(scope="module")
 def predictor(run):
     run_dir, _, cache = run
-    return Predictor.load(run_dir, cache_dir=cache), RunDir.open(run_dir)
+    return KerasPredictor.load(run_dir, cache_dir=cache), RunDir.open(run_dir)
 
 
 def test_keys_guard_the_api(predictor, tmp_path):
@@ -257,11 +257,11 @@ def test_runtime_auto_takes_the_runs_checked_export(run, export, tmp_path):
                           timeout=120)
     assert fast.returncode == 0, fast.stderr[-2000:]
     assert "runtime litert" in fast.stderr and "largest probability difference" in fast.stderr
-    assert load_predictor(copy, cache, gradients=True).__class__.__name__ == "Predictor"  # Grad-CAM needs Keras
+    assert load_predictor(copy, cache, gradients=True).__class__.__name__ == "KerasPredictor"  # Grad-CAM needs Keras
     sidecar = copy / "export" / "model.tflite.json"
     checked = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**checked, "parity": {**checked["parity"], "max_abs_difference": 1.0}}))
-    assert load_predictor(copy, cache).__class__.__name__ == "Predictor"  # an export that failed parity is not used
+    assert load_predictor(copy, cache).__class__.__name__ == "KerasPredictor"  # an export that failed parity is not used
     sidecar.write_text(json.dumps(checked))
     (copy / "model.keras").touch()  # retrained since the export: the export is stale
     assert checked_export(copy) is None
@@ -269,7 +269,7 @@ def test_runtime_auto_takes_the_runs_checked_export(run, export, tmp_path):
 
 def test_a_run_served_through_its_export_still_explains(run, export):
     run_dir, _, _ = run
-    client = TestClient(create_app(LitePredictor.load(export), RunDir.open(run_dir)))
+    client = TestClient(create_app(LitePredictor.load(export, run_model=RunDir.open(run_dir).model), RunDir.open(run_dir)))
     assert client.get("/api/model").json()["runtime"] == "litert"
     answer = client.post("/api/predict?explain=true", files={"file": ("x.png", png_bytes(), "image/png")}).json()
     assert answer["gradcam"].startswith("data:image/png;base64,")  # from the run's Keras model, loaded on demand

@@ -18,10 +18,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import ComputedRadiographyImageStorage
 
-from lungxray.dicom.report import report_values
-from lungxray.lite import LitePredictor
+from lungxray.infer.lite_predictor import LitePredictor
 from tests.conftest import CXR, require_shared
-from tests.test_dicom_node import CHILD, chest_film, listen
+from tests.test_dicom_node import CHILD, chest_film, listen, report_values
 from tests.test_distribute import free_ports
 
 ORTHANC, STORESCU, DSRDUMP = shutil.which("Orthanc"), shutil.which("storescu"), shutil.which("dsrdump")

@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 from lungxray.cli import main
-from lungxray.probe import probe
+from lungxray.evaluate.probe import probe
 from lungxray.data.records import load_dataset
-from lungxray.evaluate import occlude
-from lungxray.features import FeatureExtractor
-from lungxray.model import build_backbone
+from lungxray.evaluate.evaluation import occlude
+from lungxray.model.features import FeatureExtractor
+from lungxray.model.network import build_backbone
 from tests.conftest import CLASSES, WEIGHTS, require_shared, synthetic_image
 
 

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lungxray import Predictor, RunDir
+from lungxray import KerasPredictor, RunDir
 from lungxray.serve import create_app
 from tests.conftest import TINY
 from tests.test_dicom import make_dicom
@@ -112,7 +112,7 @@ def test_explanation_carries_what_the_model_saw(client, tmp_path):
 
 def test_refuse_ood_withholds_the_class_of_flagged_images(run):
     run_dir, _, cache = run
-    predictor = Predictor.load(run_dir, cache_dir=cache)
+    predictor = KerasPredictor.load(run_dir, cache_dir=cache)
     predictor.ood.threshold = -1.0  # every image is flagged
     refusing = TestClient(create_app(predictor, RunDir.open(run_dir), refuse_ood=True))
     answer = refusing.post("/api/predict", files={"file": ("x.png", noise_photo(), "image/png")}).json()

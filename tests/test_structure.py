@@ -1,6 +1,7 @@
 """The shape of the package: imports run one way, commands that need no model start without
 TensorFlow, the run folder and metrics.json have one owner each, Config validates at the boundary."""
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -20,15 +21,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lungxray"
 
 # Lower layers never import higher ones. Within a layer, modules may import each other.
 LAYERS = [
-    {"errors", "io", "parallel", "config", "calibration", "conformal", "rundir", "runtimes", "predictions"},
+    {"errors", "io", "parallel", "config", "rundir", "environment"},
     {"data"},
-    {"model", "ood", "cluster", "distribute"},
-    {"features", "lite"},
-    {"lungs", "predict", "probe"},
-    {"engines"},
-    {"evaluate", "explain", "export", "loader", "convert"},
-    {"report", "training", "serve", "batch", "dicom"},
-    {"cli", "cli_dicom", "cli_serve", "__init__"},
+    {"model", "cluster"},
+    {"infer", "convert"},
+    {"evaluate"},
+    {"training"},
+    {"serve", "dicom"},
+    {"cli", "__init__"},
 ]
 
 
@@ -82,7 +82,7 @@ def test_commands_without_a_model_do_not_import_tensorflow(argv, tmp_path):
 def test_package_names_load_on_first_use():
     code = ("import sys, lungxray\nassert 'tensorflow' not in sys.modules\n"
             "from lungxray import Config, train\nassert callable(train) and Config().epochs == 30\n"
-            "import lungxray.training\nfrom lungxray import train as again\nassert again is train\nprint('ok')")
+            "import lungxray.training.recipe\nfrom lungxray import train as again\nassert again is train\nprint('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
@@ -178,7 +178,7 @@ def test_crafted_model_files_are_refused(tmp_path):
 
     import keras
 
-    from lungxray.predict import Predictor
+    from lungxray.infer.keras_predictor import KerasPredictor
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
@@ -187,7 +187,7 @@ def test_crafted_model_files_are_refused(tmp_path):
     model.save(lambda_run / "model.keras")
     (lambda_run / "model.json").write_text(json.dumps({"classes": ["a"], "image_size": 32}))
     with pytest.raises(WeightsError, match="not a loadable Keras model"):
-        Predictor.load(lambda_run)
+        KerasPredictor.load(lambda_run)
 
     with zipfile.ZipFile(lambda_run / "model.keras") as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
@@ -203,7 +203,96 @@ def test_crafted_model_files_are_refused(tmp_path):
             archive.writestr(name, content)
     (crafted / "model.json").write_text(json.dumps({"classes": ["a"], "image_size": 32}))
     with pytest.raises(WeightsError, match="not a loadable Keras model"):
-        Predictor.load(crafted)
+        KerasPredictor.load(crafted)
     from keras.src.saving.serialization_lib import in_safe_mode
 
     assert in_safe_mode() is not False  # the crafted config did not switch safe mode off
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = [f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.rglob("*.py")) for node in _functions(path)
+            if node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long
+
+
+def _is_logic_free(statement: ast.stmt) -> bool:
+    """A docstring, an import, `__all__`, or names bound by lazy_loader.attach (lazy re-exports)."""
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        return True
+    if isinstance(statement, ast.Assign):
+        names = {getattr(t, "id", None) for t in statement.targets} | {
+            getattr(e, "id", None) for t in statement.targets if isinstance(t, ast.Tuple) for e in t.elts}
+        value = statement.value
+        attach = isinstance(value, ast.Call) and getattr(value.func, "attr", "") == "attach"
+        return names <= {"__all__", "__version__", "__getattr__", "__dir__", None} and (
+            attach or isinstance(value, (ast.List, ast.Constant)) or names == {"__all__"})
+    return False
+
+
+def test_init_files_only_re_export():
+    busy = [f"{path.relative_to(PACKAGE)}:{statement.lineno}" for path in sorted(PACKAGE.rglob("__init__.py"))
+            for statement in ast.parse(path.read_text()).body if not _is_logic_free(statement)]
+    assert not busy, busy
+
+
+def test_predictors_are_typed_not_probed():
+    """Every runtime implements the `Predictor` protocol: nothing asks a predictor what it has."""
+    probes = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in sorted(PACKAGE.rglob("*.py"))
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("hasattr", "getattr")
+              and node.args and "predictor" in ast.unparse(node.args[0])]
+    assert not probes, probes
+
+
+def test_the_withhold_rule_is_written_once():
+    """Only the answer module decides what a flagged film gets; every output reads its decision."""
+    deciding = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+                if "refuse_ood and" in path.read_text() or "and refuse_ood" in path.read_text()
+                or "OOD_NOTE)" in path.read_text()]
+    assert deciding == ["infer/answer.py"], deciding
+
+
+def _commands(parser, path=()):
+    """(command path, its flags) for every command the parser runs."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield path, {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    for group in groups:
+        for name, sub in group.choices.items():
+            yield from _commands(sub, (*path, name))
+
+
+def test_every_flag_is_in_the_readme_synopsis_of_its_command():
+    """The README's command-line block names every flag of every command beside that command (the
+    settings of `train`, one per Config field, stand there as `[--SETTING VALUE ...]`)."""
+    root = PACKAGE.parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    entries = [part for part in block.split("\nlungxray ") if part.strip()]
+    settings = {f"--{prefix}{f.name.replace('_', '-')}" for f in dataclasses.fields(Config) for prefix in ("", "no-")}
+    missing = []
+    for path, flags in _commands(build_parser()):
+        synopsis = " ".join(e for e in entries if e.lstrip().startswith(path[0]) and all(w in e for w in path[1:]))
+        assert synopsis, f"no synopsis of lungxray {' '.join(path)} in the README"
+        missing += [f"{' '.join(path)} {flag}" for flag in sorted(flags) if flag not in synopsis
+                    and not (path == ("train",) and flag in settings)]
+    assert not missing, missing
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/usage.md#architecture names every module and package of src/lungxray."""
+    section = (PACKAGE.parents[1] / "docs" / "usage.md").read_text().split("## Architecture", 1)[1].split("\n## ")[0]
+    names = {p.stem if p.suffix == ".py" else p.name for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    names |= {p.stem for sub in ("infer", "model", "training", "evaluate", "serve", "dicom", "cli")
+              for p in (PACKAGE / sub).glob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert not {n for n in names if n not in section}, {n for n in names if n not in section}

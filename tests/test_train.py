@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import Config, Predictor, train
+from lungxray import Config, KerasPredictor, train
 from lungxray.errors import ConfigError, DataError
 from lungxray.data.images import read_image
-from lungxray.model import build_backbone
+from lungxray.model.network import build_backbone
 from tests.conftest import TINY
 
 
@@ -30,7 +30,7 @@ def test_engines_train_the_same_head(split_folders, tmp_path, cache_dir, views):
     np.testing.assert_allclose(runs["keras"].history["loss"], runs["cached"].history["loss"], atol=1e-4)
     np.testing.assert_allclose(runs["keras"].history["val_loss"], runs["cached"].history["val_loss"], atol=1e-4)
     files = sorted(split_folders.rglob("*.png"))
-    probabilities = {e: Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).probabilities
+    probabilities = {e: KerasPredictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).probabilities
                      for e, r in runs.items()}
     np.testing.assert_allclose(probabilities["keras"], probabilities["cached"], atol=1e-4)
     np.testing.assert_allclose(probabilities["cached"].sum(axis=1), 1.0, atol=1e-5)
@@ -96,7 +96,7 @@ def test_fine_tuning_trains_the_top_of_the_backbone(split_folders, tmp_path, cac
     result = train(split_folders, tmp_path / "tuned", config, cache_dir=cache_dir)
     assert len(result.history["loss"]) == 3 and "fine_tuning" in result.timings
     assert len((result.run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 3
-    tuned_backbone = Predictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).backbone
+    tuned_backbone = KerasPredictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).backbone
     keras.utils.set_random_seed(config.seed)  # as train() does before it builds the backbone: its starting weights
     frozen_backbone = build_backbone(config.weights, config.image_size, config.pooling)
     changed = {layer.name: any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(),
@@ -124,7 +124,7 @@ def test_fine_tuning_on_cached_block_inputs_trains_what_end_to_end_fine_tuning_t
     np.testing.assert_allclose(cached.history["loss"], end_to_end.history["loss"], atol=1e-4)
     np.testing.assert_allclose(cached.history["val_loss"], end_to_end.history["val_loss"], atol=1e-4)
     files = sorted(split_folders.rglob("*.png"))
-    predictors = [Predictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir) for r in (cached, end_to_end)]
+    predictors = [KerasPredictor.load(r.run_dir, runtime="keras", cache_dir=cache_dir) for r in (cached, end_to_end)]
     np.testing.assert_allclose(*[p.predict_files(files).probabilities for p in predictors], atol=1e-4)
 
     keras.utils.set_random_seed(tiny_config().seed)  # as train() does before it builds the backbone: its starting weights
@@ -161,14 +161,14 @@ def test_other_backbones_train_on_cached_features(split_folders, tmp_path, cache
     assert model.get_layer("head").input_shape[-1] == dim
     assert architecture in json.loads((result.run_dir / "model.json").read_text())["architecture"]
     files = sorted(split_folders.rglob("*.png"))[:6]
-    raw = Predictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).raw
+    raw = KerasPredictor.load(result.run_dir, runtime="keras", cache_dir=cache_dir).predict_files(files).raw
     images = np.stack([read_image(f, TINY) for f in files]).astype(np.float32)
     np.testing.assert_allclose(raw, np.asarray(model(images)), atol=1e-5)
 
 
 def test_a_backbone_weights_file_must_be_that_backbones(tmp_path):
     from lungxray.errors import WeightsError
-    from lungxray.model import model_fingerprint
+    from lungxray.model.network import model_fingerprint
 
     large = build_backbone("none", TINY, architecture="MobileNetV3Large")
     large.save_weights(tmp_path / "large.weights.h5")

@@ -1,37 +1,30 @@
 """lungxray: chest X-ray classification (covid / normal / pneumonia) with Keras 3.
 
-    from lungxray import Config, train, Predictor
+    from lungxray import Config, load_predictor, train
     result = train("data/", "runs/first", Config(epochs=30))
-    predictor = Predictor.load(result.run_dir)      # or an export: Predictor.load("model.tflite")
-    predictions = predictor.predict_files(["xray.png"])  # .probabilities, .errors
+    predictor = load_predictor(result.run_dir)      # or an export: load_predictor("model.tflite")
+    answers = predictor.answer_files(["xray.png"])  # one Answer per film (lungxray.infer.answer)
 
-Names are imported on first use (as scikit-learn does), so that `import lungxray` and commands that
-need no model start without loading TensorFlow. In the base install, without TensorFlow,
-`Predictor` is `LitePredictor`, which loads exports.
+Names are imported on first use (lazy_loader, as scikit-image does), so that `import lungxray` and
+commands that need no model start without loading TensorFlow; `load_predictor` on an export needs
+no TensorFlow at all.
 """
 
-import importlib
-import os
+import lazy_loader
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from lungxray import environment  # noqa: F401  (before anything imports TensorFlow)
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"Config": "lungxray.config", "Predictor": "lungxray.predict", "LitePredictor": "lungxray.lite",
-            "RunDir": "lungxray.rundir", "train": "lungxray.training"}
-__all__ = [*_EXPORTS, "__version__"]
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lungxray' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    except ModuleNotFoundError as missing:
-        if name != "Predictor" or (missing.name or "").split(".")[0] not in ("tensorflow", "keras"):
-            raise
-        return __getattr__("LitePredictor")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "config": ["Config"],
+    "rundir": ["RunDir"],
+    "training.recipe": ["train"],
+    "infer.answer": ["Answer"],
+    "infer.identity": ["ModelIdentity"],
+    "infer.predictor": ["Predictor"],
+    "infer.loader": ["load_predictor"],
+    "infer.keras_predictor": ["KerasPredictor"],
+    "infer.lite_predictor": ["LitePredictor"],
+})
+__all__ = [*__all__, "__version__"]

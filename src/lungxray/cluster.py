@@ -4,7 +4,7 @@ names through actors that each load a model once, and streams their results back
     cluster = RayCluster()                      # a Ray instance of this machine's, started and stopped here
     cluster = RayCluster("ray://head:10001")    # or an existing cluster ("auto": the one this node belongs to)
 
-Two jobs use it: archive scoring (`lungxray.batch`, `predict --engine ray`) and backbone feature
+Two jobs use it: archive scoring (`lungxray.infer.batch`, `predict --engine ray`) and backbone feature
 extraction into the feature cache (`train --extract-engine ray`). Workers read the images themselves
 and need neither TensorFlow nor the cache: they get a LiteRT model's path and file names, and send
 back rows. On a cluster, model and images must be on storage every node sees (docs/scale.md).
@@ -23,7 +23,7 @@ from lungxray.data.acquisition import read_views, view_names
 from lungxray.data.images import read_bytes
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import file_hash
-from lungxray.runtimes import InterpreterPool
+from lungxray.model.runtimes import InterpreterPool
 
 
 @dataclasses.dataclass

@@ -52,6 +52,7 @@ class RunDir:
     def __init__(self, folder: str | Path, model_file: str | Path | None = None):
         self.folder = Path(folder)
         self.model = Path(model_file) if model_file else self.folder / self.MODEL
+        self.name = self.folder.name  # what the run's model is called in answers and reports
 
     @classmethod
     def create(cls, out: str | Path | None = None, resume: bool = False) -> "RunDir":

@@ -15,7 +15,7 @@ import numpy as np
 
 from lungxray.errors import WeightsError
 from lungxray.io import atomic_path
-from lungxray.model import XRV_BACKBONE, build_backbone, mark_backbone
+from lungxray.model.network import XRV_BACKBONE, build_backbone, mark_backbone
 
 DENSE_BLOCKS = (6, 12, 24, 16)  # DenseNet121's layers per dense block
 INPUT_SIZE = 224  # the size TorchXRayVision's DenseNet121 weights were trained at

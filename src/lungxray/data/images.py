@@ -55,7 +55,7 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
     """Decode `source` (a path or bytes) to a uint8 RGB array of shape (H, W, 3).
 
     `crop(image)`, when given, returns the box (left, top, right, bottom) of the decoded image to
-    keep (e.g. `lungxray.lungs.LungCrop`). With `size`, the image is then resized to size x size as
+    keep (e.g. `lungxray.model.lungs.LungCrop`). With `size`, the image is then resized to size x size as
     the reference did (aspect ratio squashed). `intensity` names a normalisation of INTENSITY,
     applied last. `name` is what errors call the image (default: the path, or "<bytes>").
     """
@@ -63,19 +63,26 @@ def read_image(source, size: int | None = None, interpolation: str = "nearest", 
 
 
 def decode_image(source, name: str | None = None, crop: Callable[[Image.Image], tuple] | None = None) -> Image.Image:
-    """The first half of `read_image`: the file decoded to an RGB image (and cropped), or an ImageError."""
+    """The first half of `read_image`: the file (a path, its bytes, or a DICOM data set that
+    `read_dicom` parsed) decoded to an RGB image (and cropped), or an ImageError."""
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    data = read_bytes(source, name)
-    if not data:
-        raise ImageError(name, "file is empty (0 bytes)")
     try:
-        image = _open_dicom(data, name) if is_dicom(data) else _open(data, name)
+        image = _decoded(source, name)
     except (ImageError, MemoryError):
         raise
     except Exception as error:  # a decoder's own exception must still name the file
         raise ImageError(name, f"cannot decode ({type(error).__name__}: {error})") from None
     return image.crop(crop(image)) if crop is not None else image
+
+
+def _decoded(source, name: str) -> Image.Image:
+    if not isinstance(source, (str, Path, bytes, bytearray)):  # a parsed DICOM data set
+        return dicom_image(source, name)
+    data = read_bytes(source, name)
+    if not data:
+        raise ImageError(name, "file is empty (0 bytes)")
+    return dicom_image(read_dicom(data, name), name) if is_dicom(data) else _open(data, name)
 
 
 def to_array(image: Image.Image, size: int | None = None, interpolation: str = "nearest", intensity: str = "none",
@@ -156,13 +163,13 @@ def check_chest_radiograph(dataset, name: str) -> None:
         raise ImageError(name, f"lateral view (DICOM ViewPosition {view}); the model reads frontal (PA/AP) films")
 
 
-def _open_dicom(data: bytes, name: str) -> Image.Image:
-    """A DICOM image as a radiologist's viewer shows it: modality LUT (rescale slope/intercept),
-    VOI LUT or window centre/width, MONOCHROME1 inverted, then scaled to 8 bits. The header is
-    checked (what the image is, its size) before any pixel is decoded, and only the first frame is."""
+def dicom_image(dataset, name: str) -> Image.Image:
+    """A DICOM image (a data set `read_dicom` parsed) as a radiologist's viewer shows it: modality
+    LUT (rescale slope/intercept), VOI LUT or window centre/width, MONOCHROME1 inverted, then scaled
+    to 8 bits. The header is checked (what the image is, its size) before any pixel is decoded, and
+    only the first frame is."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-    dataset = _dicom_header(data, name)
     check_chest_radiograph(dataset, name)
     _check_dicom_size(dataset, name)
     try:
@@ -184,8 +191,9 @@ def _open_dicom(data: bytes, name: str) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def _dicom_header(data: bytes, name: str):
-    """The data set, read without its pixels decoded; deflated files refused before inflating."""
+def read_dicom(data: bytes, name: str):
+    """A DICOM file's data set, parsed once, its pixels not yet decoded; deflated files refused
+    before inflating. An ImageError naming `name` when it cannot be parsed."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian

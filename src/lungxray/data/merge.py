@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lungxray.data.records import Dataset, Record, load_dataset, write_manifest
 from lungxray.data.split import leakage_free_split
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 from lungxray.io import atomic_path
 
 GROUP_COLUMN = "patient_group"
@@ -70,8 +70,15 @@ def shortcut_warnings(dataset: Dataset) -> list[str]:
     return warnings
 
 
+def check_manifest_name(out: Path) -> None:
+    """Before any work: the merged manifest is a .csv file."""
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"--out {out}: give a .csv file name for the merged manifest")
+
+
 def write_merge(result: MergeResult, out: Path) -> Path:
-    """The manifest at `out` and the class x source table beside it (`<out>.sources.csv`)."""
+    """The manifest at `out` (a .csv) and the class x source table beside it (`<out>.sources.csv`)."""
+    check_manifest_name(out)
     write_manifest(result.dataset, out)
     table_path = out.with_name(out.name + ".sources.csv")
     with atomic_path(table_path) as temporary, open(temporary, "w", newline="") as handle:

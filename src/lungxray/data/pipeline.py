@@ -30,7 +30,7 @@ class EpochPlan:
     horizontal flip); more: any of its training views, with equal chances.
 
     The training loop sets `epoch` before Keras draws that epoch's batches (see
-    `lungxray.engines.FollowEpoch`), so a resumed run draws the same batches as an uninterrupted one.
+    `lungxray.training.engines.FollowEpoch`), so a resumed run draws the same batches as an uninterrupted one.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, views: int = 1, shuffle: bool = True):

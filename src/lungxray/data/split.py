@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -12,7 +13,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lungxray.data.audit import NEAR_DUPLICATE_DISTANCE, compare_hashes, image_facts
-from lungxray.data.records import Dataset
+from lungxray.data.records import Dataset, write_manifest
 from lungxray.errors import DataError
 from lungxray.parallel import bounded_map, progress
 
@@ -65,3 +66,10 @@ def leakage_free_split(dataset: Dataset, ratios=(0.7, 0.2, 0.1), seed: int = 21,
     records = [dataclasses.replace(r, split=str(s), extra={**r.extra, "group": str(g)})
                for r, s, g in zip(records, names, groups)]
     return dataclasses.replace(dataset, records=records)
+
+
+def write_split(dataset: Dataset, out: Path) -> Path:
+    """Write the split manifest to `out` (a .csv), or to `out`/split.csv for a folder; its path."""
+    out = out if out.suffix.lower() == ".csv" else out / "split.csv"
+    write_manifest(dataset, out)
+    return out

@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungxray.dicom.report import NOTICE, ModelIdentity, derived_uid
-from lungxray.explain import GradCam, overlay
+from lungxray.dicom.sr import derived_uid
+from lungxray.infer.explain import Explainer, overlay
+from lungxray.infer.identity import ModelIdentity
 
 SERIES_NUMBER = 9902
 SIDE = 512  # pixels of the capture's side: the model's input (224) is too small to read the notice on
@@ -53,7 +54,7 @@ def heatmap_capture(source: Dataset, image: np.ndarray, heat: np.ndarray, decisi
     """The Secondary Capture for `source` (the received film's dataset, pixels not needed): `image`
     (what the model saw, uint8 RGB) under `heat` (Grad-CAM of the decided class)."""
     pixels = burned_in(overlay(image, heat), [f"lungxray Grad-CAM: {decision} (p = {probability:.2f}), {model.name}",
-                                              NOTICE])
+                                              model.notice])
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=derived_uid(source, model, "heatmap series"),
@@ -65,12 +66,12 @@ def heatmap_capture(source: Dataset, image: np.ndarray, heat: np.ndarray, decisi
 
 
 class HeatmapMaker:
-    """Grad-CAM captures with a Keras predictor (an export carries no gradients)."""
+    """Grad-CAM captures for a predictor that can explain (`Explainer`)."""
 
     def __init__(self, predictor):
-        self.predictor, self.gradcam = predictor, GradCam(predictor.model)
+        self.predictor, self.explainer = predictor, Explainer(predictor)
 
-    def __call__(self, path, source: Dataset, decision: str, probability: float, model: ModelIdentity) -> hd.sc.SCImage:
-        image = self.predictor.read(path)
-        heat, _ = self.gradcam.heatmap(image, self.predictor.classes.index(decision))
-        return heatmap_capture(source, image, heat, decision, probability, model)
+    def __call__(self, source: Dataset, image: np.ndarray, decision: str, probability: float) -> hd.sc.SCImage:
+        """The capture for the film `source`, whose decoded `image` the model answered with `decision`."""
+        heat = self.explainer.heatmap(image, decision)
+        return heatmap_capture(source, image, heat, decision, probability, self.predictor.identity)

@@ -3,7 +3,7 @@ before it answers success, a worker that predicts each film with the same predic
 `lungxray predict` and writes its report, and a sender that C-STOREs the reports (and, with a
 heat-map maker, Grad-CAM captures) to the PACS, retrying with back-off while it is away. Started again after a crash, it resumes the spool.
 
-    node = DicomNode(predictor, ModelIdentity(...), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
+    node = DicomNode(load_predictor("runs/mine"), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
     node.start(); ...; node.stop()
 """
 
@@ -20,17 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
                                   DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
                                   SecondaryCaptureImageStorage, Verification)
 
-from lungxray.data.images import DICOM_SYNTAXES
-from lungxray.dicom.report import ModelIdentity, Outcome, ReportWriter, encoded
+from lungxray.data.images import DICOM_SYNTAXES, read_dicom
+from lungxray.dicom.sr import ReportWriter, encoded
 from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
-from lungxray.errors import ConfigError, DataError
+from lungxray.errors import ConfigError, DataError, ImageError
+from lungxray.infer.answer import NOT_ANALYSED, Answer, answer_row, not_analysed
+from lungxray.io import file_hash
+from lungxray.parallel import bounded_map
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +42,11 @@ RADIOGRAPHS = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresen
                DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
 # What lungxray's DICOM reader decodes, and nothing else (deflate is refused there).
 TRANSFER_SYNTAXES = sorted(DICOM_SYNTAXES)
-NOT_ANALYSED = ("report", "nothing")  # what a film it must not classify gets
+WHEN_NOT_ANALYSED = ("report", "nothing")  # what a film it must not classify gets
 # What the node sends: its reports and heat maps, always written explicit VR little endian (`encoded`).
 RESULTS = [(ComprehensiveSRStorage, ExplicitVRLittleEndian), (SecondaryCaptureImageStorage, ExplicitVRLittleEndian)]
 IDLE_SECONDS = 2.0  # the association to the PACS is released after this long with nothing to send
-PREDICT_TOGETHER = 16  # films waiting that are predicted in one call
+PREDICT_TOGETHER = 16  # films waiting that are answered together, in the predictor's threads
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
 
@@ -61,15 +65,18 @@ def hashed(uid: str) -> str:
 
 
 class DicomNode:
-    def __init__(self, predictor, model: ModelIdentity, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
+    """`refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the
+    answer's rule); on by default here, where no person sees the film beside the report."""
+
+    def __init__(self, predictor, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
                  max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
-                 not_analysed: str = "report"):
-        if not_analysed not in NOT_ANALYSED:
-            raise ConfigError(f"'not_analysed' must be one of {list(NOT_ANALYSED)}. Got {not_analysed!r} instead.")
-        self.predictor, self.model, self.send_to = predictor, model, send_to
-        self._reports = ReportWriter(model)
+                 not_analysed: str = "report", refuse_ood: bool = True):
+        if not_analysed not in WHEN_NOT_ANALYSED:
+            raise ConfigError(f"'not_analysed' must be one of {list(WHEN_NOT_ANALYSED)}. Got {not_analysed!r} instead.")
+        self.predictor, self.model, self.send_to, self.refuse_ood = predictor, predictor.identity, send_to, refuse_ood
+        self._reports = ReportWriter(self.model)
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
@@ -88,6 +95,11 @@ class DicomNode:
 
     # -- the SCP -------------------------------------------------------------------------------
     def start(self) -> None:
+        # pydicom checks each UID it makes against the standard's pattern, and on reading a check only
+        # ever warns. A PACS that proposes every storage class in each association (Debian's Orthanc 1.10,
+        # DCMTK's storescu: 126 presentation contexts) makes pynetdicom build thousands of UIDs per film;
+        # their checks were a quarter of the node's time for each association (docs/clinical-integration.md#speed).
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         ae = AE(ae_title=self.aet)
         for sop_class in RADIOGRAPHS:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -151,68 +163,55 @@ class DicomNode:
                 self.report(waiting[start:start + PREDICT_TOGETHER])
 
     def report(self, uids: list[str]) -> None:
-        """Predict the spool's films `uids` together and put each one's report (and heat map) in the
-        outbox. A film no report can be made for is set aside; the others go on."""
-        sources = {}
+        """Answer the spool's films `uids` and put each one's report (and heat map) in the outbox. A
+        film no report can be made for is set aside; the others go on."""
+        films = {}
         for uid in uids:
-            try:
-                sources[uid] = pydicom.dcmread(self.spool.incoming(uid), stop_before_pixels=True)
+            try:  # each film is read and parsed once: its header and pixels come from this data set
+                data = self.spool.incoming(uid).read_bytes()
+                films[uid] = (read_dicom(data, f"instance {hashed(uid)}"), file_hash(data))
             except Exception:
                 self._set_aside(uid)
-        try:
-            outcomes = self.outcomes(sources)
-        except Exception:  # a film broke the call for all: each alone, so that only it is set aside
-            outcomes = {}
-            for uid in list(sources):
-                try:
-                    outcomes.update(self.outcomes({uid: sources[uid]}))
-                except Exception:
-                    self._set_aside(uid)
-                    del sources[uid]
-        for uid, source in sources.items():
+        answered = bounded_map(lambda uid: (uid, self._answer_film(uid, *films[uid])), list(films))
+        for uid, outcome in answered:
             try:
-                self._answer(uid, source, outcomes[uid])
+                if isinstance(outcome, Exception):
+                    raise outcome
+                self._report(uid, films[uid][0], *outcome)
             except Exception:
                 self._set_aside(uid)
         self._work.set()
+
+    def _answer_film(self, uid: str, source: pydicom.Dataset, digest: str):
+        """(the film's answer, the image the model saw or None), or the exception that stopped it."""
+        name = f"instance {hashed(uid)}"
+        if source.get("Manufacturer") == "lungxray":  # routed back
+            return not_analysed(name, "made by lungxray (a heat map), not a film", self.model.id, digest), None
+        try:
+            image = self.predictor.read(source, name)
+            predictions = self.predictor.predict_images(image[None])
+        except ImageError as error:
+            return not_analysed(name, error.reason, self.model.id, digest), None
+        except Exception as error:  # this film alone is set aside
+            return error
+        return answer_row(self.predictor, predictions, 0, name, digest, refuse_ood=self.refuse_ood), image
 
     def _set_aside(self, uid: str) -> None:  # a film no report can be made for must not stop the node
         log.exception("no report could be made for instance %s; it is kept in %s", hashed(uid),
                       self.spool.set_aside(uid))
 
-    def _answer(self, uid: str, source: pydicom.Dataset, outcome: Outcome) -> None:
-        facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=outcome.decision, ood=outcome.ood,
-                     probabilities=outcome.probabilities, reason=outcome.not_analysed)
-        if outcome.not_analysed is not None and self.not_analysed == "nothing":
+    def _report(self, uid: str, source: pydicom.Dataset, answer: Answer, image) -> None:
+        facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=answer.decision, ood=answer.ood,
+                     probabilities=answer.probabilities, reason=answer.reason)
+        if answer.decision == NOT_ANALYSED and self.not_analysed == "nothing":
             self.spool.answered_with_nothing(uid)
             self._audit("not analysed, nothing sent", uid, **facts)
             return
         heatmap = None
-        if self.heatmap is not None and outcome.decision in self.predictor.classes:
-            heatmap = encoded(self.heatmap(self.spool.incoming(uid), source, outcome.decision,
-                                           outcome.probabilities[outcome.decision], self.model))
-        self.spool.reported(uid, self._reports(source, outcome), heatmap)
+        if self.heatmap is not None and answer.predicted is not None:
+            heatmap = encoded(self.heatmap(source, image, answer.predicted, answer.probabilities[answer.predicted]))
+        self.spool.reported(uid, self._reports(source, answer), heatmap)
         self._audit("reported", uid, heatmap=(heatmap is not None) if self.heatmap else None, **facts)
-
-    def outcomes(self, sources: dict[str, pydicom.Dataset]) -> dict[str, Outcome]:
-        """What the model says of each film, by UID; the films are predicted in one call, so that
-        their decoding and inference run in the predictor's threads side by side."""
-        outcomes = {uid: Outcome(not_analysed="made by lungxray (a heat map), not a film")
-                    for uid, source in sources.items() if source.get("Manufacturer") == "lungxray"}  # routed back
-        films = [uid for uid in sources if uid not in outcomes]
-        if not films:
-            return outcomes
-        paths = [self.spool.incoming(uid) for uid in films]
-        predictions = self.predictor.predict_files(paths, desc=None)
-        reasons = {error.path: error.reason for error in predictions.errors}
-        for index, (uid, path) in enumerate(zip(films, paths)):
-            if str(path) in reasons:
-                outcomes[uid] = Outcome(not_analysed=reasons[str(path)])
-                continue
-            probabilities = {c: float(p) for c, p in zip(self.predictor.classes, predictions.probabilities[index])}
-            outcomes[uid] = (Outcome(probabilities) if predictions.ood is None else
-                             Outcome(probabilities, float(predictions.ood_score[index]), bool(predictions.ood[index])))
-        return outcomes
 
     # -- the sender: reports to the PACS -------------------------------------------------------
     def _send_loop(self) -> None:

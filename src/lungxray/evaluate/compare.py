@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.errors import DataError
-from lungxray.evaluate import PREDICTIONS
+from lungxray.evaluate.evaluation import PREDICTIONS
 from lungxray.evaluate.metrics import bootstrap_draws, headline, interval
 from lungxray.rundir import RunDir
 

@@ -19,11 +19,15 @@ class Ood(BaseModel):
 
 
 class Prediction(BaseModel):
+    """An answer (`lungxray.infer.outputs.answer_json`) with the model's notice."""
+
     file: str
     sha256: str  # of the upload as received, as the audit log keeps it
+    decision: str  # the class, or "withheld"
     predicted: str | None  # null when the out-of-distribution gate withholds the class (--refuse-ood)
     probabilities: dict[str, float] | None
-    model: str
+    model: str  # the model's identity id
+    time: str  # when it answered (ISO 8601, UTC)
     notice: str
     set: list[str] | None = None  # the conformal set, most probable first (absent for models trained before sets)
     set_says: str | None = None  # "pneumonia", "pneumonia or covid", "cannot tell" (all), "none fits" (empty)
@@ -55,10 +59,13 @@ class Ready(BaseModel):
     model: str
 
 
-class ModelIdentity(BaseModel):
+class ModelDescription(BaseModel):
     model_config = ConfigDict(protected_namespaces=())  # fields may start with "model"
 
     id: str
+    name: str
+    version: str
+    notice: str
     classes: list[str]
     image_size: int
     temperature: float

@@ -161,10 +161,10 @@ def app_from_environment():
 
 def build_app(settings: dict):
     """One worker's app, from the settings `serve_workers` left it."""
-    from lungxray.lite import is_export
-    from lungxray.loader import load_predictor
+    from lungxray.infer.lite_predictor import is_export
+    from lungxray.infer.loader import load_predictor
     from lungxray.rundir import RunDir
-    from lungxray.serve import DEFAULT_MAX_PENDING, create_app
+    from lungxray.serve.app import DEFAULT_MAX_PENDING, create_app
     from lungxray.serve.keys import KeyStore
 
     shared = Shared(Path(settings["admission"]), settings["app"].get("max_pending", DEFAULT_MAX_PENDING),
@@ -172,6 +172,6 @@ def build_app(settings: dict):
     model = settings["model"]
     run = None if is_export(model) else RunDir.open(model)
     cache_dir = Path(settings["cache_dir"]) if settings["cache_dir"] else None
-    predictor = load_predictor(run.model if run else model, cache_dir, settings["runtime"])
+    predictor = load_predictor(model, cache_dir, settings["runtime"])
     keys = KeyStore(Path(settings["keys"])) if settings["keys"] else None
     return create_app(predictor, run, keys=keys, shared=shared, **settings["app"])

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from lungxray.data.records import Dataset
 from lungxray.errors import DataError
-from lungxray.features import FeatureExtractor
+from lungxray.model.features import FeatureExtractor
 
 MIN_PER_VALUE = 10  # values with fewer images in a class are left out of that class's probe
 

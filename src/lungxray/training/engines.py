@@ -35,13 +35,13 @@ import tensorflow as tf
 
 from lungxray.cluster import RayCluster
 from lungxray.config import Config
-from lungxray.distribute import build_before_fit, distributed, replicas
+from lungxray.training.distribute import build_before_fit, distributed, replicas
 from lungxray.data.pipeline import EpochPlan, feature_batches, image_batches, image_loader, scan_images
 from lungxray.data.records import Dataset, Record, balancing_weights
 from lungxray.errors import ConfigError, DataError, ImageError
-from lungxray.features import FeatureExtractor, file_hashes
-from lungxray.lungs import LungCrop
-from lungxray.model import compile_for_training, split_backbone
+from lungxray.model.features import FeatureExtractor, file_hashes
+from lungxray.model.lungs import LungCrop
+from lungxray.model.network import compile_for_training, split_backbone
 from lungxray.rundir import RunDir
 
 log = logging.getLogger("lungxray")

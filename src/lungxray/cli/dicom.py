@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from lungxray.errors import ConfigError
-from lungxray.loader import RUNTIMES
+from lungxray.infer.loader import RUNTIMES
 
 
 def add_dicom_commands(commands) -> None:
@@ -51,25 +51,11 @@ def add_dicom_commands(commands) -> None:
     send.set_defaults(run=run_send)
 
 
-def model_identity(model: str, predictor):
-    from lungxray import __version__
-    from lungxray.dicom.report import ModelIdentity
-    from lungxray.io import sha256_of
-    from lungxray.lite import is_export
-    from lungxray.rundir import RunDir
-
-    model_file = Path(model) if is_export(model) else RunDir.open(model).model
-    version = f"lungxray {__version__}, trained {predictor.info.get('trained', 'unknown')}"
-    return ModelIdentity(Path(model).name, version, sha256_of(model_file))
-
-
 def run_listen(args) -> int:
-    import pydicom.config
-
     from lungxray.dicom.node import DicomNode, Limits
     from lungxray.dicom.send import Peer
     from lungxray.dicom.tls import client_context, server_context
-    from lungxray.loader import load_predictor
+    from lungxray.infer.loader import load_predictor
 
     send_to = Peer.parse(args.send_to)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -83,21 +69,15 @@ def run_listen(args) -> int:
                                gradients=args.heatmap)
     heatmap = None
     if args.heatmap:
-        if not hasattr(predictor, "model"):
-            raise ConfigError("--heatmap needs the Keras model for Grad-CAM: give the run folder (not an export) "
-                              "with --runtime auto or keras")
+        if not predictor.can_explain:
+            raise ConfigError("--heatmap needs the Keras model for Grad-CAM: give the run folder (not an export)")
         from lungxray.dicom.heatmap import HeatmapMaker
 
         heatmap = HeatmapMaker(predictor)
-    node = DicomNode(predictor, model_identity(args.model, predictor), send_to, Path(args.spool), args.aet,
+    node = DicomNode(predictor, send_to, Path(args.spool), args.aet,
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
                      tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed)
-    # pydicom checks each UID it makes against the standard's pattern, and on reading a check only
-    # ever warns. A PACS that proposes every storage class in each association (Debian's Orthanc 1.10,
-    # DCMTK's storescu: 126 presentation contexts) makes pynetdicom build thousands of UIDs per film;
-    # their checks were a quarter of the node's time for each association (docs/clinical-integration.md#speed).
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -2,7 +2,7 @@
 
     data → engine (plan, fit) → calibrate → gate → save → evaluate → report
 
-The engines (`lungxray.engines`) do the fitting; this module decides what happens in which order
+The engines (`lungxray.training.engines`) do the fitting; this module decides what happens in which order
 and what goes into the run folder (`lungxray.rundir`).
 """
 
@@ -17,22 +17,22 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from lungxray.calibration import fit_temperature
-from lungxray.conformal import ConformalSets
+from lungxray.model.calibration import fit_temperature
+from lungxray.model.conformal import ConformalSets
 from lungxray.cluster import RayCluster
 from lungxray.config import Config
 from lungxray.data.records import Dataset, assign_splits, hold_out_source, load_dataset, write_manifest
-from lungxray.distribute import make_strategy, run_folder
-from lungxray.engines import WORST_GROUP, FittedModel, TrainingPlan, make_engine
+from lungxray.training.distribute import make_strategy, run_folder
+from lungxray.training.engines import WORST_GROUP, FittedModel, TrainingPlan, make_engine
 from lungxray.errors import ConfigError
-from lungxray.evaluate import evaluate
+from lungxray.evaluate.evaluation import evaluate
 from lungxray.evaluate.plots import plot_history
 from lungxray.evaluate.schema import Metrics
-from lungxray.lungs import LungCrop
-from lungxray.model import build_backbone, build_head, build_model, head_probabilities
-from lungxray.ood import OutOfDistribution
-from lungxray.predict import Predictor
-from lungxray.report import TrainResult, write_run_report
+from lungxray.model.lungs import LungCrop
+from lungxray.model.network import build_backbone, build_head, build_model, head_probabilities
+from lungxray.model.ood import OutOfDistribution
+from lungxray.infer.keras_predictor import KerasPredictor
+from lungxray.training.run_report import TrainResult, write_run_report
 from lungxray.rundir import RunDir
 
 log = logging.getLogger("lungxray")
@@ -49,9 +49,12 @@ def train(data, out: str | Path | None = None, config: Config | None = None,
 
     Where the work runs is not part of the config (the model is the same, up to float rounding):
     `cluster` (`lungxray.cluster.RayCluster`) computes the backbone features the cache lacks on Ray
-    workers (the same bits); `strategy` (`lungxray.distribute`) spreads Keras' fit over devices or
+    workers (the same bits); `strategy` (`lungxray.training.distribute`) spreads Keras' fit over devices or
     over workers named by TF_CONFIG, every worker running this same call."""
     if resume:
+        if out is None or config is not None:
+            raise ConfigError("resume continues the run in `out` with its own config.json: give --out, and no "
+                              "settings")
         config = Config.load(RunDir(out).path(RunDir.CONFIG))
     config = config or Config()
     distribution = make_strategy(strategy)  # first: a multi-worker strategy must exist before TensorFlow runs
@@ -130,22 +133,22 @@ def provenance(engine: str, dataset: Dataset, config: Config) -> dict:
 
 
 def calibrated_predictor(fitted: FittedModel, plan: TrainingPlan, config: Config, info: dict,
-                         crop: LungCrop | None) -> Predictor:
+                         crop: LungCrop | None) -> KerasPredictor:
     """Temperature scaling and conformal sets fitted on the validation images, the out-of-distribution
-    gate on the training images' features (threshold from validation), and the model: a complete Predictor."""
+    gate on the training images' features (threshold from validation), and the model: a complete KerasPredictor."""
     num_classes = len(plan.classes)
     raw = head_probabilities(fitted.model.get_layer("head"), fitted.val_features, num_classes)
     temperature = fit_temperature(raw, plan.val_labels)
     log.info("temperature scaling, fitted on validation: T = %.3f", temperature)
     info = {**info, "validation": {"accuracy": float(np.mean(raw.argmax(axis=1) == plan.val_labels))}}
     conformal = ConformalSets.fit(raw, np.asarray(plan.val_labels), plan.classes)
-    return Predictor(fitted.model, plan.classes, config.image_size, config.interpolation, config.intensity,
+    return KerasPredictor(fitted.model, plan.classes, config.image_size, config.interpolation, config.intensity,
                      temperature=temperature, conformal=conformal,
                      ood=OutOfDistribution.fit(fitted.train_features, fitted.val_features),
                      train_hashes=set(plan.train_hashes) - {None}, info=info, extractor=fitted.extractor, crop=crop)
 
 
-def evaluate_run(predictor: Predictor, dataset: Dataset, external: Dataset | None, run: RunDir,
+def evaluate_run(predictor: KerasPredictor, dataset: Dataset, external: Dataset | None, run: RunDir,
                  config: Config) -> tuple[Metrics | None, Metrics | None]:
     """The internal test split, and the held-out source when there is one, each in its folder."""
     by = [c for c in ("source", "age_group") if any(c in r.extra for r in dataset.records)]

@@ -1,8 +1,7 @@
-"""A trained model ready to use: the network, its class names, input handling, calibration
-temperature and out-of-distribution gate, complete once constructed. `save` writes it into a run
-folder and `load` reads it back from a run folder or a `.keras` file.
-
-The CLI, the evaluation code, the server and the Python API all go through `Predictor`.
+"""A trained Keras model ready to use (a `Predictor`): the network, its class names, input handling,
+calibration temperature, out-of-distribution gate and conformal sets, complete once constructed.
+`save` writes it into a run folder and `load` reads it back from a run folder or a `.keras` file;
+exports open as `LitePredictor`s, and `loader.load_predictor` chooses between the two.
 """
 
 from __future__ import annotations
@@ -13,28 +12,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lungxray.calibration import apply_temperature
-from lungxray.conformal import ConformalSets
+from lungxray.model.calibration import apply_temperature
+from lungxray.model.conformal import ConformalSets
 from lungxray.data.images import read_image
 from lungxray.errors import WeightsError
-from lungxray.features import FeatureExtractor
+from lungxray.model.features import FeatureExtractor
 from lungxray.io import atomic_path, write_json
-from lungxray.lite import LitePredictor, is_export
-from lungxray.lungs import LungCrop
-from lungxray.model import head_probabilities, load_model
-from lungxray.ood import OutOfDistribution
-from lungxray.predictions import Predictions
+from lungxray.infer.identity import ModelIdentity
+from lungxray.model.lungs import LungCrop
+from lungxray.model.network import head_probabilities, load_model
+from lungxray.model.ood import OutOfDistribution
+from lungxray.infer.predictions import Predictions
 from lungxray.rundir import RunDir
 
 
-class Predictor:
+class KerasPredictor:
     """`info` is the model's provenance (engine, training data, counts...), stored in model.json."""
 
     def __init__(self, model: keras.Model, classes: list[str], image_size: int, interpolation: str = "nearest",
                  intensity: str = "none", temperature: float = 1.0, ood: OutOfDistribution | None = None,
                  train_hashes: set[str] | None = None, info: dict | None = None,
                  extractor: FeatureExtractor | None = None, runtime: str = "auto", cache_dir: Path | None = None,
-                 crop: LungCrop | None = None, conformal: ConformalSets | None = None):
+                 crop: LungCrop | None = None, conformal: ConformalSets | None = None,
+                 identity: ModelIdentity | None = None):
         try:
             self.backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         except ValueError:
@@ -46,6 +46,7 @@ class Predictor:
         self.image_size, self.interpolation, self.intensity, self.crop = image_size, interpolation, intensity, crop
         self.temperature, self.ood, self.train_hashes, self.info = temperature, ood, train_hashes, info or {}
         self.conformal = conformal
+        self.identity = identity or ModelIdentity.unsaved(self.info.get("trained"))
         self.extractor = extractor or FeatureExtractor(self.backbone, image_size, interpolation, runtime, cache_dir,
                                                        intensity=intensity, crop=crop)
         # A traced call: the eager Keras call costs ~2 ms per request, this ~0.4 ms.
@@ -67,12 +68,13 @@ class Predictor:
         with atomic_path(run.model) as temporary:
             self.model.save(temporary)
 
+    runtime = "keras"
+    can_explain = True
+
     @classmethod
-    def load(cls, path: str | Path, runtime: str = "auto", cache_dir: Path | None = None) -> "Predictor | LitePredictor":
-        """A run folder's or `.keras` file's model; an export (`.tflite`, `.onnx`, `.savedmodel`) opens as
-        the `LitePredictor` that runs it, with the same methods."""
-        if is_export(path):
-            return LitePredictor.load(path)
+    def load(cls, path: str | Path, runtime: str = "auto", cache_dir: Path | None = None) -> "KerasPredictor":
+        """A run folder's or `.keras` file's model; `runtime`: what runs its backbone ("auto": LiteRT,
+        converted once and cached, where it is installed; "keras")."""
         run = RunDir.open(path)
         model = load_model(run.model)
         info = run.read_model_info()
@@ -82,7 +84,15 @@ class Predictor:
                    info.get("intensity", "none"), temperature=float(info.get("temperature", 1.0)),
                    ood=OutOfDistribution.load(gate_file) if gate_file.is_file() else None,
                    train_hashes=run.read_train_hashes(), info=info, runtime=runtime, cache_dir=cache_dir, crop=crop,
-                   conformal=ConformalSets.from_json(info["conformal"], info["classes"]) if info.get("conformal") else None)
+                   conformal=ConformalSets.from_json(info["conformal"], info["classes"]) if info.get("conformal") else None,
+                   identity=ModelIdentity.of(run.model, run.name, info.get("trained")))
+
+    def keras_network(self) -> keras.Model:
+        return self.model
+
+    def describe(self) -> str:
+        return (f"runtime keras (backbone in {self.extractor.runtime.name}); `lungxray export RUN` once makes a "
+                "checked LiteRT export that --runtime auto then uses, without TensorFlow")
 
     def predict_files(self, paths: list[Path], desc: str = "predicting") -> Predictions:
         extraction = self.extractor.extract([Path(p) for p in paths], desc=desc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lungxray.loader import RUNTIMES
+from lungxray.infer.loader import RUNTIMES
 
 
 def add_serve_commands(commands) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from lungxray.config import default_cache_dir
 from lungxray.errors import DataError, WeightsError
-from lungxray.features import ModelRuntime
+from lungxray.model.features import ModelRuntime
 from lungxray.io import atomic_path
 
 log = logging.getLogger("lungxray")

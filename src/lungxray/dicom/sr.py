@@ -1,14 +1,14 @@
-"""The Structured Report lungxray returns for a film: a Comprehensive SR in the film's study, in a
-series of its own, referencing the film, with the calibrated probability of each class, the decision
-(the class, "withheld" when the out-of-distribution gate flags the film, or "not analysed" and why),
-the gate's score and flag, the model's name, version and fingerprint, and the research-use notice.
+"""The Structured Report lungxray returns for a film, written from its `Answer`: a Comprehensive SR
+in the film's study, in a series of its own, referencing the film, with the decision (the class,
+"withheld" and why, or "not analysed" and why), the calibrated probability of each class when a
+class is given, the gate's score and flag, the model's name, version and fingerprint, and its
+research-use notice (all from the model's `ModelIdentity`).
 
 Concepts without a standard code carry the private coding scheme 99LUNGXRAY (DICOM PS3.16 8.2 allows
 local schemes whose designator starts with 99)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import io
 
@@ -18,40 +18,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DS, DT, TM
 
+from lungxray.infer.answer import NOT_ANALYSED, WITHHELD, Answer
+from lungxray.infer.identity import ModelIdentity
+
 SCHEME = "99LUNGXRAY"
-NOTICE = "Research use only: not a medical device, not a diagnosis. Not for clinical decisions."
 SERIES_NUMBER = 9901
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 
 def concept(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning)
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What the model said of one film: probabilities per class and the gate's verdict, or why it
-    was not analysed."""
-
-    probabilities: dict[str, float] | None = None
-    ood_score: float | None = None
-    ood: bool | None = None
-    not_analysed: str | None = None
-
-    @property
-    def decision(self) -> str:
-        if self.not_analysed is not None:
-            return "not analysed"
-        if self.ood:
-            return "withheld"
-        return max(self.probabilities, key=self.probabilities.get)
-
-
-@dataclasses.dataclass
-class ModelIdentity:
-    name: str
-    version: str
-    fingerprint: str  # SHA-256 of the model file
 
 
 # The patient and study attributes an SR copies from its evidence (DICOM type 2: present, maybe empty).
@@ -65,24 +41,25 @@ def derived_uid(source: Dataset, model: ModelIdentity, what: str) -> str:
     return generate_uid(entropy_srcs=[str(source.SOPInstanceUID), model.fingerprint, what])
 
 
-def report_items(outcome: Outcome, model: ModelIdentity) -> list[tuple[str, str, str | float]]:
+def report_items(answer: Answer, model: ModelIdentity) -> list[tuple[str, str, str | float]]:
     """(code, meaning, value) of each item the report's root holds before the source image's
     reference, in order: a str is a text item, a float a number."""
-    items: list[tuple[str, str, str | float]] = [("decision", "lungxray decision", outcome.decision)]
-    if outcome.not_analysed is not None:
-        items.append(("reason", "Reason not analysed", outcome.not_analysed))
-    else:
-        items += [(f"p-{name}", f"Calibrated probability of {name}", round(float(p), 6))
-                  for name, p in outcome.probabilities.items()]
-        if outcome.ood is not None:
-            items += [("ood-score", "Out-of-distribution score", round(float(outcome.ood_score), 6)),
-                      ("ood-flag", "Out-of-distribution flag", "flagged" if outcome.ood else "not flagged")]
+    items: list[tuple[str, str, str | float]] = [("decision", "lungxray decision", answer.decision)]
+    if answer.decision == NOT_ANALYSED:
+        items.append(("reason", "Reason not analysed", answer.reason))
+    if answer.decision == WITHHELD:
+        items.append(("withheld", "Reason withheld", answer.reason))
+    items += [(f"p-{name}", f"Calibrated probability of {name}", round(float(p), 6))
+              for name, p in (answer.shown_probabilities or {}).items()]
+    if answer.ood is not None:
+        items += [("ood-score", "Out-of-distribution score", round(float(answer.ood_score), 6)),
+                  ("ood-flag", "Out-of-distribution flag", "flagged" if answer.ood else "not flagged")]
     return items + [("model-name", "Model name", model.name), ("model-version", "Model version", model.version),
                     ("model-sha256", "Model fingerprint (SHA-256)", model.fingerprint),
-                    ("notice", "Intended use", NOTICE)]
+                    ("notice", "Intended use", model.notice)]
 
 
-def result_report(source: Dataset, outcome: Outcome, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
+def result_report(source: Dataset, answer: Answer, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
     """The SR for `source` (the received film's dataset, pixels not needed), built by highdicom."""
     evidence = Dataset()
     evidence.update({keyword: source.get(keyword, "") for keyword in COPIED})
@@ -95,7 +72,7 @@ def result_report(source: Dataset, outcome: Outcome, model: ModelIdentity) -> hd
         return hd.sr.NumContentItem(name=concept(code, meaning), value=value, unit=NO_UNITS,
                                     relationship_type="CONTAINS")
 
-    items = [item(*fields) for fields in report_items(outcome, model)]
+    items = [item(*fields) for fields in report_items(answer, model)]
     items.append(hd.sr.ImageContentItem(name=concept("source", "Source image"),
                                         referenced_sop_class_uid=source.SOPClassUID,
                                         referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS"))
@@ -121,11 +98,11 @@ class ReportWriter:
         self.model = model
         self._first: dict[tuple[str, ...], bytes] = {}
 
-    def __call__(self, source: Dataset, outcome: Outcome) -> bytes:
-        items = report_items(outcome, self.model)
+    def __call__(self, source: Dataset, answer: Answer) -> bytes:
+        items = report_items(answer, self.model)
         shape = tuple(code for code, _, _ in items)
         if shape not in self._first:
-            self._first[shape] = encoded(result_report(source, outcome, self.model))
+            self._first[shape] = encoded(result_report(source, answer, self.model))
             return self._first[shape]
         report = pydicom.dcmread(io.BytesIO(self._first[shape]))
         for keyword in COPIED:
@@ -159,17 +136,3 @@ def encoded(dataset: Dataset) -> bytes:
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def report_values(report: Dataset) -> dict[str, str | float]:
-    """The report's items by concept code (numbers as floats): for tests, evaluation and audits."""
-    values: dict[str, str | float] = {}
-    for item in report.ContentSequence:
-        code = item.ConceptNameCodeSequence[0].CodeValue
-        if item.ValueType == "NUM":
-            values[code] = float(item.MeasuredValueSequence[0].NumericValue)
-        elif item.ValueType == "TEXT":
-            values[code] = str(item.TextValue)
-        elif item.ValueType == "IMAGE":
-            values[code] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-    return values

@@ -1,9 +1,13 @@
 """Grad-CAM (Selvaraju et al., 2017), following keras.io's "Grad-CAM class activation visualization":
 the gradient of the class score with respect to the backbone's last convolutional feature map,
-averaged per channel, weights that map; its positive part shows where the evidence for the class lies."""
+averaged per channel, weights that map; its positive part shows where the evidence for the class lies.
+
+`Explainer` is the one Grad-CAM service: `predict --explain`, the API's `explain=true` and the DICOM
+node's heat maps all ask it, with any `Predictor` that `can_explain`."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import keras
@@ -11,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from lungxray.errors import ConfigError
+from lungxray.io import atomic_path
 from lungxray.parallel import progress
 
 
@@ -44,6 +50,24 @@ class GradCam:
         return (cam / peak if peak > 0 else cam), probabilities[0].numpy()
 
 
+class Explainer:
+    """Grad-CAM heat maps for a predictor's answers: with its own Keras network, or, for a run
+    answered through its export, the run's network, loaded (with TensorFlow) on first use."""
+
+    def __init__(self, predictor):
+        if not predictor.can_explain:
+            raise ConfigError("Grad-CAM needs the Keras model: give the run folder (not an export alone)")
+        self.predictor, self._gradcam, self._lock = predictor, None, threading.Lock()
+
+    def heatmap(self, image: np.ndarray, class_name: str) -> np.ndarray:
+        """The heat map of `class_name` for `image` (uint8, at the model's input size), in [0, 1]."""
+        with self._lock:
+            if self._gradcam is None:
+                self._gradcam = GradCam(self.predictor.keras_network())
+        heat, _ = self._gradcam.heatmap(image, self.predictor.classes.index(class_name))
+        return heat
+
+
 def upsample(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The heat map at `shape` (height, width), bilinear, in [0, 1]."""
     return np.asarray(Image.fromarray(np.float32(heat), mode="F").resize(shape[::-1], Image.Resampling.BILINEAR))
@@ -67,32 +91,29 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarr
 
 def save_explanation(image: np.ndarray, heat: np.ndarray, title: str, path: Path) -> None:
     """A PNG: the X-ray and its Grad-CAM overlay side by side, titled with the prediction."""
-    from lungxray.evaluate.plots import plt, save_figure
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe beside a server's threads
 
-    figure, axes = plt.subplots(1, 2, figsize=(8, 4.4))
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    axes[1].imshow(overlay(image, heat))
-    axes[1].set_title("Grad-CAM")
-    for axis in axes:
+    figure = Figure(figsize=(8, 4.4))
+    axes = figure.subplots(1, 2)
+    for axis, shown, name in zip(axes, (image, overlay(image, heat)), ("image", "Grad-CAM")):
+        axis.imshow(shown)
+        axis.set_title(name)
         axis.axis("off")
     figure.suptitle(title)
-    save_figure(figure, path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png")
 
 
-def explain_files(predictor, paths: list[Path], probabilities: np.ndarray, out_dir: Path) -> list[Path]:
-    """A Grad-CAM PNG per readable file in `out_dir`, titled with its predicted class and probability."""
-    gradcam = GradCam(predictor.model)
-    out_dir = Path(out_dir)
+def explain_files(predictor, answers, out_dir: Path) -> list[Path]:
+    """A Grad-CAM PNG in `out_dir` per answer that gives a class, titled with it and its probability."""
+    explainer, out_dir = Explainer(predictor), Path(out_dir)
     written = []
-    for index, (path, row) in enumerate(progress(zip(paths, probabilities), len(paths), "Grad-CAM")):
-        if np.isnan(row).any():
+    for index, answer in enumerate(progress(answers, len(answers), "Grad-CAM")):
+        if answer.predicted is None:
             continue
-        image = predictor.read(path)
-        predicted = int(row.argmax())
-        heat, _ = gradcam.heatmap(image, predicted)
-        target = out_dir / f"{index:04d}_{Path(path).stem}.gradcam.png"
-        save_explanation(image, heat, f"{Path(path).name}: {predictor.classes[predicted]} (p = {row[predicted]:.2f})",
-                         target)
+        image = predictor.read(answer.file)
+        target = out_dir / f"{index:04d}_{Path(answer.file).stem}.gradcam.png"
+        title = f"{Path(answer.file).name}: {answer.predicted} (p = {answer.probabilities[answer.predicted]:.2f})"
+        save_explanation(image, explainer.heatmap(image, answer.predicted), title, target)
         written.append(target)
     return written

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lungxray.config import Config
 from lungxray.data.records import Dataset
-from lungxray.engines import best_epoch, choose_engine
-from lungxray.evaluate import CLASSIFICATION_REPORT, HTML_REPORT, PREDICTIONS
+from lungxray.training.engines import best_epoch, choose_engine
+from lungxray.evaluate.evaluation import CLASSIFICATION_REPORT, HTML_REPORT, PREDICTIONS
 from lungxray.evaluate.schema import METRICS_FILE, Metrics
 from lungxray.io import write_text
 from lungxray.rundir import RunDir

@@ -1,7 +1,8 @@
 """Scoring an archive: many files in, Parquet out, in this process or on a Ray cluster.
 
-    OUT/part-<batch id>.parquet   one per batch of files, written whole or not at all:
-                                  file, sha256, predicted, p_<class>..., set, ood_score, ood, error
+    OUT/part-<batch id>.parquet   one per batch of files, written whole or not at all: the answers'
+                                  flat columns (file, sha256, decision, predicted, p_<class>..., set,
+                                  ood_score, ood, error, model, time: `outputs.columns`)
     OUT/predictions.csv           all parts in one CSV (on request)
 
 A batch's part is written atomically when the batch is done, so an interrupted job loses at most
@@ -21,11 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.cluster import RayCluster
-from lungxray.conformal import DEFAULT_COVERAGE, set_members
+from lungxray.model.conformal import DEFAULT_COVERAGE
 from lungxray.data.records import IMAGE_SUFFIXES
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 from lungxray.io import atomic_path, file_hash
-from lungxray.lite import LitePredictor
+from lungxray.infer.answer import answer_files
+from lungxray.infer.identity import ModelIdentity
+from lungxray.infer.lite_predictor import LitePredictor
+from lungxray.infer.loader import load_predictor
+from lungxray.infer.outputs import arrow_table
+from lungxray.infer.predictor import Predictor
 from lungxray.parallel import progress
 
 PART_GLOB = "part-*.parquet"
@@ -82,31 +88,11 @@ def scored_files(out: Path) -> set[str]:
     return done
 
 
-def score_table(predictor: LitePredictor, files: list[str], refuse_ood: bool = False,
+def score_table(predictor: Predictor, files: list[str], refuse_ood: bool = False,
                 coverage: float = DEFAULT_COVERAGE):
-    """One row per file: content hash, class probabilities, prediction, conformal set at `coverage`
-    (its classes joined by "|", most probable first), OOD score and flag, or the error.
-    `refuse_ood`: flagged files keep their score and flag, not their class, probabilities and set."""
-    import pyarrow as pa
-
-    predictions = predictor.predict_files([Path(f) for f in files], desc=None)  # the batches show progress
-    reasons = {error.path: error.reason for error in predictions.errors}
-    read = np.array([f not in reasons for f in files])
-    shown = read & ~predictions.ood if refuse_ood and predictions.ood is not None else read
-    columns = {"file": pa.array(files, pa.string()), "sha256": pa.array(predictions.hashes, pa.string()),
-               "predicted": pa.array([predictor.classes[int(row.argmax())] if good else None
-                                      for row, good in zip(predictions.probabilities, shown)], pa.string())}
-    for index, name in enumerate(predictor.classes):
-        columns[f"p_{name}"] = pa.array(predictions.probabilities[:, index], pa.float32(), mask=~shown)
-    if predictor.conformal is not None:
-        sets = predictor.conformal.sets(predictions.raw, coverage)
-        columns["set"] = pa.array(["|".join(set_members(in_set, row, predictor.classes)) if good else None
-                                   for in_set, row, good in zip(sets, predictions.probabilities, shown)], pa.string())
-    if predictions.ood is not None:
-        columns["ood_score"] = pa.array(predictions.ood_score, pa.float32(), mask=~read)
-        columns["ood"] = pa.array(predictions.ood, pa.bool_(), mask=~read)
-    columns["error"] = pa.array([reasons.get(f) for f in files], pa.string())
-    return pa.table(columns)
+    """The answers for `files` as a table of the flat columns (`outputs.columns`)."""
+    answers = answer_files(predictor, files, refuse_ood=refuse_ood, coverage=coverage, desc=None)  # batches show progress
+    return arrow_table(answers, predictor.classes)
 
 
 def write_part(out: Path, files: list[str], table) -> Path:
@@ -128,22 +114,29 @@ class ScoringResult:
     csv: Path | None = None
 
 
-def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster | None = None, batch_size: int = 512,
-          write_csv: bool = False, refuse_ood: bool = False, coverage: float = DEFAULT_COVERAGE) -> ScoringResult:
-    """Score every image `items` name with the exported model `export` into `out`, skipping files
-    already there: in this process (one thread per core), or on `cluster`'s Ray workers."""
+def score(model: str | Path, items: list[str | Path], out: Path, cluster: RayCluster | None = None,
+          batch_size: int = 512, write_csv: bool = False, refuse_ood: bool = False, coverage: float = DEFAULT_COVERAGE,
+          runtime: str = "auto") -> ScoringResult:
+    """Answer every image `items` name into `out`, skipping files already there, with `model` (an
+    export, or a run folder's export in `runtime`, as `load_predictor` chooses it): in this process
+    (one thread per core), or on `cluster`'s Ray workers."""
     if batch_size < 1:
         raise DataError(f"'batch_size' must be at least 1. Got {batch_size} instead.")
+    predictor = load_predictor(model, runtime=runtime)
+    if predictor.runtime == "keras":
+        raise ConfigError(f"scoring into a folder runs an exported model, and {model} has no checked export: make "
+                          f"one with `lungxray export --model {model}`")
     files = list(dict.fromkeys(list_inputs(items)))
     out.mkdir(parents=True, exist_ok=True)
     done = scored_files(out)
     todo = [f for f in files if f not in done]
     if cluster is not None:
-        counts = cluster.map_files(todo, PartWriter, batch_size, export=str(export.resolve()), out=str(out.resolve()),
-                                   refuse_ood=refuse_ood, coverage=coverage)
+        counts = cluster.map_files(todo, PartWriter, batch_size, export=str(predictor.model_path.resolve()),
+                                   out=str(out.resolve()), refuse_ood=refuse_ood, coverage=coverage,
+                                   identity=predictor.identity)
         errors = int(sum(batch["errors"].sum() for batch in counts))
     else:
-        predictor, errors = LitePredictor.load(export), 0
+        errors = 0
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in progress(batches, len(batches), "batches", unit="batch"):
             table = score_table(predictor, batch, refuse_ood, coverage)
@@ -158,10 +151,10 @@ def score(export: Path, items: list[str | Path], out: Path, cluster: RayCluster 
 class PartWriter:
     """A Ray actor: the model, loaded once; each batch of file names in, its part written, a count out."""
 
-    def __init__(self, export: str, out: str, refuse_ood: bool, coverage: float):
+    def __init__(self, export: str, out: str, refuse_ood: bool, coverage: float, identity: ModelIdentity):
         # One thread and one interpreter per actor: Ray gives each actor a core.
-        self.predictor, self.out, self.refuse_ood = LitePredictor.load(export, threads=1), Path(out), refuse_ood
-        self.coverage = coverage
+        self.predictor = LitePredictor.load(export, threads=1, identity=identity)
+        self.out, self.refuse_ood, self.coverage = Path(out), refuse_ood, coverage
 
     def __call__(self, batch: dict) -> dict:
         files = [str(f) for f in batch["file"]]

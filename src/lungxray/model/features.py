@@ -24,9 +24,9 @@ from lungxray.config import conversions_dir, default_cache_dir
 from lungxray.data.acquisition import read_views, view_names
 from lungxray.errors import ConfigError, ImageError
 from lungxray.io import atomic_path, file_hash, write_json
-from lungxray.model import converted, model_fingerprint
+from lungxray.model.network import converted, model_fingerprint
 from lungxray.parallel import bounded_map, progress
-from lungxray.runtimes import InterpreterPool, as_batch, litert_available
+from lungxray.model.runtimes import InterpreterPool, as_batch, litert_available
 
 FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
 SHARD_SIZE = 2048
@@ -36,7 +36,7 @@ class ModelRuntime:
     """Runs a frozen Keras model (the backbone, on RGB images in [0, 255]; the lung segmenter) on
     batches of images. `keras` is the reference; `litert` (LiteRT with XNNPACK) computes the same
     function ~4x faster on CPU, within ~1e-4 (tests check), on a pool of interpreters
-    (`lungxray.runtimes.InterpreterPool`) that any thread may borrow from."""
+    (`lungxray.model.runtimes.InterpreterPool`) that any thread may borrow from."""
 
     def __init__(self, model: keras.Model, runtime: str = "auto", cache_dir: Path | None = None):
         if runtime == "auto":

@@ -25,9 +25,9 @@ from lungxray.config import conversions_dir, default_cache_dir
 from lungxray.data.records import load_dataset
 from lungxray.errors import DataError, WeightsError
 from lungxray.io import atomic_folder, atomic_path, remove, write_json
-from lungxray.lite import EXPORT_SUFFIXES, LitePredictor, sidecar_paths
-from lungxray.model import converted
-from lungxray.predict import Predictor
+from lungxray.infer.lite_predictor import EXPORT_SUFFIXES, LitePredictor, sidecar_paths
+from lungxray.model.network import converted
+from lungxray.infer.keras_predictor import KerasPredictor
 from lungxray.rundir import RunDir
 
 # Largest difference in any class probability between the exported and the Keras model on the
@@ -49,7 +49,7 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
     if fmt not in EXPORT_SUFFIXES:
         raise WeightsError(f"unknown export format {fmt!r}; formats are {sorted(EXPORT_SUFFIXES)}")
     run = RunDir.open(model)
-    predictor = Predictor.load(run.model, runtime="keras", cache_dir=cache_dir)
+    predictor = KerasPredictor.load(run.model, runtime="keras", cache_dir=cache_dir)
     if predictor.crop is not None:
         raise WeightsError("a model trained with crop=lungs cannot be exported yet: its lung segmenter would "
                            "have to travel with it")
@@ -72,7 +72,7 @@ def export_model(model: str | Path, out: str | Path | None = None, data: str | P
     return ExportResult(out, parity)
 
 
-def write_export(predictor: Predictor, out: Path, fmt: str, cache_dir: Path | None = None) -> None:
+def write_export(predictor: KerasPredictor, out: Path, fmt: str, cache_dir: Path | None = None) -> None:
     """The model file, its sidecar (parity still to come) and its gate. A LiteRT or ONNX file is
     converted once per model and kept with the backbone's conversions: exporting the same model again
     (to another place, or after model.keras was touched) copies it and checks it again."""
@@ -103,7 +103,7 @@ def with_features(network: keras.Model) -> keras.Model:
     return both
 
 
-def sidecar(predictor: Predictor, fmt: str) -> dict:
+def sidecar(predictor: KerasPredictor, fmt: str) -> dict:
     hashes = "".join(sorted(predictor.train_hashes or []))
     return {
         "format": fmt, "lungxray_version": __version__, "classes": predictor.classes,
@@ -114,6 +114,7 @@ def sidecar(predictor: Predictor, fmt: str) -> dict:
         "conformal": predictor.conformal.to_json() if predictor.conformal else None,
         "training_data_fingerprint": hashlib.sha256(hashes.encode()).hexdigest() if hashes else None,
         "trained": predictor.info.get("trained"), "architecture": predictor.info.get("architecture"),
+        "exported_from": dataclasses.asdict(predictor.identity),  # the run's model (an export answers as itself)
     }
 
 
@@ -128,7 +129,7 @@ def parity_sample(run: RunDir, data: str | Path | None, size: int) -> list[Path]
     return [records[i].path for i in sorted(chosen)]
 
 
-def check_parity(reference: Predictor, exported: LitePredictor, paths: list[Path]) -> dict:
+def check_parity(reference: KerasPredictor, exported: LitePredictor, paths: list[Path]) -> dict:
     """Largest probability difference and label agreement, exported against Keras, on `paths`."""
     expected = reference.predict_files(paths, desc="Keras").raw
     got = exported.predict_files(paths, desc="exported").raw

@@ -3,7 +3,7 @@ temperature) and its out-of-distribution gate. LiteRT and ONNX exports run witho
 ai-edge-litert or onnxruntime, NumPy, Pillow and pydicom alone; a SavedModel runs with TensorFlow.
 
     predictor = LitePredictor.load("model.tflite")   # or model.onnx
-    predictions = predictor.predict_files(["chest.dcm"])   # the same Predictions as Predictor's
+    predictions = predictor.predict_files(["chest.dcm"])   # the same Predictions as KerasPredictor's
 
 Images are read exactly as for training (`read_image`: DICOM, resize, intensity normalisation).
 """
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.conformal import ConformalSets
+from lungxray.model.conformal import ConformalSets
 from lungxray.data.images import read_bytes, read_image
 from lungxray.errors import ImageError, WeightsError
+from lungxray.infer.identity import ModelIdentity
 from lungxray.io import file_hash
-from lungxray.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
-from lungxray.ood import OutOfDistribution
+from lungxray.model.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
+from lungxray.model.ood import OutOfDistribution
 from lungxray.parallel import bounded_map, progress
-from lungxray.predictions import Predictions
+from lungxray.infer.predictions import Predictions
 
 EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx", "savedmodel": ".savedmodel"}  # a SavedModel is a folder
 RUNNERS = {".tflite": InterpreterPool, ".onnx": OnnxSession, ".savedmodel": SavedModelRunner}
@@ -38,9 +39,16 @@ def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
 
 
 class LitePredictor:
-    def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None, threads: int | None = None):
+    """A `Predictor` for an export. `identity`: the model it answers as (default: the export file's
+    own); `run_model`: the Keras model of the run it was exported from, for Grad-CAM (None: no
+    explanations, as for an export given alone)."""
+
+    def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None, threads: int | None = None,
+                 identity: ModelIdentity | None = None, run_model: Path | None = None):
         """`threads`: images decoded and run at once (default: one per core)."""
         self.model_path, self.info, self.ood, self.threads = Path(model_path), info, ood, threads
+        self.identity = identity or ModelIdentity.of(self.model_path, self.model_path.name, info.get("trained"))
+        self.run_model = run_model
         self.runtime = next(name for name, suffix in EXPORT_SUFFIXES.items() if suffix == self.model_path.suffix)
         self.classes = list(info["classes"])
         contract = info["input"]
@@ -55,8 +63,27 @@ class LitePredictor:
         self._probabilities = next(i for i, shape in enumerate(shapes) if shape == (len(self.classes),))
         self._features = 1 - self._probabilities
 
+    @property
+    def can_explain(self) -> bool:
+        return self.run_model is not None
+
+    def keras_network(self):
+        """The run's Keras network (this imports TensorFlow), or None for an export given alone."""
+        if self.run_model is None:
+            return None
+        from lungxray.model.network import load_model
+
+        return load_model(self.run_model)
+
+    def describe(self) -> str:
+        parity = self.info.get("parity")
+        checked = (f" (checked against the Keras model on {parity['images']} images: largest probability "
+                   f"difference {parity['max_abs_difference']:.1e})") if parity else ""
+        return f"runtime {self.runtime}: {self.model_path}{checked}"
+
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "LitePredictor":
+    def load(cls, path: str | Path, threads: int | None = None, identity: ModelIdentity | None = None,
+             run_model: Path | None = None) -> "LitePredictor":
         path = Path(path)
         if not is_export(path) or not path.exists():
             raise WeightsError(f"{path} is not an exported model; `lungxray export` writes a .tflite or .onnx file "
@@ -67,7 +94,8 @@ class LitePredictor:
         if not info_path.is_file():
             raise WeightsError(f"{info_path} is missing: it holds the classes and input contract of {path}")
         info = json.loads(info_path.read_text())
-        return cls(path, info, OutOfDistribution.load(gate_path) if gate_path.is_file() else None, threads)
+        return cls(path, info, OutOfDistribution.load(gate_path) if gate_path.is_file() else None, threads, identity,
+                   run_model)
 
     def read(self, source, name: str | None = None) -> np.ndarray:
         return read_image(source, self.image_size, self.interpolation, name, self.intensity)

@@ -1,0 +1,60 @@
+"""`lungxray serve`: the app (`app.create_app`) under uvicorn, in one process or several (`workers`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lungxray.errors import ConfigError
+from lungxray.infer.lite_predictor import is_export
+from lungxray.infer.loader import load_predictor
+from lungxray.rundir import RunDir
+from lungxray.serve.app import create_app
+from lungxray.serve.keys import KeyStore
+
+DEFAULT_MAX_CONNECTIONS = 100
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache_dir: Path | None = None,
+          runtime: str = "auto", keys: Path | None = None, insecure: bool = False, tls_cert: str | None = None,
+          tls_key: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = 1,
+          **app_options) -> None:
+    """Serve until stopped; `app_options` go to `create_app`. Beyond `max_connections` open
+    connections uvicorn answers 503 at once; idle keep-alive connections close after 5 s. Without
+    `keys`, only a loopback address is served unless `insecure`; SIGTERM lets the requests in flight
+    finish (30 s at most) before exit. `workers` > 1: that many processes on the port, sharing the
+    limits (`workers.py`)."""
+    import uvicorn
+
+    if keys is None and not insecure and not is_loopback(host):
+        raise ConfigError(f"serving on {host} without --keys lets anyone who reaches the port use the model: "
+                          "make a key with `lungxray keys create NAME --keys FILE` and pass --keys FILE "
+                          "(or pass --insecure on a network you trust)")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1. Got {workers} instead.")
+    key_store = KeyStore(keys) if keys is not None else None
+    if key_store is not None and not key_store.keys:
+        raise ConfigError(f"{keys} holds no keys: make one with `lungxray keys create NAME --keys {keys}`")
+    if workers > 1:  # each worker loads the model itself
+        from lungxray.serve.workers import serve_workers
+
+        if not is_export(model):
+            RunDir.open(model)  # a wrong folder is said here, once, not by every worker
+        return serve_workers(str(model), host, port, workers, cache_dir=cache_dir, runtime=runtime, keys=keys,
+                             tls_cert=tls_cert, tls_key=tls_key, max_connections=max_connections,
+                             app_options=app_options)
+    run = None if is_export(model) else RunDir.open(model)  # an export: no TensorFlow, no Grad-CAM
+    predictor = load_predictor(model, cache_dir, runtime)
+    app = create_app(predictor, run, keys=key_store, **app_options)
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
+                timeout_keep_alive=5, timeout_graceful_shutdown=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
