@@ -39,8 +39,9 @@ def test_predict_table_and_csv_on_a_folder(trained_run, capsys):
     capsys.readouterr()
     main(["predict", "--model", str(run), "--cache", str(cache), "--format", "csv", str(data / "test")])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "file,predicted,covid,normal,pneumonia,set,ood_score,ood,error" and len(lines) == 1 + 18
-    assert all(set(line.split(",")[5].split("|")) <= {"covid", "normal", "pneumonia", ""} for line in lines[1:])
+    header = "file,sha256,decision,predicted,p_covid,p_normal,p_pneumonia,set,ood_score,ood,error,model,time"
+    assert lines[0] == header and len(lines) == 1 + 18  # the same columns as predict --out's Parquet
+    assert all(set(line.split(",")[7].split("|")) <= {"covid", "normal", "pneumonia", ""} for line in lines[1:])
     main(["predict", "--model", str(run), "--cache", str(cache), str(data / "test" / "normal")])
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 6
 

@@ -444,9 +444,10 @@ def test_send_names_what_is_not_dicom(node_and_pacs, tmp_path):
     assert results[film] == "sent" and results[text].startswith("not a DICOM file")
 
 
-def listen(export, spool, port: int, pacs_port: int, send_to_aet: str = "PACS", allow: list[str] = ()):
+def listen(export, spool, port: int, pacs_port: int, send_to_aet: str = "PACS", allow: list[str] = (),
+           refuse_ood: bool = True):
     """`lungxray dicom listen` as its own process, once it accepts associations."""
-    allowed = [argument for aet in allow for argument in ("--allow", aet)]
+    allowed = [argument for aet in allow for argument in ("--allow", aet)] + ([] if refuse_ood else ["--no-refuse-ood"])
     process = subprocess.Popen([sys.executable, "-c", CHILD, "dicom", "listen", "--model", str(export), "--port",
                                 str(port), "--send-to", f"{send_to_aet}@127.0.0.1:{pacs_port}", "--spool", str(spool),
                                 *allowed], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lungxray import Config, KerasPredictor, train
-from lungxray import lungs
+from lungxray.model import lungs
 from lungxray.data.images import read_image
 from lungxray.errors import ConfigError, DataError
 from lungxray.model.lungs import SIZE, LungCrop

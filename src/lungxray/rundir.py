@@ -102,6 +102,10 @@ class RunDir:
         blocks above `train_from`) or "model"."""
         return self.folder / self.CHECKPOINTS / f"{holds}.weights.h5"
 
+    def evaluation_of(self, data: str | Path) -> Path:
+        """Where `lungxray evaluate` writes its evaluation of `data` by default: evaluation-<data's name>."""
+        return self.folder / f"{self.EVALUATION}-{Path(data).stem}"
+
     def evaluation(self, external: bool = False) -> Path:
         return self.folder / (self.EXTERNAL_EVALUATION if external else self.EVALUATION)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import threading
 from pathlib import Path
@@ -38,6 +39,9 @@ def add_dicom_commands(commands) -> None:
                         help="also send a Grad-CAM Secondary Capture per classified film (needs a run folder)")
     listen.add_argument("--not-analysed", choices=("report", "nothing"), default="report",
                         help="what a film it must not classify gets: a report saying why (default), or nothing")
+    listen.add_argument("--refuse-ood", action=argparse.BooleanOptionalAction, default=True,
+                        help="withhold the class (and probabilities) of films the out-of-distribution gate flags "
+                             "(default: on, since no person sees the film beside the report)")
     listen.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     listen.add_argument("--cache", help="feature cache folder")
     listen.set_defaults(run=run_listen)
@@ -77,7 +81,8 @@ def run_listen(args) -> int:
     node = DicomNode(predictor, send_to, Path(args.spool), args.aet,
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
-                     tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed)
+                     tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed,
+                     refuse_ood=args.refuse_ood)
     node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -50,9 +50,13 @@ class OutOfDistribution:
         return gate
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each row to the training features (NaN rows stay NaN)."""
+        """Mahalanobis distance of each row to the training features (NaN rows stay NaN). Each row is
+        scored by itself (vector products), so that a film's score is the same to the last bit
+        whether it is scored alone (the API) or among others (a batch): a matrix product's rounding
+        depends on how many rows it holds."""
         centred = _scaled(features) - self.mean
-        return np.sqrt(np.maximum(((centred @ self.precision) * centred).sum(axis=1), 0.0))
+        squared = np.array([row @ self.precision @ row for row in centred], np.float64).reshape(len(centred))
+        return np.sqrt(np.maximum(squared, 0.0))
 
     def flag(self, features: np.ndarray) -> np.ndarray:
         return self.score(features) > self.threshold

@@ -22,6 +22,7 @@ the train and val images, which calibration and the out-of-distribution gate are
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import logging
@@ -78,6 +79,7 @@ class FittedModel:
     train_features: np.ndarray  # (n, dim), rows of plan.train
     val_features: np.ndarray
     timings: dict[str, float]  # seconds of head training and of fine-tuning
+    best_epoch: int = 0  # the (0-based) epoch whose weights the fit restored
 
 
 class FollowEpoch(keras.callbacks.Callback):
@@ -127,17 +129,20 @@ def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
     return int(pick(history[monitor]))
 
 
-class Engine:
-    """The shared part: the fitting loop, fine-tuning and the features for calibration."""
+class Engine(abc.ABC):
+    """The shared part: the fitting loop, fine-tuning and the features for calibration. `reason`:
+    why this engine was chosen (`choose_engine`), for the run's report."""
 
     name = ""
+    reason = ""
 
     def __init__(self, model: keras.Model, config: Config, run: RunDir, cache_dir: Path | None = None,
                  crop: LungCrop | None = None):
         self.model, self.config, self.run, self.cache_dir, self.crop = model, config, run, cache_dir, crop
 
+    @abc.abstractmethod
     def plan(self, dataset: Dataset) -> TrainingPlan:
-        raise NotImplementedError
+        """What the fit needs of `dataset` (features, block inputs or image pipelines), checked."""
 
     def fit(self, plan: TrainingPlan) -> FittedModel:
         started = time.perf_counter()
@@ -149,10 +154,11 @@ class Engine:
             timings["fine_tuning"] = time.perf_counter() - started
         best, monitor = best_epoch(history, self.config.monitor), self.config.monitor
         log.info("best %s %.4f at epoch %d (weights restored from it)", monitor, history[monitor][best], best + 1)
-        return self._fitted(plan, history, timings)
+        return dataclasses.replace(self._fitted(plan, history, timings), best_epoch=best)
 
+    @abc.abstractmethod
     def _fit_head(self, plan: TrainingPlan) -> dict[str, list[float]]:
-        raise NotImplementedError
+        """Train the head (and whatever the engine trains with it); the history per epoch."""
 
     def _fine_tune(self, plan: TrainingPlan, history: dict[str, list[float]]) -> dict[str, list[float]]:
         return fine_tune(self.model, plan, self.config, self.run, history, self.crop)
@@ -299,12 +305,13 @@ def make_engine(model: keras.Model, config: Config, run: RunDir, cache_dir: Path
     """The engine for `config`; with a Ray `cluster`, the cached engine's features are computed there."""
     name, reason = choose_engine(config)
     log.info("engine: %s (%s)", name, reason)
-    if cluster is None:
-        return ENGINES[name](model, config, run, cache_dir, crop)
-    if name != CachedEngine.name:
+    if cluster is not None and name != CachedEngine.name:
         raise ConfigError("features on Ray fill the feature cache, which only the cached engine reads: "
                           "use engine auto or cached, without train_from")
-    return CachedEngine(model, config, run, cache_dir, crop, cluster)
+    engine = ENGINES[name](model, config, run, cache_dir, crop) if cluster is None else \
+        CachedEngine(model, config, run, cache_dir, crop, cluster)
+    engine.reason = reason
+    return engine
 
 
 def epoch_plans(plan: TrainingPlan, config: Config) -> tuple[EpochPlan, EpochPlan]:

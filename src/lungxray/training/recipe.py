@@ -89,7 +89,8 @@ def _train(data, out, config: Config, cache_dir: Path | None, resume: bool, clus
         test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
     timings["total"] = time.perf_counter() - started
     run.write_json(run.TIMINGS, timings)
-    result = TrainResult(run.folder, engine.name, fitted.history, test_metrics, timings, external_metrics)
+    result = TrainResult(run.folder, engine.name, engine.reason, fitted.history, fitted.best_epoch, test_metrics, timings,
+                         external_metrics)
     write_run_report(run, result, dataset, config)
     return result
 

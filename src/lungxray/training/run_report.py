@@ -10,7 +10,6 @@ from pathlib import Path
 
 from lungxray.config import Config
 from lungxray.data.records import Dataset
-from lungxray.training.engines import best_epoch, choose_engine
 from lungxray.evaluate.evaluation import CLASSIFICATION_REPORT, HTML_REPORT, PREDICTIONS
 from lungxray.evaluate.schema import METRICS_FILE, Metrics
 from lungxray.io import write_text
@@ -24,7 +23,9 @@ class TrainResult:
 
     run_dir: Path
     engine: str
+    engine_reason: str  # why that engine (`engines.choose_engine`)
     history: dict[str, list[float]]
+    best_epoch: int  # the (0-based) epoch whose weights were restored
     test_metrics: Metrics | None
     timings: dict[str, float]
     external_metrics: Metrics | None = None
@@ -47,12 +48,11 @@ def write_run_report(run: RunDir, result: TrainResult, dataset: Dataset, config:
 
 
 def _summary(run: RunDir, result: TrainResult, dataset: Dataset, config: Config) -> list[str]:
-    history, monitor = result.history, config.monitor
-    best = best_epoch(history, monitor)
+    history, monitor, best = result.history, config.monitor, result.best_epoch
     return [
         f"- Data: `{dataset.origin}` ({dataset.layout} layout), classes: {', '.join(dataset.classes)}",
         f"- Model: {config.describe_model()}",
-        f"- Engine: **{result.engine}** ({choose_engine(config)[1]})",
+        f"- Engine: **{result.engine}** ({result.engine_reason})",
         f"- Configuration: [{run.CONFIG}]({run.CONFIG}); data and splits: [{run.DATA}]({run.DATA})",
         f"- Epochs run: {len(history['loss'])}; best {monitor} {history[monitor][best]:.4f} "
         f"at epoch {best + 1} (weights restored from it)",
