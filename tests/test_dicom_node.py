@@ -102,7 +102,7 @@ def chest_film(path, pixels: np.ndarray, study: str | None = None, bits: int = 8
 @pytest.fixture(scope="module")
 def predictor(run):
     run_dir, _, cache = run
-    return load_predictor(run_dir, cache, gradients=True)  # the heat map test needs the Keras model
+    return load_predictor(run_dir, cache, keras=True)  # the run's Keras model, whatever exports it has
 
 
 @pytest.fixture

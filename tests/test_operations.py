@@ -257,7 +257,7 @@ def test_runtime_auto_takes_the_runs_checked_export(run, export, tmp_path):
                           timeout=120)
     assert fast.returncode == 0, fast.stderr[-2000:]
     assert "runtime litert" in fast.stderr and "largest probability difference" in fast.stderr
-    assert load_predictor(copy, cache, gradients=True).__class__.__name__ == "KerasPredictor"  # Grad-CAM needs Keras
+    assert load_predictor(copy, cache, keras=True).__class__.__name__ == "KerasPredictor"  # asked for
     sidecar = copy / "export" / "model.tflite.json"
     checked = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**checked, "parity": {**checked["parity"], "max_abs_difference": 1.0}}))

@@ -69,8 +69,7 @@ def run_listen(args) -> int:
         raise ConfigError("--send-tls-cert and --send-tls-key need --send-tls-ca (the CA that signed the PACS's "
                           "certificate)")
     send_tls = client_context(args.send_tls_ca, args.send_tls_cert, args.send_tls_key) if args.send_tls_ca else None
-    predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime,
-                               gradients=args.heatmap)
+    predictor = load_predictor(args.model, Path(args.cache) if args.cache else None, args.runtime)
     heatmap = None
     if args.heatmap:
         if not predictor.can_explain:

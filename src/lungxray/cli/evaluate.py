@@ -28,11 +28,11 @@ def add_evaluate_commands(commands) -> None:
 
 def run_evaluate(args) -> int:
     from lungxray.evaluate.evaluation import CLASSIFICATION_REPORT, HTML_REPORT, conformal_lines, evaluate
-    from lungxray.infer.keras_predictor import KerasPredictor
+    from lungxray.infer.loader import load_predictor
     from lungxray.rundir import RunDir
 
     run = RunDir.open(args.model)
-    predictor = KerasPredictor.load(run.model, cache_dir=cache_dir(args))
+    predictor = load_predictor(run.model, cache_dir(args), keras=True)  # the run's own model is what is measured
     out = Path(args.out) if args.out else run.evaluation_of(args.data)
     metrics = evaluate(predictor, args.data, out, split=args.split, by=args.by, occlude_lungs=args.occlude_lungs)
     print((out / CLASSIFICATION_REPORT).read_text())

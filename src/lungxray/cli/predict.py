@@ -36,7 +36,7 @@ def add_predict_command(commands) -> None:
     predict.add_argument("--runtime", choices=RUNTIMES, default="auto",
                          help="for a run folder: keras, or its LiteRT or ONNX export (made and checked by "
                               "`lungxray export`); auto: the fastest of the run's checked exports, else Keras with the backbone "
-                              "in LiteRT (Keras with --explain); an export runs in its own (default: auto)")
+                              "in LiteRT; an export runs in its own (default: auto)")
     predict.add_argument("--cache", help="feature cache folder")
     predict.set_defaults(run=run_predict)
 
@@ -53,7 +53,7 @@ def run_predict(args) -> int:
     if args.engine == "ray":
         raise ConfigError("--engine ray writes its results as Parquet: give --out DIR")
     files = list_inputs(args.images)
-    predictor = load_predictor(args.model, cache_dir(args), args.runtime, gradients=bool(args.explain))
+    predictor = load_predictor(args.model, cache_dir(args), args.runtime)
     if args.explain and not predictor.can_explain:
         raise ConfigError("--explain needs the Keras model (a run folder or .keras file), not an exported one")
     answers = answer_files(predictor, files, refuse_ood=args.refuse_ood, coverage=check_coverage(args.coverage))

@@ -258,7 +258,7 @@ class DicomNode:
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
         """One JSON line per event: hashed UIDs, never a patient's name, id or birth date."""
         line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
-                "instance": hashed(uid),
+                "instance": hashed(uid), "model": self.model.id,
                 **({"study": hashed(study)} if study else {}), **{k: v for k, v in facts.items() if v is not None}}
         with self._audit_lock, open(self.audit_log, "a") as handle:
             handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")

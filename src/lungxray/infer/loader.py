@@ -8,7 +8,7 @@ TensorFlow). A run folder or `.keras` file opens, by `runtime`:
   against the Keras model; a missing or stale one is an error that names the command to run;
 - "auto": the fastest of the run's exports that passed the parity check against its Keras model
   (LiteRT, then ONNX: 1,460 and 565 images/s in docs/benchmarks.md) and is newer than the model;
-  without one (or when the caller needs gradients, for Grad-CAM), the Keras model.
+  without one (or when the caller asks for the Keras model), the Keras model.
 
 Loading never writes: exporting needs TensorFlow and writes into the run, which only `lungxray
 export` does. Whatever runs it, a run's predictor answers as the run's model (the identity of its
@@ -32,8 +32,9 @@ log = logging.getLogger("lungxray")
 
 
 def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: str = "auto",
-                   gradients: bool = False) -> Predictor:
-    """`gradients`: the caller needs the Keras model (Grad-CAM), so "auto" does not choose an export."""
+                   keras: bool = False) -> Predictor:
+    """`keras`: the caller needs the run's Keras model itself (evaluation, which reads what it was
+    trained on), so "auto" does not choose an export."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"'runtime' must be one of {list(RUNTIMES)}. Got {runtime!r} instead.")
     from lungxray.infer.lite_predictor import EXPORT_SUFFIXES, LitePredictor, is_export  # NumPy, Pillow: not for --help
@@ -48,7 +49,7 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
 
     run = RunDir.open(model)
     exported = run_export(run, runtime) if runtime in FASTEST_FIRST else None
-    if runtime == "auto" and not gradients:
+    if runtime == "auto" and not keras:
         exported = checked_export(run)
     if exported is not None:
         info = json.loads(exported.with_name(exported.name + ".json").read_text())
@@ -59,7 +60,7 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
 
         predictor = KerasPredictor.load(run.model, runtime=runtime, cache_dir=cache_dir)  # backbone in LiteRT on auto
     if runtime == "auto":
-        log.info("runtime keras: Grad-CAM needs the Keras model" if gradients else predictor.describe())
+        log.info(predictor.describe())
     return predictor
 
 

@@ -68,12 +68,6 @@ def set_members(in_set: np.ndarray, probabilities: np.ndarray, classes: list[str
     return [classes[i] for i in np.argsort(-probabilities) if in_set[i]]
 
 
-def set_fields(in_set: np.ndarray, probabilities: np.ndarray, classes: list[str], coverage: float) -> dict:
-    """What an answer shows of one image's set: `set` (most probable first), `set_says`, `coverage`."""
-    members = set_members(in_set, probabilities, classes)
-    return {"set": members, "set_says": describe_set(members, classes), "coverage": coverage}
-
-
 def describe_set(members: list[str], classes: list[str]) -> str:
     """What a set says, in words: "pneumonia", "pneumonia or covid", "cannot tell", "none fits"."""
     if not members:

@@ -114,7 +114,8 @@ class Answering:
         return body
 
     async def __call__(self, request: Request, data: bytes, name: str, digest: str, with_explanation: bool) -> dict:
-        audited = request.scope.setdefault("state", {}).setdefault("images", [])  # for the audit log
+        state = request.scope.setdefault("state", {})  # for the audit log
+        state["model"], audited = self.predictor.identity.id, state.setdefault("images", [])
         try:
             with self.batcher.expecting():
                 image = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decoders)

@@ -163,11 +163,12 @@ class Operations:
 
 def audit_line(scope, request_id: str, status: int, seconds: float) -> dict:
     """What the audit log keeps of a request: who, what, the answer, how long; of an image only its
-    SHA-256 and decision (never its pixels, its file name or any DICOM field)."""
+    SHA-256 and decision (never its pixels, its file name or any DICOM field), and the identity of
+    the model that answered."""
     state = scope["state"]
     line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": request_id, "key": state.get("key"), "client": (scope.get("client") or (None,))[0],
             "method": scope["method"], "path": scope["path"], "status": status, "ms": round(1000 * seconds, 2)}
     if "images" in state:
-        line["images"] = state["images"]
+        line.update(model=state.get("model"), images=state["images"])
     return line
