@@ -117,7 +117,7 @@ def test_every_documented_status_is_reached(guarded_server):
 def stalled(port: int, path: str, token: str) -> httpx.Response:
     """An upload that announces more than it sends, answered (408) once the read timeout passes."""
     with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 10) as connection:
-        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: "
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: "
                            "multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\nConte".encode())
         status_line = connection.makefile("rb").readline().decode()
     return httpx.Response(int(status_line.split()[1]))
@@ -135,7 +135,7 @@ def test_sigterm_lets_the_request_in_flight_finish(export):
               "Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
     with lungxray_serve(export, "--audit-log", "off") as (_, port, process):
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary="
+        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary="
                            f"{boundary}\r\nContent-Length: {len(upload)}\r\n\r\n".encode() + upload[:100])
         time.sleep(0.3)
         process.send_signal(signal.SIGTERM)

@@ -40,7 +40,7 @@ def server(run):
 def stalled_upload(port: int) -> socket.socket:
     """A connection that announces 100 kB and sends 10 bytes of it."""
     connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-    connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                        b"Content-Length: 100000\r\n\r\n--b\r\nConte")
     return connection
 

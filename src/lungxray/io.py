@@ -12,14 +12,15 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+def atomic_path(path: str | Path, mode: int = 0o644):
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds. `mode`:
+    the file's permissions from its creation on (0o600 for a secret: never readable by others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The suffix keeps the whole name: Keras checks for endings such as ".weights.h5".
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
     os.close(handle)
-    os.chmod(temporary, 0o644)  # mkstemp's 0600 would make every artefact private to its writer
+    os.chmod(temporary, mode)  # mkstemp's 0600 would make every artefact private to its writer
     try:
         yield Path(temporary)
         os.replace(temporary, path)

@@ -48,6 +48,12 @@ def add_serve_commands(commands) -> None:
                        help="allow serving a non-loopback address without --keys")
     serve.add_argument("--tls-cert", help="HTTPS: the server's certificate (PEM), with --tls-key")
     serve.add_argument("--tls-key", help="HTTPS: the certificate's private key (PEM)")
+    serve.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                       help="the host names the server answers to, and that a browser may post from (default: "
+                            "--host and localhost; any for 0.0.0.0 or ::): other Host headers get 400")
+    serve.add_argument("--forwarded-allow-ips", metavar="IPS",
+                       help="the reverse proxies (comma-separated addresses, or '*') whose X-Forwarded-For names the "
+                            "client (default: none; the address that connected is the client)")
     serve.set_defaults(run=run_serve)
 
     keys = commands.add_parser("keys", help="API keys for serve --keys")
@@ -71,6 +77,7 @@ def run_serve(args) -> int:
     serve(args.model, args.host, args.port, cache_dir=Path(args.cache) if args.cache else None,
           runtime=args.runtime, keys=Path(args.keys) if args.keys else None, insecure=args.insecure,
           tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections, workers=args.workers,
+          allowed_hosts=args.allowed_hosts, forwarded_allow_ips=args.forwarded_allow_ips,
           max_upload_mb=args.max_upload_mb, max_pending=args.max_pending, refuse_ood=args.refuse_ood,
           read_timeout=args.read_timeout, api_docs=args.api_docs,
           rate=parse_rate(args.rate) if args.rate else None,

@@ -148,7 +148,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
                read_timeout: float = DEFAULT_READ_TIMEOUT, api_docs: bool = False, *,
                keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-               coverage: float = DEFAULT_COVERAGE, shared=None) -> FastAPI:
+               coverage: float = DEFAULT_COVERAGE, shared=None, allowed_hosts: list[str] | None = None,
+               hsts: bool = False) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
@@ -157,7 +158,9 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     `run`: the run folder the model came from, whose test metrics /api/model shows.
     `api_docs` serves the interactive docs at /docs, which load their script from a CDN (off by
     default: they break offline); /openapi.json is always served. `shared`: what the workers of
-    `serve --workers N` share (`workers.Shared`), whose limits then hold for all of them."""
+    `serve --workers N` share (`workers.Shared`), whose limits then hold for all of them.
+    `allowed_hosts`: the Host names it answers to (None: any) and the origins a browser may post
+    from; `hsts`: it is served over TLS (`operations.Operations`)."""
     check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
@@ -181,7 +184,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     if rate is not None:
         rate = shared.rate_limit if shared is not None else RateLimit(rate)
     app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer
-                       rate=rate, audit=audit_logger(audit_log), worker=os.getpid() if shared is not None else None)
+                       rate=rate, audit=audit_logger(audit_log), worker=os.getpid() if shared is not None else None,
+                       allowed_hosts=allowed_hosts, hsts=hsts)
     return app
 
 

@@ -8,6 +8,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -26,6 +27,8 @@ CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'n
        "form-action 'self'")
 HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
            (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+HSTS = (b"strict-transport-security", b"max-age=31536000")  # with TLS: browsers use HTTPS only, for a year
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*$")
 
 
@@ -87,6 +90,7 @@ def audit_logger(target: str | Path | None) -> logging.Logger | None:
             from logging.handlers import WatchedFileHandler
 
             try:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # created private
                 handler = WatchedFileHandler(target, encoding="utf-8")
             except OSError as error:
                 raise ConfigError(f"cannot open the audit log {target}: {error.strerror}") from None
@@ -95,13 +99,27 @@ def audit_logger(target: str | Path | None) -> logging.Logger | None:
     return logger
 
 
+def host_of(value: str) -> str:
+    """The host of a Host header or an origin's authority, without its port: "[::1]:8000" → "::1"."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class Operations:
     def __init__(self, app, metrics: Metrics, keys: KeyStore | None = None, api_docs: bool = False,
-                 rate: RateLimit | None = None, audit: logging.Logger | None = None, worker: int | None = None):
+                 rate: RateLimit | None = None, audit: logging.Logger | None = None, worker: int | None = None,
+                 allowed_hosts: list[str] | None = None, hsts: bool = False):
         """`rate`: a RateLimit, or its proxy when workers share one; `worker`: this process's id in
-        the audit lines when there are several."""
+        the audit lines when there are several; `allowed_hosts`: the names the server answers to
+        (the Host header; None or "*": any), which a browser's state-changing request must also come
+        from (its Origin), against DNS rebinding and cross-site forms; `hsts`: served over TLS."""
         self.app, self.metrics, self.keys, self.api_docs = app, metrics, keys, api_docs
         self.rate, self.audit, self.worker = rate, audit, worker
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else {
+            host_of(h) for h in allowed_hosts}
+        self.hsts = hsts
         self.per_second = rate.limit() if rate is not None else None
 
     async def __call__(self, scope, receive, send):
@@ -109,7 +127,7 @@ class Operations:
             return await self.app(scope, receive, send)
         started, request_id, path = time.perf_counter(), uuid.uuid4().hex, scope["path"]
         status = 500
-        headers = [*HEADERS, (b"x-request-id", request_id.encode())]
+        headers = [*HEADERS, *([HSTS] if self.hsts else []), (b"x-request-id", request_id.encode())]
         if not (self.api_docs and path.startswith("/docs")):  # the interactive docs load a CDN script
             headers.append((b"content-security-policy", CSP.encode()))
 
@@ -123,7 +141,7 @@ class Operations:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         try:
-            refusal = self.refusal(scope) if needs_key(path) else None
+            refusal = self.foreign(scope) or (self.refusal(scope) if needs_key(path) else None)
             if refusal is not None:
                 await send_error(send_with_headers, *refusal)
             else:
@@ -137,6 +155,21 @@ class Operations:
                     line["worker"] = self.worker
                 self.audit.info(json.dumps(line))
 
+    def foreign(self, scope) -> tuple[int, str, list] | None:
+        """400 for a Host header the server does not answer to; 403 for a browser's state-changing
+        request from a page of another origin (its Origin, or Sec-Fetch-Site: cross-site)."""
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = host_of(headers.get(b"host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return 400, f"this server does not answer to the host {host!r} (--allowed-hosts)", []
+        if scope["method"] not in STATE_CHANGING:
+            return None
+        origin = headers.get(b"origin")
+        if headers.get(b"sec-fetch-site") == "cross-site" or (
+                origin is not None and host_of(origin.partition("://")[2]) != host):
+            return 403, "a request from a page of another origin is refused", []
+        return None
+
     def refusal(self, scope) -> tuple[int, str, list] | None:
         """None if the request may go on (its key's name in scope["state"]["key"]), or the answer:
         401 without a known key, 403 for a revoked one, 429 beyond the rate limit."""
@@ -149,9 +182,9 @@ class Operations:
             key = self.keys.identify(token.strip())
             if key is None:
                 return 401, "unknown API key", challenge
+            scope["state"]["key"] = key.name  # the audit line names a revoked key too
             if key.revoked:
                 return 403, f"the API key {key.name!r} was revoked on {key.revoked}", []
-            scope["state"]["key"] = key.name
         if self.rate is not None:
             caller = scope["state"].get("key") or (scope.get("client") or ("unknown",))[0]
             wait = self.rate.retry_after(caller)

@@ -100,10 +100,9 @@ class Shared:
 
 
 def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: Path | None, runtime: str,
-                  keys: Path | None, tls_cert: str | None, tls_key: str | None, max_connections: int,
-                  app_options: dict) -> None:
+                  keys: Path | None, max_connections: int, app_options: dict, server_options: dict) -> None:
     """Serve with `workers` processes until stopped; SIGTERM drains each worker as one server does.
-    `max_connections` is shared out among them."""
+    `max_connections` is shared out among them; `server_options` are uvicorn's (`server.uvicorn_options`)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
@@ -126,10 +125,8 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
         "keys": str(keys) if keys else None, "app": app_options, "rate": rate,
         "admission": str(folder / "admission")}, default=str)
     config = uvicorn.Config("lungxray.serve.workers:app_from_environment", factory=True, host=host, port=port,
-                            workers=workers, log_level="warning",
-                            limit_concurrency=max(1, math.ceil(max_connections / workers)),
-                            timeout_keep_alive=5, timeout_graceful_shutdown=30, ssl_certfile=tls_cert,
-                            ssl_keyfile=tls_key)
+                            workers=workers, limit_concurrency=max(1, math.ceil(max_connections / workers)),
+                            **server_options)
     supervisor = None
     try:
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])

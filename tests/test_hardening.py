@@ -1,0 +1,152 @@
+"""`lungxray serve` against what a security reviewer tried (#33): keys that change while it runs,
+keys files that are not keys files, concurrent key changes, spoofed X-Forwarded-For, foreign Host
+headers and cross-site posts, what audit lines and files reveal, and uvicorn's own headers."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from lungxray.cli import main
+from lungxray.errors import ConfigError
+from lungxray.serve import create_app
+from lungxray.serve.keys import RELOAD_SECONDS, KeyStore
+from tests.servers import lungxray_serve
+from tests.test_serve import png_bytes
+
+
+def image():
+    return {"file": ("x.png", png_bytes(), "image/png")}
+
+
+def wait_for(predicate, seconds: float = 5.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def test_a_key_revoked_or_created_while_the_server_runs_counts_within_a_second(export, tmp_path):
+    keys_file = tmp_path / "keys.json"
+    token = KeyStore(keys_file).create("ward-3")
+    with lungxray_serve(export, "--keys", str(keys_file), "--workers", "2", "--audit-log", "off") as (url, _, _):
+        def statuses(key: str, count: int = 12) -> set[int]:  # new connections: both workers answer
+            return {httpx.get(f"{url}/api/model", headers={"Authorization": f"Bearer {key}"},
+                              timeout=10).status_code for _ in range(count)}
+
+        assert statuses(token) == {200}
+        revoked_at = time.monotonic()
+        assert main(["keys", "revoke", "ward-3", "--keys", str(keys_file)]) == 0
+        assert wait_for(lambda: statuses(token) == {403}) - revoked_at < 1.0 + 4 * RELOAD_SECONDS
+        fresh = KeyStore(keys_file).create("ward-4")
+        wait_for(lambda: statuses(fresh) == {200}, 2.0)
+        assert statuses(token, 20) == {403} and statuses(fresh, 20) == {200}  # every worker agrees
+
+
+def test_concurrent_creates_keep_every_key(tmp_path):
+    keys_file = tmp_path / "keys.json"
+    code = "import sys\nfrom lungxray.serve.keys import KeyStore\nprint(KeyStore(sys.argv[1]).create(sys.argv[2]))"
+    with ThreadPoolExecutor(12) as pool:
+        made = list(pool.map(lambda i: subprocess.run([sys.executable, "-c", code, str(keys_file), f"pc-{i}"],
+                                                      capture_output=True, text=True, timeout=60), range(12)))
+    assert all(m.returncode == 0 for m in made), [m.stderr[-500:] for m in made]
+    store = KeyStore(keys_file)
+    assert sorted(store.keys) == sorted(f"pc-{i}" for i in range(12))
+    assert all(store.identify(m.stdout.strip()) is not None for m in made)
+    assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"keys": [{"name": "a", "salt": "zz", "digest": "00", "created": "x"}]}', "hex digits"),
+    ('{"keys": [], "extra": 1}', "nothing else"),
+    ('{"keys": [{"name": "a", "salt": "' + "0" * 32 + '", "digest": "' + "0" * 64 + '", "created": "x", "role": "admin"}]}',
+     "exactly the fields"),
+    ('{"keys": [{"name": "evil\\n", "salt": "' + "0" * 32 + '", "digest": "' + "0" * 64 + '", "created": "x"}]}',
+     "not a valid name"),
+])
+def test_a_file_that_is_not_a_keys_file_is_refused_whole(tmp_path, content, message):
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        KeyStore(keys_file)
+
+
+def test_keys_files_that_cannot_be_read_and_names_that_end_in_a_newline_are_said_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["keys", "list", "--keys", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the keys file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["keys", "create", "evil\n", "--keys", str(tmp_path / "k.json")]) == 2
+    assert "key name" in capsys.readouterr().err and not (tmp_path / "k.json").exists()
+
+
+def test_a_symlinked_keys_file_stays_a_link(tmp_path):
+    target, link = tmp_path / "real" / "keys.json", tmp_path / "keys.json"
+    target.parent.mkdir()
+    KeyStore(target).create("first")
+    link.symlink_to(target)
+    KeyStore(link).create("second")
+    assert link.is_symlink() and sorted(KeyStore(target).keys) == ["first", "second"]
+
+
+def test_a_revoked_key_is_named_in_the_audit_log_which_is_private(run, export, tmp_path):
+    from lungxray.infer.lite_predictor import LitePredictor
+
+    keys = KeyStore(tmp_path / "keys.json")
+    old = keys.create("old-pc")
+    keys.revoke("old-pc")
+    audit = tmp_path / "audit.jsonl"
+    client = TestClient(create_app(LitePredictor.load(export), keys=KeyStore(tmp_path / "keys.json"), audit_log=audit))
+    assert client.get("/api/model", headers={"Authorization": f"Bearer {old}"}).status_code == 403
+    (line,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert line["key"] == "old-pc" and line["status"] == 403
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+
+
+def test_foreign_hosts_and_cross_site_posts_are_refused(export):
+    from lungxray.infer.lite_predictor import LitePredictor
+
+    client = TestClient(create_app(LitePredictor.load(export), allowed_hosts=["127.0.0.1", "localhost"]),
+                        base_url="http://127.0.0.1:8000")
+    assert client.post("/api/predict", files=image()).status_code == 200
+    rebound = client.post("/api/predict", files=image(), headers={"Host": "rebind.attacker.example"})
+    assert rebound.status_code == 400 and "rebind.attacker.example" in rebound.json()["error"]
+    assert rebound.headers["x-content-type-options"] == "nosniff"  # a refusal carries the security headers
+    assert client.get("/api/model", headers={"Host": "localhost:8000"}).status_code == 200
+    cross = client.post("/api/predict", files=image(), headers={"Origin": "https://evil.example"})
+    assert cross.status_code == 403 and "another origin" in cross.json()["error"]
+    assert client.post("/api/predict", files=image(), headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert client.post("/api/predict", files=image(), headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
+
+
+def test_x_forwarded_for_is_believed_only_from_a_named_proxy(export, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    spoofed = {"X-Forwarded-For": "203.0.113.9"}
+    with lungxray_serve(export, "--rate", "2/s", "--audit-log", str(audit)) as (url, _, _):
+        codes = [httpx.get(f"{url}/api/model", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+                 for i in range(5)]
+        assert codes.count(429) >= 2  # one caller however it names itself
+        headers = httpx.get(f"{url}/api/health").headers
+        assert "server" not in headers
+    clients = {json.loads(line)["client"] for line in audit.read_text().splitlines()}
+    assert clients == {"127.0.0.1"}
+    with lungxray_serve(export, "--forwarded-allow-ips", "127.0.0.1", "--audit-log", str(audit)) as (url, _, _):
+        httpx.get(f"{url}/api/model", headers=spoofed)
+    assert json.loads(audit.read_text().splitlines()[-1])["client"] == "203.0.113.9"  # the proxy's word
+
+
+def test_the_bound_address_and_localhost_are_the_default_hosts(export):
+    with lungxray_serve(export, "--audit-log", "off") as (url, port, _):
+        assert httpx.get(f"{url}/api/health").status_code == 200
+        assert httpx.get(f"http://localhost:{port}/api/health").status_code == 200
+        foreign = httpx.get(f"{url}/api/health", headers={"Host": "rebind.attacker.example"})
+        assert foreign.status_code == 400 and foreign.headers["content-type"] == "application/json"
