@@ -150,3 +150,115 @@ def test_the_bound_address_and_localhost_are_the_default_hosts(export):
         assert httpx.get(f"http://localhost:{port}/api/health").status_code == 200
         foreign = httpx.get(f"{url}/api/health", headers={"Host": "rebind.attacker.example"})
         assert foreign.status_code == 400 and foreign.headers["content-type"] == "application/json"
+
+
+class Flood:
+    """`idle` connections that send nothing and `slow` ones that send a request's headers a byte a
+    second, all from 127.0.0.1 (TLS ones complete their handshake first); closed by `close`."""
+
+    def __init__(self, port: int, idle: int, slow: int, tls: bool = False):
+        import socket
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self.sockets, self.slow = [], []
+        for index in range(idle + slow):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connection = context.wrap_socket(raw, server_hostname="127.0.0.1") if tls and index >= idle else raw
+            self.sockets.append(connection)
+            if index >= idle:
+                self.slow.append(connection)
+
+    def trickle(self, seconds: float) -> None:
+        """One byte a second to every slow connection still open, for `seconds`."""
+        request = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for second in range(int(seconds)):
+            for connection in self.slow:
+                try:
+                    connection.send(request[second % len(request):][:1])
+                except OSError:
+                    pass  # closed by the server: what it should do
+            time.sleep(1.0)
+
+    def answers(self) -> list[bytes]:
+        """What each connection got back, read without waiting long."""
+        got = []
+        for connection in self.sockets:
+            try:
+                connection.settimeout(0.2)
+                got.append(connection.recv(4096))
+            except OSError:
+                got.append(b"")
+        return got
+
+    def close(self) -> None:
+        for connection in self.sockets:
+            connection.close()
+
+
+@pytest.mark.parametrize("tls,workers", [(False, 1), (True, 1), (False, 2)], ids=["http", "https", "two-workers"])
+def test_idle_and_slow_connections_from_one_address_do_not_shut_the_server(export, tmp_path, tls, workers):
+    """200 idle and 200 slow-header connections from 127.0.0.1; another client (127.0.0.2) keeps
+    getting its health probe answered, p99 within 200 ms; the flood gets JSON 503s and 408s."""
+    from threading import Thread
+
+    from tests.test_dicom_node import certificate
+
+    options = ["--header-timeout", "3", "--audit-log", "off", "--workers", str(workers)]
+    scheme, verify = "http", True
+    if tls:
+        cert, key = certificate(tmp_path, "server")
+        options += ["--tls-cert", cert, "--tls-key", key]
+        scheme, verify = "https", cert
+    with lungxray_serve(export, *options, scheme=scheme, verify=verify) as (url, port, _):
+        flood = Flood(port, idle=200, slow=200, tls=tls)
+        trickling = Thread(target=flood.trickle, args=(5,))
+        trickling.start()
+        try:
+            other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2", verify=verify), timeout=5)
+            latencies, statuses = [], []
+            for _ in range(50):
+                started = time.perf_counter()
+                statuses.append(other.get(f"{url}/api/health", headers={"Connection": "close"}).status_code)
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.08)
+            trickling.join()
+            answers = flood.answers()
+        finally:
+            flood.close()
+    assert statuses == [200] * 50
+    assert np_percentile(latencies, 99) <= 0.2, sorted(latencies)[-5:]
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
+    assert all(b"application/json" in a and b"nosniff" in a for a in refused + timed_out)
+    if tls:  # idle connections never finish the handshake (asyncio drops them after 60 s); the slow ones are capped
+        assert refused or timed_out
+    else:  # beyond the first 16 (per worker), the idle connections were refused; the first got their 408
+        assert len(refused) >= 200 - 16 * workers and len(timed_out) >= 1
+
+
+def np_percentile(values, q):
+    import numpy as np
+
+    return float(np.percentile(values, q))
+
+
+def test_an_upload_a_byte_a_second_gets_its_408_within_the_body_deadline(export):
+    import socket
+
+    with lungxray_serve(export, "--body-timeout", "3", "--read-timeout", "2", "--audit-log", "off") as (_, port, _):
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as connection:
+            connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                               b"boundary=b\r\nContent-Length: 5000\r\n\r\n")
+            started, answer = time.monotonic(), b""
+            connection.settimeout(1.5)
+            while not answer and time.monotonic() - started < 10:
+                connection.send(b"x")  # a byte a second: never a stall of --read-timeout
+                try:
+                    answer = connection.recv(4096)
+                except socket.timeout:
+                    pass
+            took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"longer than 3 s" in answer, answer
+    assert took < 3 + 2.5

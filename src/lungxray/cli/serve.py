@@ -20,13 +20,21 @@ def add_serve_commands(commands) -> None:
     serve.add_argument("--max-pending", type=int, default=64,
                        help="images waiting or running before new ones get 503 (a batch counts each) (default: 64)")
     serve.add_argument("--max-connections", type=int, default=100,
-                       help="open connections before new ones get 503 (default: 100; shared out among --workers)")
+                       help="open connections in all before new ones get 503 (default: 100; shared out among "
+                            "--workers)")
     serve.add_argument("--workers", type=int, default=1,
                        help="server processes on the port, each with the model loaded; --rate, --max-pending and "
                             "/metrics hold for all of them together (default 1; 2 answered 1.3-1.5x as many requests "
                             "as 1 on 2 cores)")
     serve.add_argument("--read-timeout", type=float, default=10.0,
                        help="seconds an upload may stall before it is cut off with 408 (default: 10)")
+    serve.add_argument("--body-timeout", type=float, default=60.0,
+                       help="seconds an upload may take in all before it is cut off with 408 (default: 60)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a request's headers may take to arrive before the connection is closed "
+                            "with 408 (default: 10)")
+    serve.add_argument("--max-connections-per-client", type=int, default=16,
+                       help="open connections one client address may hold; beyond, 503 (default: 16; per worker)")
     serve.add_argument("--max-batch", type=int, default=1,
                        help="images predicted together, from requests that arrive together (default 1: each "
                             "alone, the fastest measured on CPU; try 16-32 where a batch costs less than its images)")
@@ -55,7 +63,10 @@ def add_serve_commands(commands) -> None:
                        help="the reverse proxies (comma-separated addresses, or '*') whose X-Forwarded-For names the "
                             "client (default: none; the address that connected is the client)")
     serve.set_defaults(run=run_serve)
+    add_keys_command(commands)
 
+
+def add_keys_command(commands) -> None:
     keys = commands.add_parser("keys", help="API keys for serve --keys")
     key_actions = keys.add_subparsers(dest="keys_command", required=True)
     for action, text in (("create", "make a key; its token is printed once"), ("revoke", "revoke a key"),
@@ -78,6 +89,8 @@ def run_serve(args) -> int:
           runtime=args.runtime, keys=Path(args.keys) if args.keys else None, insecure=args.insecure,
           tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections, workers=args.workers,
           allowed_hosts=args.allowed_hosts, forwarded_allow_ips=args.forwarded_allow_ips,
+          max_connections_per_client=args.max_connections_per_client, header_timeout=args.header_timeout,
+          body_timeout=args.body_timeout,
           max_upload_mb=args.max_upload_mb, max_pending=args.max_pending, refuse_ood=args.refuse_ood,
           read_timeout=args.read_timeout, api_docs=args.api_docs,
           rate=parse_rate(args.rate) if args.rate else None,

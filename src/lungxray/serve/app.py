@@ -44,6 +44,7 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
 DEFAULT_MAX_PENDING = 64  # images waiting or running
 DEFAULT_READ_TIMEOUT = 10.0  # seconds an upload may stall between two chunks
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds an upload may take in all (20 MB at 2.7 Mbit/s)
 # Off by default: on 2 CPU cores batching made no runtime faster (docs/benchmarks.md#serving).
 DEFAULT_MAX_BATCH = 1  # images predicted in one call
 DEFAULT_MAX_WAIT_MS = 2.0  # how long a batch waits for images still being decoded
@@ -149,7 +150,7 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
                keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
                coverage: float = DEFAULT_COVERAGE, shared=None, allowed_hosts: list[str] | None = None,
-               hsts: bool = False) -> FastAPI:
+               hsts: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
@@ -160,7 +161,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     default: they break offline); /openapi.json is always served. `shared`: what the workers of
     `serve --workers N` share (`workers.Shared`), whose limits then hold for all of them.
     `allowed_hosts`: the Host names it answers to (None: any) and the origins a browser may post
-    from; `hsts`: it is served over TLS (`operations.Operations`)."""
+    from; `hsts`: it is served over TLS (`operations.Operations`); an upload stalled `read_timeout`
+    seconds, or longer than `body_timeout` in all, gets 408."""
     check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
@@ -180,7 +182,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     if keys is not None:
         app.openapi = with_bearer_scheme(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout)
+    app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout,
+                       body_timeout=body_timeout)
     if rate is not None:
         rate = shared.rate_limit if shared is not None else RateLimit(rate)
     app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer

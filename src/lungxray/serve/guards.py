@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 
 import anyio
 from fastapi import HTTPException
@@ -13,11 +14,12 @@ from fastapi import HTTPException
 
 class GuardRequests:
     """ASGI middleware: refuse bodies over `max_bytes` with 413, whether or not Content-Length is
-    sent, and bodies that stall for `read_timeout` seconds between two chunks with 408 (a client
-    trickling an upload must not hold a connection and a worker forever)."""
+    sent, and with 408 bodies that stall for `read_timeout` seconds between two chunks or take more
+    than `body_timeout` seconds in all (a client trickling an upload, a byte a second, must not hold
+    a connection and a worker forever)."""
 
-    def __init__(self, app, max_bytes: int, read_timeout: float):
-        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
+    def __init__(self, app, max_bytes: int, read_timeout: float, body_timeout: float = 60.0):
+        self.app, self.max_bytes, self.read_timeout, self.body_timeout = app, max_bytes, read_timeout, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -26,14 +28,18 @@ class GuardRequests:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await send_error(send, 413, f"upload larger than the {self.max_bytes // (1 << 20)} MB limit")
         received, refusal, answered = 0, None, False
+        deadline = time.monotonic() + self.body_timeout
 
         async def guarded_receive():
             nonlocal received, refusal
+            left = deadline - time.monotonic()
             try:
-                with anyio.fail_after(self.read_timeout):
+                with anyio.fail_after(max(0.0, min(self.read_timeout, left))):
                     message = await receive()
             except TimeoutError:
-                refusal = (408, f"upload stalled for {self.read_timeout:g} s; send the body without pauses")
+                refusal = (408, f"upload stalled for {self.read_timeout:g} s; send the body without pauses"
+                           if left > self.read_timeout else
+                           f"upload took longer than {self.body_timeout:g} s; send it faster, or a smaller one")
                 return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
             if received > self.max_bytes:

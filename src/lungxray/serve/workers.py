@@ -100,9 +100,10 @@ class Shared:
 
 
 def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: Path | None, runtime: str,
-                  keys: Path | None, max_connections: int, app_options: dict, server_options: dict) -> None:
+                  keys: Path | None, connection_limits: dict, app_options: dict, server_options: dict) -> None:
     """Serve with `workers` processes until stopped; SIGTERM drains each worker as one server does.
-    `max_connections` is shared out among them; `server_options` are uvicorn's (`server.uvicorn_options`)."""
+    The connections' total is shared out among them (`connections.GuardedProtocol`, whose limits
+    each worker sets for itself); `server_options` are uvicorn's (`server.uvicorn_options`)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
@@ -123,10 +124,10 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
     os.environ[SETTINGS_ENV] = json.dumps({
         "model": str(model), "cache_dir": str(cache_dir) if cache_dir else None, "runtime": runtime,
         "keys": str(keys) if keys else None, "app": app_options, "rate": rate,
+        "connections": {**connection_limits, "total": max(1, math.ceil(connection_limits["total"] / workers))},
         "admission": str(folder / "admission")}, default=str)
     config = uvicorn.Config("lungxray.serve.workers:app_from_environment", factory=True, host=host, port=port,
-                            workers=workers, limit_concurrency=max(1, math.ceil(max_connections / workers)),
-                            **server_options)
+                            workers=workers, **server_options)
     supervisor = None
     try:
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
@@ -162,8 +163,10 @@ def build_app(settings: dict):
     from lungxray.infer.loader import load_predictor
     from lungxray.rundir import RunDir
     from lungxray.serve.app import DEFAULT_MAX_PENDING, create_app
+    from lungxray.serve.connections import GuardedProtocol
     from lungxray.serve.keys import KeyStore
 
+    GuardedProtocol.configure(**settings["connections"])
     shared = Shared(Path(settings["admission"]), settings["app"].get("max_pending", DEFAULT_MAX_PENDING),
                     settings["rate"])
     model = settings["model"]
