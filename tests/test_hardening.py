@@ -262,3 +262,44 @@ def test_an_upload_a_byte_a_second_gets_its_408_within_the_body_deadline(export)
             took = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408") and b"longer than 3 s" in answer, answer
     assert took < 3 + 2.5
+
+
+def test_the_rate_limit_counts_work_and_failed_authentications(export, tmp_path):
+    from lungxray.infer.lite_predictor import LitePredictor
+    from lungxray.serve.operations import EXPLAIN_COST
+
+    predictor = LitePredictor.load(export)
+    batch = [("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(6)]
+    client = TestClient(create_app(predictor, rate=2.0))
+    assert client.post("/api/predict/batch", files=batch).status_code == 200  # from a full bucket: into debt
+    owed = client.post("/api/predict", files=image())
+    assert owed.status_code == 429 and int(owed.headers["retry-after"]) >= 1  # 6 images cost 6 tokens, not 1
+    time.sleep(0.8)
+    assert client.post("/api/predict", files=image()).status_code == 429  # still paying for the batch
+    fresh = TestClient(create_app(predictor, rate=float(EXPLAIN_COST)))
+    assert fresh.post("/api/predict?explain=true", files=image()).status_code == 200
+    assert fresh.post("/api/predict", files=image()).status_code == 429  # one explanation spent a second's worth
+
+    keys = KeyStore(tmp_path / "keys.json")
+    token = keys.create("ward-3")
+    guarded = TestClient(create_app(predictor, keys=KeyStore(tmp_path / "keys.json")))
+    guesses = [guarded.get("/api/model", headers={"Authorization": f"Bearer lx_guess{i}"}).status_code
+               for i in range(8)]
+    assert guesses[:5] == [401] * 5 and guesses[-1] == 429  # guessing is slowed down, per address
+    assert guarded.get("/api/model", headers={"Authorization": f"Bearer {token}"}).status_code == 429
+    time.sleep(1.1)
+    assert guarded.get("/api/model", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_many_callers_are_forgotten_a_few_at_a_time():
+    from lungxray.serve.operations import RateLimit
+
+    limit = RateLimit(1000.0)
+    limit.MAX_CALLERS = 100
+    for index in range(5000):
+        assert limit.retry_after(f"203.0.113.{index}") == 0.0
+    assert len(limit.buckets) < 1000  # only callers whose buckets are not yet full again are kept beyond 100
+    time.sleep(0.01)
+    for index in range(300):
+        limit.retry_after("198.51.100.1")
+    assert len(limit.buckets) <= limit.MAX_CALLERS + 1

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from lungxray.serve.batching import Batcher
 from lungxray.serve.guards import Admission, GuardRequests, admitted
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
-from lungxray.serve.operations import Operations, RateLimit, audit_logger
+from lungxray.serve.operations import EXPLAIN_COST, Operations, RateLimit, audit_logger
 from lungxray.serve.schema import BatchResults, Health, ModelDescription, Prediction, Ready, errors
 
 STATIC = Path(__file__).parent / "static"
@@ -176,16 +177,16 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     # What the middleware may answer on a guarded route, documented there (and the key it asks for).
     guarded = {**(errors(401, 403) if keys is not None else {}), **(errors(429) if rate is not None else {})}
     bearer = {"security": [{"bearer": []}]} if keys is not None else None
+    if rate is not None:
+        rate = shared.rate_limit if shared is not None else RateLimit(rate)
     add_error_handlers(app)
     add_status_routes(app, described, admission, metrics, guarded, bearer)
-    add_prediction_routes(app, answering, admission, min(MAX_BATCH, max_pending), guarded, bearer)
+    add_prediction_routes(app, answering, admission, min(MAX_BATCH, max_pending), guarded, bearer, rate)
     if keys is not None:
         app.openapi = with_bearer_scheme(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(GuardRequests, max_bytes=int(max_upload_mb * (1 << 20)), read_timeout=read_timeout,
                        body_timeout=body_timeout)
-    if rate is not None:
-        rate = shared.rate_limit if shared is not None else RateLimit(rate)
     app.add_middleware(Operations, metrics=metrics, keys=keys, api_docs=api_docs,  # outermost: sees every answer
                        rate=rate, audit=audit_logger(audit_log), worker=os.getpid() if shared is not None else None,
                        allowed_hosts=allowed_hosts, hsts=hsts)
@@ -236,14 +237,27 @@ def add_status_routes(app: FastAPI, described: dict, admission, metrics: Metrics
         return FileResponse(STATIC / "index.html")
 
 
-def add_prediction_routes(app: FastAPI, answering: Answering, admission, most: int, guarded: dict, bearer) -> None:
+def charge(rate, request: Request, extra: float) -> None:
+    """The cost of a request beyond the token `Operations` took for it (a batch's other images, an
+    explanation's Grad-CAM); 429 when the caller has not that much left."""
+    if rate is None or extra <= 0:
+        return
+    wait = rate.retry_after(request.scope["state"]["caller"], extra, paid=1)
+    if wait > 0:
+        raise HTTPException(429, f"this request costs {extra + 1:g} of --rate's tokens; retry in {wait:.1f} s",
+                            headers={"Retry-After": str(math.ceil(wait))})
+
+
+def add_prediction_routes(app: FastAPI, answering: Answering, admission, most: int, guarded: dict, bearer,
+                          rate) -> None:
     """/api/predict and /api/predict/batch (at most `most` files: a batch larger than the server
-    ever holds could never go)."""
+    ever holds could never go), charged by `rate` for what they cost."""
 
     @app.post("/api/predict", response_model=Prediction, response_model_exclude_unset=True,
               responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
     async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
+        charge(rate, request, EXPLAIN_COST - 1 if explain else 0)
         with admitted(admission, 1):
             return await answering(request, *await received(request, file), explain)
 
@@ -253,6 +267,7 @@ def add_prediction_routes(app: FastAPI, answering: Answering, admission, most: i
         """Several images (at most MAX_BATCH), predicted together; each gets its result or its own error."""
         if len(files) > most:
             raise HTTPException(413, f"{len(files)} files in one batch; send at most {most}")
+        charge(rate, request, len(files) - 1)
 
         async def one(upload: UploadFile) -> dict:
             data, name, digest = await received(request, upload)

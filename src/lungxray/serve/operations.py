@@ -4,6 +4,7 @@ the page satisfies, the request metrics of `/metrics`, and one JSON line per req
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
@@ -29,6 +30,8 @@ HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"
            (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
 HSTS = (b"strict-transport-security", b"max-age=31536000")  # with TLS: browsers use HTTPS only, for a year
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+FAILED_AUTHENTICATIONS = 5.0  # a second from one address, in bursts of 5; beyond, 429 without a look at the token
+EXPLAIN_COST = 20  # tokens of --rate an explanation costs: Grad-CAM took 0.6-0.76 s of CPU, a prediction ~0.03 s
 RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*$")
 
 
@@ -46,29 +49,52 @@ def parse_rate(text: str) -> float:
 
 class RateLimit:
     """A token bucket per caller (its key's name, or its address on a server without keys): on
-    average `per_second` requests a second, in bursts of up to one second's worth."""
+    average `per_second` tokens a second, in bursts of up to one second's worth. A request costs
+    what it asks of the server (`cost`: an image 1, a batch its images, an explanation EXPLAIN_COST);
+    one costlier than a burst goes when the bucket is full and leaves it in debt.
 
-    MAX_CALLERS = 10_000  # without keys callers are addresses; full buckets are forgotten beyond this
+    Callers are kept in the order they were last seen; beyond MAX_CALLERS, the longest unseen whose
+    buckets are full again (so nothing is lost by forgetting them) are dropped, a few at a time, so
+    that no request pays for a rebuild of the table."""
+
+    MAX_CALLERS = 10_000  # without keys callers are addresses
 
     def __init__(self, per_second: float):
         self.per_second, self.burst = per_second, max(1.0, per_second)
-        self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
+        self.buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self.lock = threading.Lock()  # shared by `serve --workers N`, it is called from several threads
 
-    def retry_after(self, caller: str) -> float:
-        """0 when the request may go now (and takes its token), else the seconds until it may."""
+    def retry_after(self, caller: str, cost: float = 1.0, paid: float = 0.0) -> float:
+        """0 when the request may go now (and takes its `cost` in tokens), else the seconds until it
+        may. `paid`: what the same request already took (its first token, before its cost was known)."""
         with self.lock:
             now = time.monotonic()
-            tokens, then = self.buckets.get(caller, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - then) * self.per_second)
-            if len(self.buckets) > self.MAX_CALLERS:
-                self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items()
-                                if t + (now - w) * self.per_second < self.burst}
-            if tokens >= 1:
-                self.buckets[caller] = (tokens - 1, now)
+            tokens, needed = self._tokens(caller, now), min(cost + paid, self.burst) - paid
+            if tokens >= needed:
+                self._keep(caller, tokens - cost, now)
                 return 0.0
-            self.buckets[caller] = (tokens, now)
-            return (1 - tokens) / self.per_second
+            self._keep(caller, tokens, now)
+            return (needed - tokens) / self.per_second
+
+    def waiting(self, caller: str) -> float:
+        """Seconds until `caller` has a token, taking none."""
+        with self.lock:
+            return max(0.0, (1 - self._tokens(caller, time.monotonic())) / self.per_second)
+
+    def _tokens(self, caller: str, now: float) -> float:
+        tokens, then = self.buckets.get(caller, (self.burst, now))
+        return min(self.burst, tokens + (now - then) * self.per_second)
+
+    def _keep(self, caller: str, tokens: float, now: float) -> None:
+        self.buckets[caller] = (tokens, now)
+        self.buckets.move_to_end(caller)
+        for _ in range(2):  # forget at most two a request: the table shrinks faster than it can grow
+            if len(self.buckets) <= self.MAX_CALLERS:
+                break
+            oldest, (held, seen) = next(iter(self.buckets.items()))
+            if held + (now - seen) * self.per_second < self.burst:
+                break  # the longest unseen caller still owes: every caller is recent, keep them all
+            del self.buckets[oldest]
 
     def limit(self) -> float:
         """Requests a second (a method, so that a manager's proxy tells it too)."""
@@ -121,6 +147,7 @@ class Operations:
             host_of(h) for h in allowed_hosts}
         self.hsts = hsts
         self.per_second = rate.limit() if rate is not None else None
+        self.failures = RateLimit(FAILED_AUTHENTICATIONS)  # per address, in this process
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -171,27 +198,44 @@ class Operations:
         return None
 
     def refusal(self, scope) -> tuple[int, str, list] | None:
-        """None if the request may go on (its key's name in scope["state"]["key"]), or the answer:
-        401 without a known key, 403 for a revoked one, 429 beyond the rate limit."""
+        """None if the request may go on (its key's name in scope["state"]["key"], who pays for it
+        in scope["state"]["caller"]), or the answer: 401 without a known key, 403 for a revoked one,
+        429 beyond the rate limit, or for an address that failed to authenticate too often."""
+        address = (scope.get("client") or ("unknown",))[0]
         if self.keys is not None:
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = authorization.partition(" ")
-            challenge = [(b"www-authenticate", b'Bearer realm="lungxray"')]
-            if scheme.lower() != "bearer" or not token:
-                return 401, "this server needs an API key: send 'Authorization: Bearer TOKEN'", challenge
-            key = self.keys.identify(token.strip())
-            if key is None:
-                return 401, "unknown API key", challenge
-            scope["state"]["key"] = key.name  # the audit line names a revoked key too
-            if key.revoked:
-                return 403, f"the API key {key.name!r} was revoked on {key.revoked}", []
+            wait = self.failures.waiting(address)
+            if wait > 0:  # key guessing: checking another token would tell the guesser something
+                return too_many(wait, f"more than {FAILED_AUTHENTICATIONS:g} failed authentications a second from "
+                                      "this address")
+            refused = self.authenticate(scope)
+            if refused is not None:
+                if refused[0] == 401:
+                    self.failures.retry_after(address)
+                return refused
+        scope["state"]["caller"] = scope["state"].get("key") or address
         if self.rate is not None:
-            caller = scope["state"].get("key") or (scope.get("client") or ("unknown",))[0]
-            wait = self.rate.retry_after(caller)
+            wait = self.rate.retry_after(scope["state"]["caller"])
             if wait > 0:
-                return (429, f"more than {self.per_second:g} requests a second; retry in {wait:.1f} s",
-                        [(b"retry-after", str(math.ceil(wait)).encode())])
+                return too_many(wait, f"more than {self.per_second:g} requests a second")
         return None
+
+    def authenticate(self, scope) -> tuple[int, str, list] | None:
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = authorization.partition(" ")
+        challenge = [(b"www-authenticate", b'Bearer realm="lungxray"')]
+        if scheme.lower() != "bearer" or not token:
+            return 401, "this server needs an API key: send 'Authorization: Bearer TOKEN'", challenge
+        key = self.keys.identify(token.strip())
+        if key is None:
+            return 401, "unknown API key", challenge
+        scope["state"]["key"] = key.name  # the audit line names a revoked key too
+        if key.revoked:
+            return 403, f"the API key {key.name!r} was revoked on {key.revoked}", []
+        return None
+
+
+def too_many(wait: float, why: str) -> tuple[int, str, list]:
+    return 429, f"{why}; retry in {wait:.1f} s", [(b"retry-after", str(math.ceil(wait)).encode())]
 
 
 def audit_line(scope, request_id: str, status: int, seconds: float) -> dict:
