@@ -61,7 +61,7 @@ def payloads(files: list[Path], count: int, seed: int = 0) -> list[tuple[str, by
 def http_request(name: str, data: bytes) -> bytes:
     body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-    return (f"POST /api/predict HTTP/1.1\r\nHost: lungxray\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+    return (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -133,8 +133,10 @@ def server(model: str, max_batch: int, audit: Path, workers: int = 1):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # Every client runs on this machine: one address, which the server would otherwise cap at 16 connections.
     process = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", model, "--port", str(port),
-                                "--max-batch", str(max_batch), "--audit-log", str(audit), "--workers", str(workers)],
+                                "--max-batch", str(max_batch), "--audit-log", str(audit), "--workers", str(workers),
+                                "--max-connections-per-client", "100"],
                                stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
