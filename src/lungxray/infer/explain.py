@@ -10,9 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import keras
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from lungxray.errors import ConfigError
@@ -20,7 +18,7 @@ from lungxray.io import atomic_path
 from lungxray.parallel import progress
 
 
-def last_conv_layer(backbone: keras.Model) -> keras.layers.Layer:
+def last_conv_layer(backbone):
     """The last layer of the backbone whose output is still a spatial map (batch, H, W, C)."""
     for layer in reversed(backbone.layers):
         if len(layer.output.shape) == 4:
@@ -29,13 +27,20 @@ def last_conv_layer(backbone: keras.Model) -> keras.layers.Layer:
 
 
 class GradCam:
-    def __init__(self, model: keras.Model):
+    """Grad-CAM of a lungxray network (a Keras model with "backbone" and "head" parts). TensorFlow is
+    imported here, not with the module: a server that may explain need not load it until it does."""
+
+    def __init__(self, model):
+        import keras
+
         backbone, self.head = model.get_layer("backbone"), model.get_layer("head")
         self.layer = last_conv_layer(backbone)
         self.inner = keras.Model(backbone.input, [self.layer.output, backbone.output])
 
     def heatmap(self, image: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(heat map in [0, 1] at the feature map's resolution, class probabilities) for one uint8 image."""
+        import tensorflow as tf
+
         batch = tf.convert_to_tensor(image[None].astype(np.float32))
         with tf.GradientTape() as tape:
             feature_map, pooled = self.inner(batch, training=False)
