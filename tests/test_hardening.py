@@ -303,3 +303,19 @@ def test_many_callers_are_forgotten_a_few_at_a_time():
     for index in range(300):
         limit.retry_after("198.51.100.1")
     assert len(limit.buckets) <= limit.MAX_CALLERS + 1
+
+
+def test_a_run_served_through_its_export_loads_no_tensorflow_until_it_explains(run, export):
+    """Its server can explain (the run's Keras model is there), and still starts without TensorFlow."""
+    from lungxray.rundir import RunDir
+
+    code = ("import sys\nfor name in ('tensorflow', 'keras'):\n    sys.modules[name] = None\n"
+            "from fastapi.testclient import TestClient\nfrom lungxray.infer.lite_predictor import LitePredictor\n"
+            "from lungxray.serve import create_app\n"
+            "predictor = LitePredictor.load(sys.argv[1], run_model=sys.argv[2])\n"
+            "client = TestClient(create_app(predictor))\n"
+            "print(predictor.can_explain, client.get('/api/health').status_code)")
+    result = subprocess.run([sys.executable, "-c", code, str(export), str(RunDir.open(run[0]).model)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "200"]
