@@ -250,7 +250,8 @@ def test_an_upload_a_byte_a_second_gets_its_408_within_the_body_deadline(export)
     with lungxray_serve(export, "--body-timeout", "3", "--read-timeout", "2", "--audit-log", "off") as (_, port, _):
         with socket.create_connection(("127.0.0.1", port), timeout=15) as connection:
             connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                               b"boundary=b\r\nContent-Length: 5000\r\n\r\n")
+                               b"boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; "
+                               b'name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n')  # then its bytes
             started, answer = time.monotonic(), b""
             connection.settimeout(1.5)
             while not answer and time.monotonic() - started < 10:
