@@ -113,3 +113,20 @@ def test_every_runtime_is_a_predictor(run, flagging_export):
     assert isinstance(keras_side, Predictor) and isinstance(lite_side, Predictor)
     assert keras_side.can_explain and not lite_side.can_explain
     assert keras_side.identity.fingerprint != lite_side.identity.fingerprint  # a run's model.keras, an export's file
+
+
+def test_an_unreadable_file_is_not_analysed_however_its_path_is_spelt():
+    """The Keras runtime names errors by normalised path, LiteRT by the path as given."""
+    from lungxray.errors import ImageError
+    from lungxray.infer.answer import answers_for
+    from lungxray.infer.identity import ModelIdentity
+    from lungxray.infer.predictions import Predictions
+
+    class TwoClasses:
+        classes, conformal, ood, identity = ["a", "b"], None, None, ModelIdentity("m", "1", "ab" * 32)
+
+    rows = np.array([[0.2, 0.8], [np.nan, np.nan]])
+    predictions = Predictions(rows, rows, np.zeros((2, 3)), None, None, [ImageError("bad.png", "broken")], ["h", None])
+    good, bad = answers_for(TwoClasses(), predictions, ["./good.png", "./bad.png"])
+    assert (good.decision, good.sha256) == ("b", "h")
+    assert (bad.decision, bad.reason, bad.file, bad.probabilities) == (NOT_ANALYSED, "broken", "./bad.png", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timezone
+from pathlib import Path
 
 from lungxray.model.conformal import DEFAULT_COVERAGE, describe_set, set_members
 
@@ -92,9 +93,10 @@ def answer_row(predictor, predictions, row: int, file: str, sha256: str | None =
 
 def answers_for(predictor, predictions, files: list, *, refuse_ood: bool = False,
                 coverage: float = DEFAULT_COVERAGE) -> list[Answer]:
-    """An answer per file of `predictions` (as `predictor.predict_files(files)` returned them)."""
-    reasons = {error.path: error.reason for error in predictions.errors}
-    return [not_analysed(str(file), reasons[str(file)], predictor.identity.id) if str(file) in reasons else
+    """An answer per file of `predictions` (as `predictor.predict_files(files)` returned them). Files
+    are matched to errors as paths ("./a.png" is "a.png"), however each runtime spelt them."""
+    reasons = {Path(error.path): error.reason for error in predictions.errors}
+    return [not_analysed(str(file), reasons[Path(file)], predictor.identity.id) if Path(file) in reasons else
             answer_row(predictor, predictions, row, str(file), predictions.hashes[row], refuse_ood=refuse_ood,
                        coverage=coverage)
             for row, file in enumerate(files)]
