@@ -261,6 +261,11 @@ def test_an_upload_a_byte_a_second_gets_its_408_within_the_body_deadline(export)
                 except socket.timeout:
                     pass
             took = time.monotonic() - started
+            while answer and not answer.endswith(b"}"):  # the body may follow the head in its own segment
+                more = connection.recv(4096)
+                if not more:
+                    break
+                answer += more
     assert answer.startswith(b"HTTP/1.1 408") and b"longer than 3 s" in answer, answer
     assert took < 3 + 2.5
 
