@@ -64,6 +64,11 @@ def hashed(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
+def film_name(uid: str) -> str:
+    """What errors and answers call a received film: never its file or a UID a log could reveal."""
+    return f"instance {hashed(uid)}"
+
+
 class DicomNode:
     """`refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the
     answer's rule); on by default here, where no person sees the film beside the report."""
@@ -169,7 +174,7 @@ class DicomNode:
         for uid in uids:
             try:  # each film is read and parsed once: its header and pixels come from this data set
                 data = self.spool.incoming(uid).read_bytes()
-                films[uid] = (read_dicom(data, f"instance {hashed(uid)}"), file_hash(data))
+                films[uid] = (read_dicom(data, film_name(uid)), file_hash(data))
             except Exception:
                 self._set_aside(uid)
         answered = bounded_map(lambda uid: (uid, self._answer_film(uid, *films[uid])), list(films))
@@ -184,7 +189,7 @@ class DicomNode:
 
     def _answer_film(self, uid: str, source: pydicom.Dataset, digest: str):
         """(the film's answer, the image the model saw or None), or the exception that stopped it."""
-        name = f"instance {hashed(uid)}"
+        name = film_name(uid)
         if source.get("Manufacturer") == "lungxray":  # routed back
             return not_analysed(name, "made by lungxray (a heat map), not a film", self.model.id, digest), None
         try:

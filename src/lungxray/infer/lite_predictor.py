@@ -39,16 +39,18 @@ def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
 
 
 class LitePredictor:
-    """A `Predictor` for an export. `identity`: the model it answers as (default: the export file's
-    own); `run_model`: the Keras model of the run it was exported from, for Grad-CAM (None: no
-    explanations, as for an export given alone)."""
+    """A `Predictor` for an export. `run_model`: the Keras model of the run it was exported from,
+    which it then answers as and explains with (None: an export given alone, which answers as its
+    own file and cannot explain); `identity`: the identity already computed (Ray's workers)."""
 
     def __init__(self, model_path: Path, info: dict, ood: OutOfDistribution | None = None, threads: int | None = None,
                  identity: ModelIdentity | None = None, run_model: Path | None = None):
         """`threads`: images decoded and run at once (default: one per core)."""
         self.model_path, self.info, self.ood, self.threads = Path(model_path), info, ood, threads
-        self.identity = identity or ModelIdentity.of(self.model_path, self.model_path.name, info.get("trained"))
-        self.run_model = run_model
+        self.run_model = Path(run_model) if run_model is not None else None
+        answering = self.run_model or self.model_path
+        self.identity = identity or ModelIdentity.of(
+            answering, self.run_model.parent.name if self.run_model else self.model_path.name, info.get("trained"))
         self.runtime = next(name for name, suffix in EXPORT_SUFFIXES.items() if suffix == self.model_path.suffix)
         self.classes = list(info["classes"])
         contract = info["input"]

@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 
 from lungxray.errors import ConfigError, WeightsError
-from lungxray.infer.identity import ModelIdentity
 from lungxray.infer.predictor import Predictor
 
 RUNTIMES = ("auto", "keras", "litert", "onnx")
@@ -52,9 +51,7 @@ def load_predictor(model: str | Path, cache_dir: Path | None = None, runtime: st
     if runtime == "auto" and not keras:
         exported = checked_export(run)
     if exported is not None:
-        info = json.loads(exported.with_name(exported.name + ".json").read_text())
-        predictor = LitePredictor.load(exported, identity=ModelIdentity.of(run.model, run.name, info.get("trained")),
-                                       run_model=run.model)
+        predictor = LitePredictor.load(exported, run_model=run.model)  # answers as the run's model
     else:
         from lungxray.infer.keras_predictor import KerasPredictor  # imports TensorFlow: only when Keras is asked for
 
