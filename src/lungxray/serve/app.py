@@ -39,7 +39,7 @@ from lungxray.serve.guards import Admission, GuardRequests, admitted
 from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
 from lungxray.serve.operations import EXPLAIN_COST, Operations, RateLimit, audit_logger
-from lungxray.serve.schema import BatchResults, Health, ModelDescription, Prediction, Ready, errors
+from lungxray.serve.schema import AN_IMAGE, BatchResults, Health, ModelDescription, Prediction, Ready, errors, images
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -255,7 +255,8 @@ def add_prediction_routes(app: FastAPI, answering: Answering, admission, most: i
 
     @app.post("/api/predict", response_model=Prediction, response_model_exclude_unset=True,
               responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
-    async def predict(request: Request, file: UploadFile = File(...), explain: bool = False) -> dict:
+    async def predict(request: Request, file: UploadFile = File(..., json_schema_extra=AN_IMAGE),
+                      explain: bool = False) -> dict:
         """Class probabilities for one image (PNG, JPEG, DICOM...); `explain=true` adds a Grad-CAM overlay."""
         charge(rate, request, EXPLAIN_COST - 1 if explain else 0)
         with admitted(admission, 1):
@@ -263,10 +264,10 @@ def add_prediction_routes(app: FastAPI, answering: Answering, admission, most: i
 
     @app.post("/api/predict/batch", response_model=BatchResults, response_model_exclude_unset=True,
               responses={**guarded, **errors(400, 408, 413, 422, 503)}, openapi_extra=bearer)
-    async def predict_batch(request: Request, files: list[UploadFile] = File(...)) -> dict:
+    async def predict_batch(request: Request, files: list[UploadFile] = File(..., json_schema_extra=images(most))) -> dict:
         """Several images (at most MAX_BATCH), predicted together; each gets its result or its own error."""
-        if len(files) > most:
-            raise HTTPException(413, f"{len(files)} files in one batch; send at most {most}")
+        if len(files) > most:  # the schema's maxItems: a request it forbids, like any other
+            raise HTTPException(422, f"{len(files)} files in one batch; send at most {most}")
         charge(rate, request, len(files) - 1)
 
         async def one(upload: UploadFile) -> dict:

@@ -79,10 +79,20 @@ class ModelDescription(BaseModel):
     test_metrics: dict | None = None
 
 
+# What a schema can say of an upload: it is not empty, and a batch holds one image or more, no more than
+# the server may hold at once. Whether the bytes decode to an X-ray it cannot say: that is the 422.
+AN_IMAGE = {"minLength": 1}
+
+
+def images(most: int) -> dict:
+    """The schema of a batch's `files` field, where `most` is the largest batch the server takes."""
+    return {"minItems": 1, "maxItems": most}
+
+
 def errors(*codes: int) -> dict:
     """The `responses` of a route: each code with the JSON error body every refusal carries."""
     reasons = {400: "the body is not valid multipart/form-data", 401: "no API key, or an unknown one (with --keys)", 403: "a revoked API key",
                408: "the upload stalled", 413: "the upload or the batch is too large",
-               422: "the request or the image cannot be read", 429: "over the key's rate limit (--rate)",
+               422: "the request is not as this schema says, or an upload is not a readable image", 429: "over the key's rate limit (--rate)",
                503: "the server holds as many images as it may; retry shortly"}
     return {code: {"model": Error, "description": reasons[code]} for code in codes}
