@@ -24,7 +24,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from lungxray.cli import main
 from lungxray.dicom.heatmap import HeatmapMaker
 from lungxray.dicom.node import DicomNode, Limits
-from lungxray.dicom.sr import ReportWriter, encoded, result_report
+from lungxray.dicom.sr import ReportWriter, encoded, report_values, result_report, run_series_uid
 from lungxray.dicom.send import Peer, send_files
 from lungxray.dicom.spool import Spool
 from lungxray.dicom.tls import client_context, server_context
@@ -37,27 +37,14 @@ from tests.test_dicom import make_dicom
 from tests.test_distribute import free_ports
 
 
-def report_values(report: pydicom.Dataset) -> dict[str, str | float]:
-    """The report's items by concept code (numbers as floats)."""
-    values: dict[str, str | float] = {}
-    for item in report.ContentSequence:
-        code = item.ConceptNameCodeSequence[0].CodeValue
-        if item.ValueType == "NUM":
-            values[code] = float(item.MeasuredValueSequence[0].NumericValue)
-        elif item.ValueType == "TEXT":
-            values[code] = str(item.TextValue)
-        elif item.ValueType == "IMAGE":
-            values[code] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-    return values
-
-
 def outcome(probabilities=None, ood_score=None, ood=None, not_analysed=None, refuse_ood=True) -> Answer:
     """An answer as the node makes it: withheld when the gate flags the film."""
     if not_analysed is not None:
         return Answer("film", None, "ab" * 6, NOT_ANALYSED, not_analysed)
     decision = WITHHELD if ood and refuse_ood else max(probabilities, key=probabilities.get)
+    members = tuple(sorted((c for c in probabilities if probabilities[c] >= 0.2), key=probabilities.get, reverse=True))
     return Answer("film", None, "ab" * 6, decision, "gate" if decision == WITHHELD else None, probabilities=probabilities,
-                  ood_score=ood_score, ood=ood, ood_threshold=0.5 if ood is not None else None)
+                  set=members, coverage=0.9, ood_score=ood_score, ood=ood, ood_threshold=0.5 if ood is not None else None)
 
 
 class Pacs:
@@ -144,10 +131,12 @@ def test_a_film_comes_back_as_a_report_in_its_study(node_and_pacs, predictor, tm
     values = report_values(report)
     assert values["source"] == source.SOPInstanceUID
     expected = predictor.predict_files([film]).probabilities[0]
-    got = np.array([values[f"p-{c}"] for c in predictor.classes])
+    got = np.array([values["probabilities"][c] for c in predictor.classes])
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert values["decision"] in {*predictor.classes, "withheld"} and values["model-sha256"] == predictor.identity.fingerprint
-    assert "not a medical device" in values["notice"]
+    algorithm = values["algorithm"]
+    assert values["decision"] in predictor.classes and algorithm["name"] == predictor.identity.name
+    assert f"model SHA-256 {predictor.identity.fingerprint}" in algorithm["parameters"]
+    assert any("not a medical device" in parameter for parameter in algorithm["parameters"])
     audit = (tmp_path / "spool" / "audit.jsonl").read_text()
     assert [json.loads(line)["event"] for line in audit.splitlines()] == ["received", "reported", "delivered"]
     assert "P-0042" not in audit and "Doe" not in audit and source.SOPInstanceUID not in audit
@@ -185,7 +174,8 @@ def test_films_waiting_together_are_each_read_once_and_one_that_breaks_is_set_as
     for uid, film in zip(uids, films):
         if uid in reported:
             alone = predictor.predict_files([film]).probabilities[0]
-            np.testing.assert_allclose([reported[uid][f"p-{c}"] for c in predictor.classes], alone, atol=1e-6)
+            np.testing.assert_allclose([reported[uid]["probabilities"][c] for c in predictor.classes], alone,
+                                       atol=1e-6)
 
 
 def test_a_film_it_must_not_classify_gets_not_analysed(node_and_pacs, tmp_path):
@@ -195,7 +185,7 @@ def test_a_film_it_must_not_classify_gets_not_analysed(node_and_pacs, tmp_path):
     send_files([film], node_peer)
     values = report_values(pacs.wait_for(1)[0])
     assert values["decision"] == "not analysed" and "lateral" in values["reason"]
-    assert not any(code.startswith("p-") for code in values)
+    assert not values["probabilities"] and not values["set"]
 
 
 def test_a_film_it_must_not_classify_can_get_nothing(node_and_pacs, tmp_path):
@@ -218,9 +208,11 @@ def test_a_report_made_again_is_the_same_instance():
                    "SOPInstanceUID": generate_uid(), "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1"})
     answer = outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3})
     model, other = ModelIdentity("run", "1", "ab" * 32), ModelIdentity("run", "1", "cd" * 32)
-    first, again = result_report(source, answer, model), result_report(source, answer, model)
-    assert first.SOPInstanceUID == again.SOPInstanceUID and first.SeriesInstanceUID == again.SeriesInstanceUID
-    assert result_report(source, answer, other).SOPInstanceUID != first.SOPInstanceUID  # another model
+    first, again = result_report(source, answer, model, "1.2.3"), result_report(source, answer, model, "1.2.3")
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert result_report(source, answer, other, "1.2.3").SOPInstanceUID != first.SOPInstanceUID  # another model
+    source.PatientID = "corrected"
+    assert result_report(source, answer, model, "1.2.3").SOPInstanceUID != first.SOPInstanceUID  # a corrected film
 
 
 def elements(dataset: pydicom.Dataset, prefix: str = "") -> dict[str, object]:
@@ -243,16 +235,20 @@ def test_the_report_writer_gives_highdicoms_report_for_every_film():
     outcomes += [outcome({"covid": 0.2, "normal": 0.5, "pneumonia": 0.3}),  # no gate
                  outcome({"covid": 0.7, "normal": 0.2, "pneumonia": 0.1}),
                  outcome(not_analysed="a lateral view"), outcome(not_analysed="unreadable pixels")]
-    write = ReportWriter(model)
+    write = ReportWriter(model, "run")
+    names = [None, ("ISO_IR 100", "MÜLLER^JÜRGEN"), ("ISO_IR 192", "Γεωργίου^Αλέξανδρος")]
     for index, answer in enumerate(outcomes):
         source = pydicom.Dataset()
         source.update({"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
                        "SOPInstanceUID": generate_uid(), "PatientSex": "MF"[index % 2], "StudyDate": f"2026010{index + 1}",
                        "SOPClassUID": ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1")[index % 2]})
-        if index % 3:  # present in some films only: the writer must not keep another film's
-            source.update({"PatientName": f"Doe^Jane{index}", "PatientID": f"P-{index}", "AccessionNumber": "A1"})
+        if names[index % 3]:  # present in some films only: the writer must not keep another film's
+            charset, name = names[index % 3]
+            source.update({"SpecificCharacterSet": charset, "PatientName": name, "PatientID": f"P-{index}",
+                           "AccessionNumber": "A1"})
         written = elements(pydicom.dcmread(io.BytesIO(write(source, answer))))
-        built = elements(pydicom.dcmread(io.BytesIO(encoded(result_report(source, answer, model)))))
+        series = run_series_uid("run", model, source, "reports")
+        built = elements(pydicom.dcmread(io.BytesIO(encoded(result_report(source, answer, model, series, index + 1)))))
         created = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
                    "ContributingEquipmentSequence[0].ContributionDateTime"}
         assert written.keys() == built.keys()

@@ -20,7 +20,8 @@ from pydicom.uid import ComputedRadiographyImageStorage
 
 from lungxray.infer.lite_predictor import LitePredictor
 from tests.conftest import CXR, require_shared
-from tests.test_dicom_node import CHILD, chest_film, listen, report_values
+from lungxray.dicom.sr import report_values
+from tests.test_dicom_node import CHILD, chest_film, listen
 from tests.test_distribute import free_ports
 
 ORTHANC, STORESCU, DSRDUMP = shutil.which("Orthanc"), shutil.which("storescu"), shutil.which("dsrdump")
@@ -112,7 +113,7 @@ def test_orthanc_sends_a_film_and_stores_the_report_in_its_study(pacs, export, t
     assert values["source"] == source.SOPInstanceUID
     predictor = LitePredictor.load(export)
     expected = predictor.predict_files([film]).probabilities[0]
-    np.testing.assert_allclose([values[f"p-{c}"] for c in predictor.classes], expected, atol=1e-6)
+    np.testing.assert_allclose([values["probabilities"][c] for c in predictor.classes], expected, atol=1e-6)
     evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
 
@@ -162,4 +163,4 @@ def test_dcmtk_sends_to_lungxray_and_reads_its_report(pacs, tmp_path):
     report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
     dumped = subprocess.run([DSRDUMP, str(tmp_path / "report.dcm")], capture_output=True, text=True, timeout=60)
     assert dumped.returncode == 0 and "E:" not in dumped.stderr, dumped.stderr
-    assert "lungxray chest X-ray classification" in dumped.stdout and "Calibrated probability of covid" in dumped.stdout
+    assert "Imaging Measurement Report" in dumped.stdout and "lungxray classification" in dumped.stdout

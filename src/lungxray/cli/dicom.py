@@ -42,6 +42,9 @@ def add_dicom_commands(commands) -> None:
     listen.add_argument("--refuse-ood", action=argparse.BooleanOptionalAction, default=True,
                         help="withhold the class (and probabilities) of films the out-of-distribution gate flags "
                              "(default: on, since no person sees the film beside the report)")
+    listen.add_argument("--keep-sent-days", type=float, default=30.0,
+                        help="days the spool remembers a delivered film (a film sent again within them is not "
+                             "reported again; default 30)")
     listen.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     listen.add_argument("--cache", help="feature cache folder")
     listen.set_defaults(run=run_listen)
@@ -81,7 +84,7 @@ def run_listen(args) -> int:
                      args.host, args.port, args.allow,
                      Limits(args.max_associations, max_instance_mb=args.max_instance_mb, max_spool_mb=args.max_spool_mb),
                      tls=tls, send_tls=send_tls, heatmap=heatmap, not_analysed=args.not_analysed,
-                     refuse_ood=args.refuse_ood)
+                     refuse_ood=args.refuse_ood, keep_sent_days=args.keep_sent_days)
     node.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -182,7 +182,10 @@ def dicom_image(dataset, name: str) -> Image.Image:
     if pixels.ndim == 3:  # colour: pydicom already converted YBR to RGB
         return Image.fromarray(_scale_to_uint8(pixels)).convert("RGB")
     try:
-        values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+        values = apply_modality_lut(pixels, dataset)
+        if dataset.get("VOILUTSequence") and values.dtype.kind == "f":  # a LUT is indexed by whole numbers
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi_lut(values, dataset)
     except Exception as error:  # zero window width, unknown VOI function, odd LUT depth...
         raise ImageError(name, f"unusable DICOM lookup table or window ({type(error).__name__}: {error})") from None
     gray = _scale_to_uint8(values)
@@ -214,6 +217,7 @@ def read_dicom(data: bytes, name: str):
         dataset.file_meta = dataset.get("file_meta") or FileMetaDataset()
         dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                                ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    dataset.filename = name  # pydicom's messages name the file by it (else "<_io.BytesIO object at 0x...>")
     return dataset
 
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungxray.dicom.sr import derived_uid
+from lungxray.dicom.sr import derived_uid, identity_digest
 from lungxray.infer.explain import Explainer, overlay
 from lungxray.infer.identity import ModelIdentity
 
@@ -50,17 +50,21 @@ def orientation(source: Dataset) -> tuple[str, str]:
 
 
 def heatmap_capture(source: Dataset, image: np.ndarray, heat: np.ndarray, decision: str, probability: float,
-                    model: ModelIdentity) -> hd.sc.SCImage:
-    """The Secondary Capture for `source` (the received film's dataset, pixels not needed): `image`
-    (what the model saw, uint8 RGB) under `heat` (Grad-CAM of the decided class)."""
+                    model: ModelIdentity, series_uid: str) -> hd.sc.SCImage:
+    """The Secondary Capture for `source` (the received film's dataset, pixels not needed), in the
+    series `series_uid`: `image` (what the model saw, uint8 RGB) under `heat` (Grad-CAM of the decided
+    class). Its UID is derived as the report's is (`lungxray.dicom.sr.result_report`)."""
     pixels = burned_in(overlay(image, heat), [f"lungxray Grad-CAM: {decision} (p = {probability:.2f}), {model.name}",
                                               model.notice])
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=derived_uid(source, model, "heatmap series"),
-        series_number=SERIES_NUMBER, sop_instance_uid=derived_uid(source, model, "heatmap"), instance_number=1,
+        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source, model, "heatmap", identity_digest(source)), instance_number=1,
         manufacturer="lungxray", patient_orientation=orientation(source), transfer_syntax_uid=ExplicitVRLittleEndian)
     capture.BurnedInAnnotation = "YES"
+    # Laterality (General Series, type 2C) is for paired body parts: saying the chest, as a film given a
+    # class is (its header passed lungxray's chest rules), is what lets validators leave it out.
+    capture.BodyPartExamined = "CHEST"
     capture.SeriesDescription = "lungxray Grad-CAM (research use only)"
     return capture
 
@@ -71,7 +75,9 @@ class HeatmapMaker:
     def __init__(self, predictor):
         self.predictor, self.explainer = predictor, Explainer(predictor)
 
-    def __call__(self, source: Dataset, image: np.ndarray, decision: str, probability: float) -> hd.sc.SCImage:
-        """The capture for the film `source`, whose decoded `image` the model answered with `decision`."""
+    def __call__(self, source: Dataset, image: np.ndarray, decision: str, probability: float,
+                 series_uid: str) -> hd.sc.SCImage:
+        """The capture for the film `source`, whose decoded `image` the model answered with `decision`,
+        in the series `series_uid`."""
         heat = self.explainer.heatmap(image, decision)
-        return heatmap_capture(source, image, heat, decision, probability, self.predictor.identity)
+        return heatmap_capture(source, image, heat, decision, probability, self.predictor.identity, series_uid)

@@ -1,7 +1,8 @@
 """The DICOM node: a Storage SCP (with C-ECHO) that keeps each received radiograph in the spool
 before it answers success, a worker that predicts each film with the same predictor as
 `lungxray predict` and writes its report, and a sender that C-STOREs the reports (and, with a
-heat-map maker, Grad-CAM captures) to the PACS, retrying with back-off while it is away. Started again after a crash, it resumes the spool.
+heat-map maker, Grad-CAM captures) to the PACS, retrying with back-off while it is away; a report
+the PACS refuses is set aside and the others go on. Started again after a crash, it resumes the spool.
 
     node = DicomNode(load_predictor("runs/mine"), send_to=Peer.parse("ORTHANC@127.0.0.1:4242"), spool=Path("spool"))
     node.start(); ...; node.stop()
@@ -15,6 +16,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyIma
                                   SecondaryCaptureImageStorage, Verification)
 
 from lungxray.data.images import DICOM_SYNTAXES, read_dicom
-from lungxray.dicom.sr import ReportWriter, encoded
+from lungxray.dicom.sr import ReportWriter, check_classes, encoded, identity_digest, run_series_uid
 from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError, ImageError
@@ -49,6 +51,8 @@ IDLE_SECONDS = 2.0  # the association to the PACS is released after this long wi
 PREDICT_TOGETHER = 16  # films waiting that are answered together, in the predictor's threads
 OUT_OF_RESOURCES = 0xA700  # C-STORE failure: refused, not lost; the PACS keeps the film and may retry
 CANNOT_UNDERSTAND = 0xC000
+REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")  # what a report cites
+PRUNE_EVERY = 3600.0  # seconds between prunings of the spool's old sent/ markers
 
 
 @dataclasses.dataclass
@@ -77,11 +81,18 @@ class DicomNode:
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
                  max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
-                 not_analysed: str = "report", refuse_ood: bool = True):
+                 not_analysed: str = "report", refuse_ood: bool = True, keep_sent_days: float = 30.0):
         if not_analysed not in WHEN_NOT_ANALYSED:
             raise ConfigError(f"'not_analysed' must be one of {list(WHEN_NOT_ANALYSED)}. Got {not_analysed!r} instead.")
+        try:
+            check_classes(predictor.classes)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.predictor, self.model, self.send_to, self.refuse_ood = predictor, predictor.identity, send_to, refuse_ood
-        self._reports = ReportWriter(self.model)
+        # One run of the node: its reports (and heat maps) share one series in each study.
+        self.run = uuid.uuid4().hex
+        self._reports = ReportWriter(self.model, self.run)
+        self.keep_sent_days = keep_sent_days
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
@@ -111,10 +122,11 @@ class DicomNode:
         ae.add_supported_context(Verification)
         if self.allow:
             ae.require_calling_aet = list(self.allow)
+        ae.require_called_aet = True  # a caller addressing another AE title is refused at association
         ae.maximum_associations = self.limits.max_associations
         ae.maximum_pdu_size = self.limits.max_pdu
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
-                    (evt.EVT_REJECTED, self._on_rejected)]
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_REQUESTED, in_the_callers_order)]
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
                                            ssl_context=self.tls)
@@ -139,8 +151,8 @@ class DicomNode:
             thread.join(timeout=30)
 
     def _on_rejected(self, event) -> None:
-        log.warning("association from %s refused (calling AE title not in --allow, or a limit reached)",
-                    event.assoc.requestor.ae_title)
+        log.warning("association from %s to %s refused (calling AE title not in --allow, called AE title not %s, "
+                    "or a limit reached)", event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title, self.aet)
 
     def _on_store(self, event) -> int:
         data = event.encoded_dataset(include_meta=True)
@@ -148,11 +160,21 @@ class DicomNode:
             log.warning("refused an instance of %.0f MB (limit %.0f MB)", len(data) / 2**20, self.limits.max_instance_mb)
             return OUT_OF_RESOURCES
         uid = str(event.request.AffectedSOPInstanceUID)
-        refused = self.spool.accept(uid, data)
+        identity = identity_digest(event.dataset)
+        key, kind = self.spool.key_for(uid, identity)
+        if kind == "duplicate":  # the PACS retried, or sent it again: it is kept and answered once
+            log.info("instance %s sent again unchanged: kept once", hashed(uid))
+            return 0x0000
+        if kind == "correction":
+            log.warning("instance %s sent again with changed identifying attributes (patient, study, series or "
+                        "accession): reported again, as a new report; the earlier report stays in the PACS", hashed(uid))
+        refused = self.spool.accept(key, data)
         if refused is not None:
             log.warning("refused instance %s: %s", hashed(uid), refused)
             return OUT_OF_RESOURCES if refused.startswith("spool full") else CANNOT_UNDERSTAND
-        self._audit("received", uid, calling_aet=event.assoc.requestor.ae_title)
+        self.spool.remember(uid, identity)
+        self._audit("received" if kind == "new" else "received a correction", key,
+                    calling_aet=event.assoc.requestor.ae_title)
         self._work.set()
         return 0x0000
 
@@ -174,17 +196,17 @@ class DicomNode:
         for uid in uids:
             try:  # each film is read and parsed once: its header and pixels come from this data set
                 data = self.spool.incoming(uid).read_bytes()
-                films[uid] = (read_dicom(data, film_name(uid)), file_hash(data))
-            except Exception:
-                self._set_aside(uid)
+                films[uid] = (reportable(read_dicom(data, film_name(uid)), film_name(uid)), file_hash(data))
+            except Exception as error:
+                self._set_aside(uid, error)
         answered = bounded_map(lambda uid: (uid, self._answer_film(uid, *films[uid])), list(films))
         for uid, outcome in answered:
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
                 self._report(uid, films[uid][0], *outcome)
-            except Exception:
-                self._set_aside(uid)
+            except Exception as error:
+                self._set_aside(uid, error)
         self._work.set()
 
     def _answer_film(self, uid: str, source: pydicom.Dataset, digest: str):
@@ -201,9 +223,14 @@ class DicomNode:
             return error
         return answer_row(self.predictor, predictions, 0, name, digest, refuse_ood=self.refuse_ood), image
 
-    def _set_aside(self, uid: str) -> None:  # a film no report can be made for must not stop the node
-        log.exception("no report could be made for instance %s; it is kept in %s", hashed(uid),
-                      self.spool.set_aside(uid))
+    def _set_aside(self, uid: str, error: Exception) -> None:
+        """A film no report can be made for must not stop the node: it is kept aside, and logged in one
+        line when the film is at fault (no header to answer it in), with one traceback when lungxray is."""
+        kept = self.spool.set_aside(uid).parent  # the folder: a file name would reveal the UID
+        if isinstance(error, ImageError):
+            log.warning("no report could be made for instance %s (%s); it is kept in %s", hashed(uid), error.reason, kept)
+        else:
+            log.error("no report could be made for instance %s; it is kept in %s", hashed(uid), kept, exc_info=error)
 
     def _report(self, uid: str, source: pydicom.Dataset, answer: Answer, image) -> None:
         facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=answer.decision, ood=answer.ood,
@@ -214,14 +241,19 @@ class DicomNode:
             return
         heatmap = None
         if self.heatmap is not None and answer.predicted is not None:
-            heatmap = encoded(self.heatmap(source, image, answer.predicted, answer.probabilities[answer.predicted]))
+            heatmap = encoded(self.heatmap(source, image, answer.predicted, answer.probabilities[answer.predicted],
+                                           run_series_uid(self.run, self.model, source, "heat maps")))
         self.spool.reported(uid, self._reports(source, answer), heatmap)
         self._audit("reported", uid, heatmap=(heatmap is not None) if self.heatmap else None, **facts)
 
     # -- the sender: reports to the PACS -------------------------------------------------------
     def _send_loop(self) -> None:
-        delay, idle_since = self.retry_seconds, None
+        delay, idle_since, pruned_at = self.retry_seconds, None, 0.0
         while not self._stopping.is_set():
+            if time.monotonic() - pruned_at > PRUNE_EVERY:
+                pruned_at = time.monotonic()
+                log.info("pruned %d sent/ marker(s) older than %g days", self.spool.prune_sent(self.keep_sent_days),
+                         self.keep_sent_days)
             pending = self.spool.undelivered()
             if not pending:
                 idle_since = idle_since or time.monotonic()
@@ -239,25 +271,32 @@ class DicomNode:
                 delay = self.retry_seconds
             else:
                 self._connection.close()
-                log.warning("%s@%s:%d unreachable; %d report(s) wait in the outbox, next try in %.0f s",
+                log.warning("%s@%s:%d unreachable or not answering; %d report(s) wait in the outbox, next try in %.0f s",
                             self.send_to.aet, self.send_to.host, self.send_to.port, len(pending), delay)
                 self._stopping.wait(timeout=delay)
                 delay = min(delay * 2, self.max_retry_seconds)
         self._connection.close()
 
     def _deliver(self, keys: list[str]) -> bool:
-        """Send the outbox's reports, each marked delivered as the PACS takes it; False if the PACS
-        could not be reached or refused one."""
+        """Send the outbox's reports, each marked delivered as the PACS takes it; one the PACS refuses
+        is moved aside, and the others go on. False if the PACS could not be reached or did not answer."""
         for key in keys:
             try:
                 outcome = self._connection.store(pydicom.dcmread(self.spool.outbox(key)))
             except DataError:  # no association
                 return False
+            uid, heatmap, _ = key.partition(".heatmap")
+            what = "heat map" if heatmap else "report"
+            if refused_for_good(outcome):
+                log.warning("%s@%s:%d refused the %s for instance %s: %s; it is kept in %s, not to be sent again",
+                            self.send_to.aet, self.send_to.host, self.send_to.port, what, hashed(uid), outcome,
+                            self.spool.refused(key).parent)
+                self._audit("refused by the PACS", uid, object=what, status=outcome)
+                continue
             if outcome != "sent":
                 return False
             self.spool.delivered(key)
-            uid, heatmap, _ = key.partition(".heatmap")
-            self._audit("delivered", uid, object="heat map" if heatmap else "report")
+            self._audit("delivered", uid, object=what)
         return True
 
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
@@ -268,3 +307,31 @@ class DicomNode:
         with self._audit_lock, open(self.audit_log, "a") as handle:
             handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")
 
+
+
+def reportable(dataset: pydicom.Dataset, name: str) -> pydicom.Dataset:
+    """`dataset`, or an ImageError when its header lacks what a report is filed by."""
+    missing = [keyword for keyword in REFERENCED if not dataset.get(keyword)]
+    if missing:
+        raise ImageError(name, f"the header lacks {', '.join(missing)}: there is no study to report in")
+    return dataset
+
+
+def refused_for_good(outcome: str) -> bool:
+    """A PACS's refusal that sending again would not change: a failure status other than "out of
+    resources" (A7xx, which passes), or no presentation context for the object's class."""
+    return outcome.startswith("refused") and not outcome.startswith("refused (status 0xA7")
+
+
+def in_the_callers_order(event) -> None:
+    """EVT_REQUESTED: each SOP class's transfer syntaxes put in the order the caller proposed them
+    (pynetdicom accepts the first of its own list that the caller proposes; the caller knows its
+    data best: Implicit VR first would lose the value representations of private elements)."""
+    proposed: dict[str, list[str]] = {}
+    for context in event.assoc.requestor.primitive.presentation_context_definition_list:
+        order = proposed.setdefault(context.abstract_syntax, [])
+        order += [syntax for syntax in context.transfer_syntax if syntax not in order]
+    for context in event.assoc.acceptor.supported_contexts:
+        ours = list(context.transfer_syntax)
+        theirs = [syntax for syntax in proposed.get(context.abstract_syntax, []) if syntax in ours]
+        context.transfer_syntax = theirs + [syntax for syntax in ours if syntax not in theirs]

@@ -7,27 +7,34 @@ disk (fsynced, ~1 ms a film here) before anything depends on them, so a power cu
     outbox/<uid>.dcm     the report for film <uid>, written whole before the film leaves incoming/
     outbox/<uid>.heatmap.dcm   its heat map (`--heatmap`), written before the report
     sent/<uid>           the report was delivered (or, by choice, none is sent): a film with this
-                         marker is never reported again; sent/<uid>.heatmap for its heat map
+                         marker is never reported again; sent/<uid>.heatmap for its heat map.
+                         Markers older than the node's --keep-sent-days are pruned.
+    refused/<uid>.dcm    a report (or heat map) the PACS refused with a failure status: kept for a
+                         person, never sent again, never in the way of the others
+    identities/<uid>     the digests of the identifying attributes each film came with (`key_for`)
 
-<uid> is the film's SOP Instance UID (checked to be a UID, so that it is safe as a file name). What
-waits in the outbox and what is marked sent go by key: <uid> for a report, <uid>.heatmap for a heat map.
+<uid> is the film's key: its SOP Instance UID (checked to be a UID, so that it is safe as a file name),
+or for a corrected resend the UID, "-" and the corrected attributes' digest. What waits in the outbox
+and what is marked sent go by key: <uid> for a report, <uid>.heatmap for a heat map.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 from lungxray.io import write_durably
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+KEY = re.compile(r"^[0-9]+(\.[0-9]+)*(-[0-9a-f]{16})?$")
 
 
 class Spool:
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = Path(folder), max_bytes
-        for name in ("incoming", "outbox", "sent", "failed"):
+        for name in ("incoming", "outbox", "sent", "failed", "refused", "identities"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
         # Bytes waiting (films and reports), counted once here and then kept as files come and go:
         # adding up the folders at every film made receiving slower the fuller the spool.
@@ -37,9 +44,22 @@ class Spool:
     def size(self) -> int:
         return self._bytes
 
+    def key_for(self, uid: str, identity: str) -> tuple[str, str]:
+        """(the key a film is kept under, "new", "duplicate" or "correction"), for a film with SOP
+        Instance UID `uid` whose identifying attributes hash to `identity`: a film sent again unchanged
+        is a duplicate, kept once; sent again with changed attributes it is a correction, kept anew."""
+        record = self.folder / "identities" / uid
+        known = record.read_text().split() if UID.match(uid) and record.exists() else []
+        key = uid if not known or known[0] == identity else f"{uid}-{identity}"
+        return key, "duplicate" if identity in known else "correction" if known else "new"
+
+    def remember(self, uid: str, identity: str) -> None:
+        with self._lock, open(self.folder / "identities" / uid, "a") as handle:
+            handle.write(identity + "\n")
+
     def accept(self, uid: str, data: bytes) -> str | None:
-        """Keep a received film; None, or why it is refused."""
-        if not UID.match(uid) or len(uid) > 64:
+        """Keep a received film under the key `uid` (`key_for`); None, or why it is refused."""
+        if not KEY.match(uid) or len(uid) > 64 + 17:
             return f"SOP Instance UID {uid[:70]!r} is not a UID"
         if self.seen(uid):
             return None  # sent again by the PACS: already kept or answered, kept once
@@ -110,6 +130,23 @@ class Spool:
     def delivered(self, key: str) -> None:
         self.sent(key).touch()
         self._remove(self.outbox(key))
+
+    def refused(self, key: str) -> Path:
+        """Move a report the PACS refused out of the outbox; where it now is."""
+        target = self.folder / "refused" / f"{key}.dcm"
+        self._count(-self.outbox(key).stat().st_size)
+        self.outbox(key).replace(target)
+        return target
+
+    def prune_sent(self, older_than_days: float) -> int:
+        """Remove the sent/ markers (and the identities of their films) older than that; how many."""
+        cutoff, pruned = time.time() - older_than_days * 86400, 0
+        for marker in (self.folder / "sent").iterdir():
+            if marker.stat().st_mtime < cutoff:
+                marker.unlink()
+                (self.folder / "identities" / marker.name.split("-")[0]).unlink(missing_ok=True)
+                pruned += 1
+        return pruned
 
     def _write(self, path: Path, data: bytes) -> None:
         write_durably(path, data)
