@@ -164,3 +164,18 @@ def test_dcmtk_sends_to_lungxray_and_reads_its_report(pacs, tmp_path):
     dumped = subprocess.run([DSRDUMP, str(tmp_path / "report.dcm")], capture_output=True, text=True, timeout=60)
     assert dumped.returncode == 0 and "E:" not in dumped.stderr, dumped.stderr
     assert "Imaging Measurement Report" in dumped.stdout and "lungxray classification" in dumped.stdout
+
+
+def test_names_in_latin_1_and_utf_8_reach_orthancs_patient_record_intact(pacs, tmp_path):
+    """The films go straight to lungxray, so Orthanc's patient records are made from the reports alone."""
+    orthanc, node_port = pacs
+    names = {"ISO_IR 100": "MÜLLER^JÜRGEN", "ISO_IR 192": "Γεωργίου^Αλέξανδρος"}
+    films = [cr_film(tmp_path / f"film{i}.dcm", np.full((64, 64), 100 + i, np.uint8), SpecificCharacterSet=charset,
+                     PatientName=name, PatientID=f"P-{i}") for i, (charset, name) in enumerate(names.items())]
+    stored = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "LUNGXRAY", "127.0.0.1", str(node_port),
+                             *map(str, films)], capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    reports = orthanc.reports(2)
+    assert {(r.SpecificCharacterSet, str(r.PatientName)) for r in reports} == set(names.items())
+    patients = httpx.get(f"{orthanc.url}/patients", params={"expand": ""}, timeout=10).json()
+    assert {p["MainDicomTags"]["PatientName"] for p in patients} == set(names.values())
