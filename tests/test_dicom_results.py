@@ -25,7 +25,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from lungxray.data.images import dicom_image, read_dicom
 from lungxray.dicom.heatmap import heatmap_capture
 from lungxray.dicom.send import send_files
-from lungxray.dicom.sr import encoded, report_values, result_report
+from lungxray.dicom.sr import ReportWriter, report_values, result_report
 from lungxray.dicom.spool import Spool
 from lungxray.infer.answer import NOT_ANALYSED, WITHHELD, Answer
 from lungxray.infer.identity import ModelIdentity
@@ -71,9 +71,11 @@ def pixelmed(path) -> str:
 
 @pytest.mark.parametrize("kind", ANSWERS)
 def test_every_report_passes_dciodvfy_and_pixelmed_and_reads_back_through_highdicom(kind, tmp_path):
-    film, answer = source_film(), ANSWERS[kind]
-    path = tmp_path / "report.dcm"
-    path.write_bytes(encoded(result_report(film, answer, MODEL, generate_uid())))
+    """The second report of a shape, which the writer makes from the first without highdicom."""
+    answer, write = ANSWERS[kind], ReportWriter(MODEL, "run")
+    write(source_film("ISO_IR 100"), answer)
+    film, path = source_film(), tmp_path / "report.dcm"
+    path.write_bytes(write(film, answer))
     checked = dciodvfy(path)
     assert "Error" not in checked and "Unrecognized" not in checked, checked
     validated = pixelmed(path)

@@ -68,8 +68,9 @@ class Connection:
         self.to, self.aet, self.contexts, self.tls = to, aet, contexts, tls
         self._assoc = None
 
-    def store(self, dataset: pydicom.Dataset) -> str:
-        """'sent', or why not. DataError if the association is refused."""
+    def store(self, dataset: pydicom.Dataset | Path) -> str:
+        """'sent', or why not, for a data set or a DICOM file (sent as its bytes, never parsed, when
+        pynetdicom's STORE_SEND_CHUNKED_DATASET is on). DataError if the association is refused."""
         if self._assoc is None or not self._assoc.is_established:
             self._assoc = self._associate()
         try:
