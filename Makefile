@@ -41,13 +41,14 @@ test: setup system $(LABELS) $(TORCH)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # What the tests run beside lungxray, from Debian's packages, installed where missing: Chromium (the
-# browser test, through Selenium), Orthanc (a real PACS), DCMTK (a second DICOM implementation),
-# dicom3tools' dciodvfy and PixelMed's DicomSRValidator (on Java: the reports' validators) and openssl
-# (certificates for the TLS test).
+# browser test, through Selenium), Orthanc (a real PACS) with its DICOMweb plugin, DCMTK (a second
+# DICOM implementation), dicom3tools' dciodvfy and PixelMed's DicomSRValidator (on Java: the reports'
+# validators) and openssl (certificates for the TLS test).
 system:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v Orthanc >/dev/null && \
 	command -v storescu >/dev/null && command -v openssl >/dev/null && command -v dciodvfy >/dev/null && \
-	command -v java >/dev/null && [ -f /usr/share/java/pixelmed.jar ] || { \
+	command -v java >/dev/null && [ -f /usr/share/java/pixelmed.jar ] && \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver orthanc dcmtk \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver orthanc orthanc-dicomweb dcmtk \
 			dicom3tools libpixelmed-java default-jre-headless openssl >/dev/null; }

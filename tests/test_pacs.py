@@ -18,6 +18,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import ComputedRadiographyImageStorage
 
+from lungxray.dicom.node import DicomNode
+from lungxray.dicom.send import Peer, send_files
+from lungxray.dicom.web import WebPeer, Watcher
 from lungxray.infer.lite_predictor import LitePredictor
 from tests.conftest import CXR, require_shared
 from lungxray.dicom.sr import report_values
@@ -25,23 +28,28 @@ from tests.test_dicom_node import CHILD, chest_film, listen
 from tests.test_distribute import free_ports
 
 ORTHANC, STORESCU, DSRDUMP = shutil.which("Orthanc"), shutil.which("storescu"), shutil.which("dsrdump")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
     """An Orthanc of the test's own: its own folder, ports and configuration; lungxray is a modality."""
 
-    def __init__(self, folder, node_port: int, environment: dict | None = None):
+    def __init__(self, folder, node_port: int, environment: dict | None = None, dicomweb: bool = False):
         if not ORTHANC:
             pytest.fail("Orthanc is not installed: make test installs Debian's orthanc package")
+        if dicomweb and not os.path.exists(DICOMWEB_PLUGIN):
+            pytest.fail("Orthanc's DICOMweb plugin is not installed: make test installs Debian's orthanc-dicomweb")
         self.http_port, self.dicom_port = free_ports(2)
         self.folder, self.environment, self.process = folder, environment, None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "orthanc.json").write_text(json.dumps({
             "Name": "lungxray-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [], "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "DicomModalities": {"lungxray": ["LUNGXRAY", "127.0.0.1", node_port]}}))
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb = f"{self.url}/dicom-web"
 
     def start(self) -> "Orthanc":
         self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=subprocess.DEVNULL,
@@ -179,3 +187,80 @@ def test_names_in_latin_1_and_utf_8_reach_orthancs_patient_record_intact(pacs, t
     assert {(r.SpecificCharacterSet, str(r.PatientName)) for r in reports} == set(names.items())
     patients = httpx.get(f"{orthanc.url}/patients", params={"expand": ""}, timeout=10).json()
     assert {p["MainDicomTags"]["PatientName"] for p in patients} == set(names.values())
+
+
+@pytest.fixture
+def dicomweb(export, tmp_path):
+    """Orthanc with its DICOMweb plugin, and an in-process node (not listening) that sends to it by STOW-RS."""
+    orthanc = Orthanc(tmp_path / "orthanc", free_ports(1)[0], dicomweb=True).start()
+    predictor = LitePredictor.load(export)
+    nodes = []
+
+    def node(**options):
+        made = DicomNode(predictor, WebPeer.parse(orthanc.dicomweb), tmp_path / "spool", refuse_ood=False,
+                         retry_seconds=0.2, max_retry_seconds=0.5, **options)
+        nodes.append(made)
+        return made
+
+    yield orthanc, node
+    for made in nodes:
+        made.stop()
+    orthanc.stop()
+
+
+def test_reports_go_to_a_dicomweb_archive_by_stow_rs(dicomweb, tmp_path):
+    orthanc, node = dicomweb
+    listening = node(port=free_ports(1)[0])
+    listening.start()
+    film = cr_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
+    assert send_files([film], Peer("LUNGXRAY", "127.0.0.1", listening.port)) == [(film, "sent")]
+    (report,) = orthanc.reports(1)
+    assert report_values(report)["source"] == pydicom.dcmread(film).SOPInstanceUID
+    events = [json.loads(line)["event"] for line in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
+    assert events == ["received", "reported", "delivered"]
+
+
+def test_the_watcher_pulls_each_new_film_once_across_restarts(dicomweb, tmp_path):
+    orthanc, node = dicomweb
+    films = [cr_film(tmp_path / f"f{i}.dcm", np.full((64, 64), 50 + 20 * i, np.uint8), StudyDate="20261206")
+             for i in range(3)]
+    old = cr_film(tmp_path / "old.dcm", np.full((64, 64), 40, np.uint8), StudyDate="20250101")  # before --since
+    for film in [*films, old]:
+        orthanc.upload(film)
+    first = node()
+    watcher = Watcher(first, orthanc.dicomweb, since="20261201")
+    first.start(listen=False)
+    assert watcher.poll() == 3
+    assert len(orthanc.reports(3)) == 3
+    assert watcher.poll() == 0  # nothing new: its reports are SRs, and the films are known
+    first.stop()
+    again = node()  # a restart, on the same spool: the watch goes on from its first day
+    restarted = Watcher(again, orthanc.dicomweb)
+    again.start(listen=False)
+    assert restarted.since == "20261201" and restarted.poll() == 0
+    orthanc.upload(cr_film(tmp_path / "new.dcm", np.full((64, 64), 150, np.uint8), StudyDate="20261207"))
+    assert restarted.poll() == 1
+    reports = orthanc.reports(4)
+    time.sleep(1.0)
+    sources = [report_values(r)["source"] for r in orthanc.reports(4)]
+    assert len(reports) == 4 and len(sources) == len(set(sources)) == 4
+
+
+def test_dicom_watch_on_the_command_line(export, tmp_path):
+    orthanc = Orthanc(tmp_path / "orthanc", free_ports(1)[0], dicomweb=True).start()
+    try:
+        film = cr_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8), StudyDate="20261206")
+        orthanc.upload(film)
+        watch = subprocess.Popen([sys.executable, "-c", CHILD, "dicom", "watch", "--qido", orthanc.dicomweb, "--model",
+                                  str(export), "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--spool",
+                                  str(tmp_path / "spool"), "--since", "20261201", "--interval", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "watching" in watch.stdout.readline()
+            (report,) = orthanc.reports(1)
+            assert report_values(report)["source"] == pydicom.dcmread(film).SOPInstanceUID
+        finally:
+            watch.terminate()
+            assert watch.wait(timeout=60) == 0, watch.stderr.read()[-2000:]
+    finally:
+        orthanc.stop()

@@ -75,10 +75,10 @@ def film_name(uid: str) -> str:
 
 
 class DicomNode:
-    """`refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the
+    """`send_to`: a `Peer` (C-STORE) or a `lungxray.dicom.web.WebPeer` (STOW-RS). `refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the
     answer's rule); on by default here, where no person sees the film beside the report."""
 
-    def __init__(self, predictor, send_to: Peer, spool: Path, aet: str = "LUNGXRAY",
+    def __init__(self, predictor, send_to, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
                  max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
@@ -103,7 +103,8 @@ class DicomNode:
         self.heatmap = heatmap  # a lungxray.dicom.heatmap.HeatmapMaker, or None: no heat maps
         self.not_analysed = not_analysed  # "report" (say why) or "nothing" (send nothing)
         # send_tls: an ssl.SSLContext from lungxray.dicom.tls.client_context, for the association to the PACS
-        self._connection = Connection(send_to, aet, RESULTS, send_tls)
+        self._connection = (Connection(send_to, aet, RESULTS, send_tls) if isinstance(send_to, Peer) else
+                            web_connection(send_to))
         self._work = threading.Event()
         self._stopping = threading.Event()
         self._audit_lock = threading.Lock()
@@ -111,7 +112,9 @@ class DicomNode:
         self._server = None
 
     # -- the SCP -------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, listen: bool = True) -> None:
+        """Start the worker and the sender and, with `listen`, the Storage SCP (without: films come
+        through `receive`, from `lungxray.dicom.web.Watcher`)."""
         # pydicom checks each UID it makes against the standard's pattern, and on reading a check only
         # ever warns. A PACS that proposes every storage class in each association (Debian's Orthanc 1.10,
         # DCMTK's storescu: 126 presentation contexts) makes pynetdicom build thousands of UIDs per film;
@@ -120,6 +123,17 @@ class DicomNode:
         # A report goes from the outbox as its file's bytes: parsing a TID 1500 report and encoding it
         # again cost the sender more than the node spent making it.
         pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        if listen:
+            self._listen()
+        self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
+                         threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._work.set()  # resume what the spool holds from before
+        log.info("DICOM node %s %s, reports to %s", self.aet,
+                 f"listening on {self.host}:{self.port}" if listen else "not listening", self.send_to)
+
+    def _listen(self) -> None:
         ae = AE(ae_title=self.aet)
         for sop_class in RADIOGRAPHS:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -137,13 +151,6 @@ class DicomNode:
         except OSError as error:
             raise ConfigError(f"cannot listen on {self.host}:{self.port} ({error.strerror or error}); "
                               "choose another --port or --host") from None
-        self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
-                         threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-        self._work.set()  # resume what the spool holds from before
-        log.info("DICOM node %s listening on %s:%d, reports to %s@%s:%d", self.aet, self.host, self.port,
-                 self.send_to.aet, self.send_to.host, self.send_to.port)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -159,12 +166,16 @@ class DicomNode:
                     "or a limit reached)", event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title, self.aet)
 
     def _on_store(self, event) -> int:
-        data = event.encoded_dataset(include_meta=True)
+        return self.receive(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset(include_meta=True),
+                            event.dataset, calling_aet=event.assoc.requestor.ae_title)
+
+    def receive(self, uid: str, data: bytes, dataset: pydicom.Dataset, **origin) -> int:
+        """Keep the film `uid` (its file's bytes `data`, parsed as `dataset`) to be answered; the
+        C-STORE status to give whoever sent it. `origin` goes to the audit line."""
         if len(data) > self.limits.max_instance_mb * 2**20:
             log.warning("refused an instance of %.0f MB (limit %.0f MB)", len(data) / 2**20, self.limits.max_instance_mb)
             return OUT_OF_RESOURCES
-        uid = str(event.request.AffectedSOPInstanceUID)
-        identity = identity_digest(event.dataset)
+        identity = identity_digest(dataset)
         key, kind = self.spool.key_for(uid, identity)
         if kind == "duplicate":  # the PACS retried, or sent it again: it is kept and answered once
             log.info("instance %s sent again unchanged: kept once", hashed(uid))
@@ -177,8 +188,7 @@ class DicomNode:
             log.warning("refused instance %s: %s", hashed(uid), refused)
             return OUT_OF_RESOURCES if refused.startswith("spool full") else CANNOT_UNDERSTAND
         self.spool.remember(uid, identity)
-        self._audit("received" if kind == "new" else "received a correction", key,
-                    calling_aet=event.assoc.requestor.ae_title)
+        self._audit("received" if kind == "new" else "received a correction", key, **origin)
         self._work.set()
         return 0x0000
 
@@ -275,8 +285,8 @@ class DicomNode:
                 delay = self.retry_seconds
             else:
                 self._connection.close()
-                log.warning("%s@%s:%d unreachable or not answering; %d report(s) wait in the outbox, next try in %.0f s",
-                            self.send_to.aet, self.send_to.host, self.send_to.port, len(pending), delay)
+                log.warning("%s unreachable or not answering; %d report(s) wait in the outbox, next try in %.0f s",
+                            self.send_to, len(pending), delay)
                 self._stopping.wait(timeout=delay)
                 delay = min(delay * 2, self.max_retry_seconds)
         self._connection.close()
@@ -292,8 +302,8 @@ class DicomNode:
             uid, heatmap, _ = key.partition(".heatmap")
             what = "heat map" if heatmap else "report"
             if refused_for_good(outcome):
-                log.warning("%s@%s:%d refused the %s for instance %s: %s; it is kept in %s, not to be sent again",
-                            self.send_to.aet, self.send_to.host, self.send_to.port, what, hashed(uid), outcome,
+                log.warning("%s refused the %s for instance %s: %s; it is kept in %s, not to be sent again",
+                            self.send_to, what, hashed(uid), outcome,
                             self.spool.refused(key).parent)
                 self._audit("refused by the PACS", uid, object=what, status=outcome)
                 continue
@@ -311,6 +321,13 @@ class DicomNode:
         with self._audit_lock, open(self.audit_log, "a") as handle:
             handle.write(json.dumps(line, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)) + "\n")
 
+
+
+def web_connection(send_to):
+    """The sender's connection to a DICOMweb service (imported here: DICOMweb is optional)."""
+    from lungxray.dicom.web import StowConnection
+
+    return StowConnection(send_to)
 
 
 def reportable(dataset: pydicom.Dataset, name: str) -> pydicom.Dataset:

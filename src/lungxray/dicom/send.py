@@ -35,6 +35,9 @@ class Peer:
             raise ConfigError(f"{text!r}: the AE title takes 1 to 16 characters and the port 1 to 65535")
         return peer
 
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
+
 
 def dicom_files(paths: list[str | Path]) -> list[Path]:
     """The files given, and the files under folders given, sorted."""
