@@ -13,7 +13,7 @@ the film, written from its `Answer` and the model's `ModelIdentity`.
       Measurement group "out-of-distribution gate" (a model with a gate, a film analysed):
         finding type Outside operational limits of the device, Score, and Yes or No
 
-Every code is SNOMED CT, DCM, UCUM or LOINC (docs/clinical-integration.md#the-report lists them and
+Every code is SNOMED CT, DCM or UCUM (docs/clinical-integration.md#the-report lists them and
 says where each was checked); none is private. The model is named three times, as IHE AIR asks: the
 observer device, the TID 4019 algorithm (name, version, fingerprint, settings and the research-use
 notice as its parameters) and the Contributing Equipment Sequence, whose device UID changes with the
