@@ -69,6 +69,8 @@ def add_node_arguments(parser) -> None:
     parser.add_argument("--keep-sent-days", type=float, default=30.0,
                         help="days the spool remembers a delivered film (a film sent again within them is not "
                              "reported again; default 30)")
+    parser.add_argument("--records", metavar="FILE",
+                        help="append each answer's monitoring record to FILE (JSON lines; docs/monitoring.md)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     parser.add_argument("--cache", help="feature cache folder")
 
@@ -102,7 +104,7 @@ def make_node(args, **listening):
                     max_spool_mb=args.max_spool_mb)
     return DicomNode(predictor, send_to, Path(args.spool), args.aet, limits=limits, send_tls=send_tls, heatmap=heatmap,
                      not_analysed=args.not_analysed, refuse_ood=args.refuse_ood, keep_sent_days=args.keep_sent_days,
-                     **listening)
+                     records=args.records, **listening)
 
 
 def until_stopped() -> None:

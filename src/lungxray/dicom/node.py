@@ -36,6 +36,7 @@ from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError, ImageError
 from lungxray.infer.answer import NOT_ANALYSED, Answer, answer_row, not_analysed
+from lungxray.infer.monitoring_record import RecordWriter, monitoring_record
 from lungxray.io import file_hash
 from lungxray.parallel import bounded_map
 
@@ -75,14 +76,17 @@ def film_name(uid: str) -> str:
 
 
 class DicomNode:
-    """`send_to`: a `Peer` (C-STORE) or a `lungxray.dicom.web.WebPeer` (STOW-RS). `refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the
-    answer's rule); on by default here, where no person sees the film beside the report."""
+    """`send_to`: a `Peer` (C-STORE) or a `lungxray.dicom.web.WebPeer` (STOW-RS). `records`: a file
+    that gets each answer's monitoring record. `refuse_ood`: a film the out-of-distribution gate
+    flags gets "withheld" and no class (the answer's rule); on by default here, where no person sees
+    the film beside the report."""
 
     def __init__(self, predictor, send_to, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
                  max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
-                 not_analysed: str = "report", refuse_ood: bool = True, keep_sent_days: float = 30.0):
+                 not_analysed: str = "report", refuse_ood: bool = True, keep_sent_days: float = 30.0,
+                 records: Path | str | None = None):
         if not_analysed not in WHEN_NOT_ANALYSED:
             raise ConfigError(f"'not_analysed' must be one of {list(WHEN_NOT_ANALYSED)}. Got {not_analysed!r} instead.")
         try:
@@ -94,6 +98,7 @@ class DicomNode:
         self.run = uuid.uuid4().hex
         self._reports = ReportWriter(self.model, self.run)
         self.keep_sent_days = keep_sent_days
+        self.records = RecordWriter(records) if records else None  # each answer's monitoring record
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
@@ -249,6 +254,8 @@ class DicomNode:
     def _report(self, uid: str, source: pydicom.Dataset, answer: Answer, image) -> None:
         facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=answer.decision, ood=answer.ood,
                      probabilities=answer.probabilities, reason=answer.reason)
+        if self.records is not None:
+            self.records.write(monitoring_record(answer, image, source))
         if answer.decision == NOT_ANALYSED and self.not_analysed == "nothing":
             self.spool.answered_with_nothing(uid)
             self._audit("not analysed, nothing sent", uid, **facts)

@@ -29,7 +29,9 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lungxray.errors import ConfigError, ImageError
+from lungxray.data.images import is_dicom, read_dicom
 from lungxray.infer.answer import Answer, answer_row
+from lungxray.infer.monitoring_record import RecordWriter, monitoring_record
 from lungxray.infer.outputs import answer_json, audit_fields
 from lungxray.infer.predictor import Predictor
 from lungxray.model.conformal import DEFAULT_COVERAGE, check_coverage
@@ -85,9 +87,10 @@ class Answering:
     batcher's, answered by the answer's rule, explained on request, counted and audited."""
 
     def __init__(self, predictor: Predictor, metrics: Metrics, refuse_ood: bool, coverage: float, max_batch: int,
-                 max_wait_ms: float):
+                 max_wait_ms: float, records: RecordWriter | None = None):
         cores = os.cpu_count() or 2
         self.predictor, self.metrics, self.refuse_ood, self.coverage = predictor, metrics, refuse_ood, coverage
+        self.records = records
         self.decoders = anyio.CapacityLimiter(cores)
         # Even unbatched (max_batch 1), prediction runs in the batcher's threads: decoding the next
         # images then overlaps the network's call for this one (measured faster than both in one thread).
@@ -134,6 +137,8 @@ class Answering:
             body = self.shown(answer, image, False)
         self.metrics.predicted(answer.decision, bool(answer.ood))
         audited.append(audit_fields(answer))
+        if self.records is not None:
+            self.records.write(monitoring_record(answer, image, read_dicom(data, name) if is_dicom(data) else None))
         return body
 
 
@@ -151,7 +156,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
                keys: KeyStore | None = None, rate: float | None = None, audit_log: str | Path | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
                coverage: float = DEFAULT_COVERAGE, shared=None, allowed_hosts: list[str] | None = None,
-               hsts: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+               hsts: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               records: str | Path | None = None) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
@@ -163,7 +169,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     `serve --workers N` share (`workers.Shared`), whose limits then hold for all of them.
     `allowed_hosts`: the Host names it answers to (None: any) and the origins a browser may post
     from; `hsts`: it is served over TLS (`operations.Operations`); an upload stalled `read_timeout`
-    seconds, or longer than `body_timeout` in all, gets 408."""
+    seconds, or longer than `body_timeout` in all, gets 408. `records`: a file that gets each answer's
+    monitoring record (`lungxray.infer.monitoring_record`)."""
     check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
@@ -173,7 +180,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     described = describe_model(predictor, run)
     admission = shared.admission if shared is not None else Admission(max_pending)
     metrics = Metrics(described, admission.in_hand)
-    answering = Answering(predictor, metrics, refuse_ood, coverage, max_batch, max_wait_ms)
+    answering = Answering(predictor, metrics, refuse_ood, coverage, max_batch, max_wait_ms,
+                          RecordWriter(records) if records else None)
     # What the middleware may answer on a guarded route, documented there (and the key it asks for).
     guarded = {**(errors(401, 403) if keys is not None else {}), **(errors(429) if rate is not None else {})}
     bearer = {"security": [{"bearer": []}]} if keys is not None else None

@@ -1,0 +1,158 @@
+"""The monitoring record: what monitoring reads of each answer, one JSON line per film, written by
+`serve --records`, `dicom listen|watch --records` and `predict --out`.
+
+A record holds what drift and performance monitoring need and nothing that identifies a patient:
+the time, the image's SHA-256, the model's identity, the decision, the calibrated probabilities
+(kept when the class is withheld), the conformal set's size, the out-of-distribution score and flag,
+a few statistics of the image the model saw, and, for DICOM films, coarse acquisition attributes
+(modality, view, manufacturer and model, photometric interpretation, bits stored, pixel spacing,
+age band, sex) and the SOP Instance UID hashed as the audit log hashes it (to join radiologists'
+reads). Never a name, patient ID, birth date or file name (docs/monitoring.md lists every field).
+
+    with RecordWriter("records.jsonl") as records:
+        records.write(monitoring_record(answer, image, header))
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.infer.answer import Answer
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+RECORDS_FILE = "records.jsonl"  # what `predict --out DIR` writes in DIR
+DEFAULT_MAX_MB, DEFAULT_KEEP = 100.0, 10  # a records file is rotated past this size; this many old ones kept
+AGE_BANDS = ((18, "0-17"), (40, "18-39"), (60, "40-59"), (80, "60-79"), (float("inf"), "80+"))
+AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}  # DICOM Age String units, in years
+
+
+def hashed_uid(uid: str) -> str:
+    """A UID as records and logs carry it: hashed, so that a record reveals no study."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+def image_statistics(image: np.ndarray) -> dict[str, float]:
+    """What a scanner, a protocol or post-processing changes in the picture the model saw (uint8):
+    its grey level's mean, spread and percentiles, the share of nearly black and nearly white
+    pixels, and how far from grey it is (a photograph, a coloured overlay)."""
+    grey = image.mean(axis=-1) if image.ndim == 3 else image.astype(np.float32)
+    p05, p50, p95 = np.percentile(grey, [5, 50, 95])
+    colour = float(np.abs(image - grey[..., None]).mean()) if image.ndim == 3 else 0.0
+    return {"image_mean": round(float(grey.mean()), 3), "image_std": round(float(grey.std()), 3),
+            "image_p05": round(float(p05), 3), "image_p50": round(float(p50), 3), "image_p95": round(float(p95), 3),
+            "image_dark": round(float((grey <= 5).mean()), 5), "image_bright": round(float((grey >= 250).mean()), 5),
+            "image_colour": round(colour, 3)}
+
+
+def age_band(age: str) -> str | None:
+    """A DICOM Age String ("045Y", "006M") as a band of years, or None."""
+    match = re.fullmatch(r"(\d{3})([DWMY])", str(age or "").strip())
+    if not match:
+        return None
+    years = int(match.group(1)) * AGE_UNITS[match.group(2)]
+    return next(band for limit, band in AGE_BANDS if years < limit)
+
+
+def acquisition(header) -> dict:
+    """Coarse acquisition attributes of a DICOM film's header, None where absent."""
+    def text(keyword: str) -> str | None:
+        value = header.get(keyword)
+        return str(value).strip() or None if value is not None else None
+
+    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+    bits = header.get("BitsStored")
+    return {"modality": text("Modality"), "view_position": text("ViewPosition"), "manufacturer": text("Manufacturer"),
+            "manufacturer_model": text("ManufacturerModelName"), "photometric": text("PhotometricInterpretation"),
+            "bits_stored": int(bits) if bits is not None else None,
+            "pixel_spacing_mm": round(float(spacing[0]), 4) if spacing else None,
+            "age_band": age_band(header.get("PatientAge", "")), "sex": text("PatientSex"),
+            "sop_instance_uid": hashed_uid(str(header.SOPInstanceUID)) if "SOPInstanceUID" in header else None}
+
+
+def monitoring_record(answer: Answer, image: np.ndarray | None = None, header=None) -> dict:
+    """The record of `answer`; `image`: what the model saw (uint8), `header`: a DICOM film's data set."""
+    record = {"version": RECORD_VERSION, "time": answer.time, "sha256": answer.sha256, "model": answer.model,
+              "decision": answer.decision, "predicted": answer.predicted,
+              **{f"p_{name}": round(float(p), 6) for name, p in (answer.probabilities or {}).items()},
+              "set_size": len(answer.set) if answer.set is not None else None, "coverage": answer.coverage,
+              "ood_score": None if answer.ood_score is None else round(float(answer.ood_score), 6),
+              "ood": None if answer.ood is None else bool(answer.ood)}
+    if image is not None:
+        record.update(image_statistics(image))
+    if header is not None:
+        record.update(acquisition(header))
+    return record
+
+
+class RecordWriter:
+    """Appends records to `path` as JSON lines (the file created private, 0600), moving it to
+    `path.1` (and older ones along, `keep` in all) once it passes `max_mb`. Several processes may
+    write one file (`serve --workers N`): each line is written under an flock, and a writer whose
+    file another has rotated reopens the new one. A record that cannot be written is logged and
+    dropped: monitoring must not stop an answer."""
+
+    def __init__(self, path: str | Path, max_mb: float = DEFAULT_MAX_MB, keep: int = DEFAULT_KEEP):
+        self.path, self.max_bytes, self.keep = Path(path), int(max_mb * 2**20), keep
+        self._lock = threading.Lock()
+        self._handle = self._open()
+
+    def _open(self):
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(descriptor, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX)
+                try:
+                    self._follow_rotation()
+                    self._handle.write(line)
+                    self._handle.flush()
+                finally:
+                    fcntl.flock(self._handle, fcntl.LOCK_UN)
+            except OSError as error:
+                log.warning("a monitoring record could not be written to %s (%s)", self.path, error.strerror or error)
+
+    def _follow_rotation(self) -> None:
+        """Under the lock: reopen if another writer rotated the file; rotate if it is full."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(self._handle.fileno()).st_ino:
+            self._reopen()
+        if os.fstat(self._handle.fileno()).st_size >= self.max_bytes:
+            for index in range(self.keep - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{index}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+            self._reopen()
+
+    def _reopen(self) -> None:
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = self._open()
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
