@@ -2,6 +2,7 @@
 files as rows, resuming, damaged parts, and the same table from a local 2-worker Ray instance."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ def test_scores_every_input_once_and_resumes(export, inputs, tmp_path):
     assert [p.name for p in out.glob("*.bad")] == [parts[1].name + ".bad"] and table_of(out).num_rows == 41
     with open(resumed.csv) as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == 41
+    records = [json.loads(line) for part in sorted((out / "records").glob("part-*.jsonl"))
+               for line in part.read_text().splitlines()]  # a record per answer, none twice after the resume
+    assert len(records) == 41 and len({r["sha256"] for r in records if r["sha256"]}) == 40
+    assert sum("image_mean" in r for r in records) == 40 and sum(r["decision"] == "not analysed" for r in records) == 1
 
 
 @pytest.mark.usefixtures("ray_alone")

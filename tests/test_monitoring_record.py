@@ -2,6 +2,7 @@
 names a patient or a file; its writer's rotation, permissions and several writers on one file; the
 records `serve --records` and `dicom listen --records` write."""
 
+import csv
 import hashlib
 import json
 import os
@@ -94,3 +95,14 @@ def test_the_dicom_node_writes_a_record_per_answer(node_and_pacs, tmp_path):
     assert records["PA"]["modality"] == "DX" and "image_mean" in records["PA"] and "p_covid" in records["PA"]
     assert records["LL"]["decision"] == "not analysed" and "image_mean" not in records["LL"]
     assert not any(private in text for private in PRIVATE)
+
+
+def test_a_run_saves_its_validation_records_as_its_reference(run):
+    run_dir, _, _ = run
+    with open(run_dir / "data.csv", newline="") as handle:
+        validation = [row for row in csv.DictReader(handle) if row["split"] == "val"]
+    reference = [json.loads(line) for line in (run_dir / "reference.jsonl").read_text().splitlines()]
+    assert len(reference) == len(validation) > 0
+    assert all("image_mean" in r and "p_covid" in r and r["ood_score"] is not None for r in reference)
+    assert {r["sha256"] for r in reference} == {hashlib.sha256(open(row["file"], "rb").read()).hexdigest()
+                                                for row in validation}

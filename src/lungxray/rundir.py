@@ -48,6 +48,7 @@ class RunDir:
     EXTERNAL_EVALUATION = "evaluation-external"
     REPORT = "report.md"
     EXPORT = "export"
+    REFERENCE = "reference.jsonl"  # the validation split's monitoring records (docs/monitoring.md)
 
     def __init__(self, folder: str | Path, model_file: str | Path | None = None):
         self.folder = Path(folder)

@@ -3,6 +3,8 @@
     OUT/part-<batch id>.parquet   one per batch of files, written whole or not at all: the answers'
                                   flat columns (file, sha256, decision, predicted, p_<class>..., set,
                                   ood_score, ood, error, model, time: `outputs.columns`)
+    OUT/records/part-<batch id>.jsonl   the same answers' monitoring records (docs/monitoring.md),
+                                  written before their part
     OUT/predictions.csv           all parts in one CSV (on request)
 
 A batch's part is written atomically when the batch is done, so an interrupted job loses at most
@@ -26,15 +28,17 @@ from lungxray.model.conformal import DEFAULT_COVERAGE
 from lungxray.data.records import IMAGE_SUFFIXES
 from lungxray.errors import ConfigError, DataError
 from lungxray.io import atomic_path, file_hash
-from lungxray.infer.answer import answer_files
+from lungxray.infer.answer import answers_for
 from lungxray.infer.identity import ModelIdentity
 from lungxray.infer.lite_predictor import LitePredictor
 from lungxray.infer.loader import load_predictor
+from lungxray.infer.monitoring_record import monitoring_record, write_records
 from lungxray.infer.outputs import arrow_table
 from lungxray.infer.predictor import Predictor
 from lungxray.parallel import progress
 
 PART_GLOB = "part-*.parquet"
+RECORDS_FOLDER = "records"
 CSV_FILE = "predictions.csv"
 FILE_COLUMNS = ("file", "path")  # what a manifest or Parquet input may call its file column
 
@@ -90,16 +94,24 @@ def scored_files(out: Path) -> set[str]:
 
 def score_table(predictor: Predictor, files: list[str], refuse_ood: bool = False,
                 coverage: float = DEFAULT_COVERAGE):
-    """The answers for `files` as a table of the flat columns (`outputs.columns`)."""
-    answers = answer_files(predictor, files, refuse_ood=refuse_ood, coverage=coverage, desc=None)  # batches show progress
-    return arrow_table(answers, predictor.classes)
+    """The answers for `files` as a table of the flat columns (`outputs.columns`), and their
+    monitoring records."""
+    predictions = predictor.predict_files(list(files), desc=None)  # batches show progress
+    answers = answers_for(predictor, predictions, files, refuse_ood=refuse_ood, coverage=coverage)
+    observed = predictions.observed or [None] * len(answers)  # answers_for keeps the files' order
+    records = [monitoring_record(answer, observed=seen) for answer, seen in zip(answers, observed, strict=True)]
+    return arrow_table(answers, predictor.classes), records
 
 
-def write_part(out: Path, files: list[str], table) -> Path:
-    """The batch's part, named after its files (the same batch always lands in the same part)."""
+def write_part(out: Path, files: list[str], table, records: list[dict]) -> Path:
+    """The batch's part, named after its files (the same batch always lands in the same part), and
+    before it, its records: a batch scored again after a crash writes both again, once."""
     import pyarrow.parquet as pq
 
-    part = out / f"part-{file_hash(chr(10).join(files).encode())[:16]}.parquet"
+    name = f"part-{file_hash(chr(10).join(files).encode())[:16]}"
+    (out / RECORDS_FOLDER).mkdir(exist_ok=True)
+    write_records(out / RECORDS_FOLDER / f"{name}.jsonl", records)
+    part = out / f"{name}.parquet"
     with atomic_path(part) as temporary:
         pq.write_table(table, temporary)
     return part
@@ -139,8 +151,8 @@ def score(model: str | Path, items: list[str | Path], out: Path, cluster: RayClu
         errors = 0
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in progress(batches, len(batches), "batches", unit="batch"):
-            table = score_table(predictor, batch, refuse_ood, coverage)
-            write_part(out, batch, table)
+            table, records = score_table(predictor, batch, refuse_ood, coverage)
+            write_part(out, batch, table, records)
             errors += unreadable(table)
     result = ScoringResult(out, len(todo), len(files) - len(todo), errors)
     if write_csv:
@@ -158,8 +170,8 @@ class PartWriter:
 
     def __call__(self, batch: dict) -> dict:
         files = [str(f) for f in batch["file"]]
-        table = score_table(self.predictor, files, self.refuse_ood, self.coverage)
-        write_part(self.out, files, table)
+        table, records = score_table(self.predictor, files, self.refuse_ood, self.coverage)
+        write_part(self.out, files, table, records)
         return {"errors": np.array([unreadable(table)])}
 
 

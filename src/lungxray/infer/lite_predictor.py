@@ -23,6 +23,7 @@ from lungxray.io import file_hash
 from lungxray.model.runtimes import InterpreterPool, OnnxSession, SavedModelRunner, litert_available
 from lungxray.model.ood import OutOfDistribution
 from lungxray.parallel import bounded_map, progress
+from lungxray.infer.monitoring_record import observation
 from lungxray.infer.predictions import Predictions
 
 EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx", "savedmodel": ".savedmodel"}  # a SavedModel is a folder
@@ -114,19 +115,21 @@ class LitePredictor:
         features = np.full((n, dim), np.nan, np.float32)
         errors: list[ImageError] = []
         hashes: list[str | None] = [None] * n
+        observed: list[dict | None] = [None] * n
 
         def one(index: int):
             path = str(paths[index])
             try:
                 data = read_bytes(path, path)  # read once: hashed, then decoded
-                return index, file_hash(data), self.pool([self.read(data, path)]), None
+                image = self.read(data, path)
+                return index, file_hash(data), self.pool([image]), observation(data, image, path), None
             except ImageError as error:
-                return index, None, None, error
+                return index, None, None, None, error
 
-        for index, digest, outputs, error in progress(bounded_map(one, range(n), self.threads), n, desc):
+        for index, digest, outputs, seen, error in progress(bounded_map(one, range(n), self.threads), n, desc):
             if error is not None:
                 errors.append(error)
             else:
-                hashes[index] = digest
+                hashes[index], observed[index] = digest, seen
                 raw[index], features[index] = outputs[self._probabilities][0], outputs[self._features][0]
-        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, hashes)
+        return Predictions.from_outputs(raw, features, self.temperature, self.ood, errors, hashes, observed)

@@ -26,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.infer.answer import Answer
+from lungxray.data.images import is_dicom, read_bytes, read_dicom
+from lungxray.infer.answer import NOT_ANALYSED, Answer, answers_for
+from lungxray.io import atomic_path
+from lungxray.model.conformal import DEFAULT_COVERAGE
+from lungxray.parallel import bounded_map
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,19 @@ def acquisition(header) -> dict:
             "sop_instance_uid": hashed_uid(str(header.SOPInstanceUID)) if "SOPInstanceUID" in header else None}
 
 
-def monitoring_record(answer: Answer, image: np.ndarray | None = None, header=None) -> dict:
-    """The record of `answer`; `image`: what the model saw (uint8), `header`: a DICOM film's data set."""
+def observation(data: bytes, image: np.ndarray, name: str) -> dict:
+    """What a record says of a file beside its answer: the statistics of `image` (what the model saw
+    of the file's bytes `data`) and, for DICOM, the header's acquisition attributes."""
+    seen = image_statistics(image)
+    if is_dicom(data):
+        seen.update(acquisition(read_dicom(data, name)))
+    return seen
+
+
+def monitoring_record(answer: Answer, image: np.ndarray | None = None, header=None,
+                      observed: dict | None = None) -> dict:
+    """The record of `answer`; `image`: what the model saw (uint8), `header`: a DICOM film's data set;
+    or, instead of both, what `observation` made of them."""
     record = {"version": RECORD_VERSION, "time": answer.time, "sha256": answer.sha256, "model": answer.model,
               "decision": answer.decision, "predicted": answer.predicted,
               **{f"p_{name}": round(float(p), 6) for name, p in (answer.probabilities or {}).items()},
@@ -92,7 +107,31 @@ def monitoring_record(answer: Answer, image: np.ndarray | None = None, header=No
         record.update(image_statistics(image))
     if header is not None:
         record.update(acquisition(header))
-    return record
+    return {**record, **(observed or {})}
+
+
+def reference_records(predictor, files: list, coverage: float = DEFAULT_COVERAGE) -> list[dict]:
+    """The records of `files` as a deployment would write them (no class withheld: the records keep
+    the probabilities either way), each image decoded again for its statistics: a run's reference,
+    made from its validation split, that monitoring compares a deployment with."""
+    predictions = predictor.predict_files(list(files), desc=None)
+    answers = answers_for(predictor, predictions, files, coverage=coverage)
+
+    def one(pair: tuple[Answer, str]) -> dict:
+        answer, file = pair
+        if answer.decision == NOT_ANALYSED:  # unreadable: nothing more to see
+            return monitoring_record(answer)
+        data = read_bytes(file, file)
+        return monitoring_record(answer, observed=observation(data, predictor.read(data, file), file))
+
+    return list(bounded_map(one, list(zip(answers, map(str, files)))))
+
+
+def write_records(path: str | Path, records: list[dict]) -> Path:
+    """`records` as one JSON-lines file, written whole or not at all."""
+    with atomic_path(Path(path)) as temporary:
+        temporary.write_text("".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records))
+    return Path(path)
 
 
 class RecordWriter:

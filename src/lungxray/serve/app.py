@@ -29,9 +29,8 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lungxray.errors import ConfigError, ImageError
-from lungxray.data.images import is_dicom, read_dicom
 from lungxray.infer.answer import Answer, answer_row
-from lungxray.infer.monitoring_record import RecordWriter, monitoring_record
+from lungxray.infer.monitoring_record import RecordWriter, monitoring_record, observation
 from lungxray.infer.outputs import answer_json, audit_fields
 from lungxray.infer.predictor import Predictor
 from lungxray.model.conformal import DEFAULT_COVERAGE, check_coverage
@@ -138,7 +137,7 @@ class Answering:
         self.metrics.predicted(answer.decision, bool(answer.ood))
         audited.append(audit_fields(answer))
         if self.records is not None:
-            self.records.write(monitoring_record(answer, image, read_dicom(data, name) if is_dicom(data) else None))
+            self.records.write(monitoring_record(answer, observed=observation(data, image, name)))
         return body
 
 

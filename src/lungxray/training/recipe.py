@@ -32,6 +32,7 @@ from lungxray.model.lungs import LungCrop
 from lungxray.model.network import build_backbone, build_head, build_model, head_probabilities
 from lungxray.model.ood import OutOfDistribution
 from lungxray.infer.keras_predictor import KerasPredictor
+from lungxray.infer.monitoring_record import reference_records, write_records
 from lungxray.training.run_report import TrainResult, write_run_report
 from lungxray.rundir import RunDir
 
@@ -87,6 +88,8 @@ def _train(data, out, config: Config, cache_dir: Path | None, resume: bool, clus
         plot_history(fitted.history, "accuracy", run.plot("accuracy"))
     with _timed(timings, "evaluation"):
         test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
+    with _timed(timings, "monitoring reference"):  # what a deployment is compared with
+        write_records(run.path(run.REFERENCE), reference_records(predictor, [r.path for r in dataset.split("val")]))
     timings["total"] = time.perf_counter() - started
     run.write_json(run.TIMINGS, timings)
     result = TrainResult(run.folder, engine.name, engine.reason, fitted.history, fitted.best_epoch, test_metrics, timings,
