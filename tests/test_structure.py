@@ -27,7 +27,7 @@ LAYERS = [
     {"infer", "convert"},
     {"evaluate"},
     {"training"},
-    {"serve", "dicom"},
+    {"serve", "dicom", "monitor"},
     {"cli", "__init__"},
 ]
 

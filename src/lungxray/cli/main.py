@@ -11,6 +11,7 @@ from lungxray.cli.data import add_data_commands
 from lungxray.cli.dicom import add_dicom_commands
 from lungxray.cli.evaluate import add_evaluate_commands
 from lungxray.cli.models import add_model_commands
+from lungxray.cli.monitor import add_monitor_command
 from lungxray.cli.predict import add_predict_command
 from lungxray.cli.serve import add_serve_commands
 from lungxray.cli.train import add_train_command, config_from_args
@@ -52,6 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungxray", description="Chest X-ray classification with Keras.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add_commands in (add_train_command, add_evaluate_commands, add_predict_command, add_serve_commands,
-                         add_model_commands, add_dicom_commands, add_data_commands):
+                         add_model_commands, add_dicom_commands, add_data_commands, add_monitor_command):
         add_commands(commands)
     return parser

@@ -1,0 +1,90 @@
+"""`lungxray monitor`: a deployment's records, in windows, against the run's reference.
+
+    result = monitor(["records.jsonl"], "runs/mine", window="500", out="monitoring/")
+    result.alarm          # True when any window alarmed: the command then exits 3
+
+Per window (a number of records, or a span of time such as "1d" or "6h"): the drift of each feature
+and the combined score (`drift.DriftScorer`), the label-free estimate of accuracy and per-class
+sensitivity, the rates of out-of-distribution flags, withheld classes and films not analysed, the
+mean conformal set size, and with reads the realised metrics (`performance`). A window alarms when
+its drift score passes the reference's own 99th percentile, or when its estimated accuracy falls more
+than `ACCURACY_DROP` below the reference's. Written to OUT as monitoring.json and report.html.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.errors import ConfigError
+from lungxray.io import atomic_path
+from lungxray.monitor.drift import DriftScorer
+from lungxray.monitor.performance import estimate, realised, window_summary
+from lungxray.monitor.records import classes_of, probabilities, read_labels, read_records, read_reference
+from lungxray.monitor.report import write_report
+
+ACCURACY_DROP = 0.05  # an estimated accuracy this far below the reference's alarms
+MIN_WINDOW = 30  # records: a window with fewer is not scored (its tests would say nothing)
+SPANS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+RESULT_FILE, REPORT_FILE = "monitoring.json", "report.html"
+
+
+@dataclasses.dataclass
+class MonitorResult:
+    out: Path
+    windows: list[dict]
+    alarm: bool
+
+
+def windows_of(records: list[dict], window: str) -> list[list[dict]]:
+    """`records` (oldest first) cut into windows of a count ("500") or a span of time ("1d", "6h", "30m")."""
+    if re.fullmatch(r"\d+", window):
+        size = int(window)
+        if size < MIN_WINDOW:
+            raise ConfigError(f"--window must hold at least {MIN_WINDOW} records. Got {window} instead.")
+        cuts = [records[i:i + size] for i in range(0, len(records), size)]
+    else:
+        match = re.fullmatch(r"(\d+)([mhd])", window)
+        if not match:
+            raise ConfigError(f"--window is a number of records (500) or a span (30m, 6h, 1d). Got {window!r} instead.")
+        span = int(match.group(1)) * SPANS[match.group(2)]
+        start = datetime.fromisoformat(records[0]["time"])
+        cuts: dict[int, list[dict]] = {}
+        for record in records:
+            cuts.setdefault(int((datetime.fromisoformat(record["time"]) - start) / span), []).append(record)
+        cuts = [cuts[key] for key in sorted(cuts)]
+    return [cut for cut in cuts if len(cut) >= MIN_WINDOW]
+
+
+def monitor(items: list[str | Path], run: str | Path, window: str = "500", labels: str | Path | None = None,
+            out: str | Path = "monitoring") -> MonitorResult:
+    """Score the records `items` name against `run`'s reference; write the result to `out`."""
+    reference = read_reference(run)
+    classes = classes_of(reference)
+    p = probabilities(reference, classes)
+    expected = estimate(p[~np.isnan(p).any(axis=1)], classes)
+    scorer = DriftScorer(reference, classes)
+    reads = read_labels(labels) if labels else None
+    windows = []
+    for records in windows_of(read_records(items), window):
+        summary = window_summary(records, classes)
+        summary["drift"] = scorer.score(records)
+        summary["realised"] = realised(records, classes, reads) if reads is not None else None
+        drop = summary["estimated"] is not None and summary["estimated"]["accuracy"] < expected["accuracy"] - ACCURACY_DROP
+        summary["alarms"] = [name for name, on in (("drift", summary["drift"]["alarm"]),
+                                                   ("estimated accuracy", drop)) if on]
+        windows.append(summary)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": str(run), "window": window, "classes": classes,
+              "reference": {"n": len(reference), "estimated": expected}, "accuracy_drop": ACCURACY_DROP,
+              "windows": windows, "alarm": any(w["alarms"] for w in windows)}
+    with atomic_path(out / RESULT_FILE) as temporary:
+        temporary.write_text(json.dumps(result, indent=1, default=float))
+    write_report(result, out / REPORT_FILE)
+    return MonitorResult(out, windows, result["alarm"])

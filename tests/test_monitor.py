@@ -1,0 +1,113 @@
+"""`lungxray monitor`: windows by count and by time; drift that stays quiet on windows drawn like the
+reference and alarms on a shifted one, naming the feature that moved; the label-free estimate against
+the truth on calibrated probabilities; realised metrics as computed by hand; the command's files and
+exit codes on a real run's records."""
+
+import csv
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lungxray.cli import main
+from lungxray.errors import ConfigError
+from lungxray.infer.batch import PART_GLOB, score
+from lungxray.monitor.drift import DriftScorer
+from lungxray.monitor.monitoring import windows_of
+from lungxray.monitor.performance import realised, window_summary
+
+CLASSES = ["covid", "normal", "pneumonia"]
+
+
+def synthetic_records(n: int, rng: np.random.Generator, brightness: float = 120.0, start: datetime | None = None) -> list[dict]:
+    """Records of a calibrated model: probabilities from a Dirichlet, image statistics around `brightness`."""
+    start = start or datetime(2026, 12, 1, tzinfo=timezone.utc)
+    records = []
+    for i in range(n):
+        p = rng.dirichlet([0.6, 0.6, 0.6])
+        mean = rng.normal(brightness, 12)
+        records.append({"time": (start + timedelta(minutes=i)).isoformat(), "decision": CLASSES[int(p.argmax())],
+                        **{f"p_{c}": float(v) for c, v in zip(CLASSES, p)}, "set_size": int((p > 0.2).sum()),
+                        "ood_score": float(rng.gamma(2, 0.1)), "ood": False, "image_mean": mean,
+                        "image_std": float(rng.normal(50, 5)), "image_p50": mean + float(rng.normal(0, 3)),
+                        "sha256": f"{i:064x}"})
+    return records
+
+
+def test_windows_by_count_and_by_time():
+    records = synthetic_records(250, np.random.default_rng(0))
+    assert [len(w) for w in windows_of(records, "100")] == [100, 100, 50]
+    assert [len(w) for w in windows_of(records, "1h")] == [60, 60, 60, 60]  # the last 10 minutes: too few to score
+    for bad in ("10", "1w", "abc"):
+        with pytest.raises(ConfigError):
+            windows_of(records, bad)
+
+
+def test_drift_is_quiet_on_the_references_likeness_and_alarms_on_a_shift():
+    rng = np.random.default_rng(1)
+    scorer = DriftScorer(synthetic_records(2000, rng), CLASSES)
+    quiet = [scorer.score(synthetic_records(100, rng)) for _ in range(20)]
+    assert sum(window["alarm"] for window in quiet) <= 1
+    shifted = scorer.score(synthetic_records(100, rng, brightness=132.0))  # one spread brighter: a new scanner
+    assert shifted["alarm"]
+    moved = max(shifted["features"].items(), key=lambda item: item[1]["score"])[0]
+    assert moved in ("image_mean", "image_p50") and shifted["features"]["image_mean"]["p_value"] < 0.001
+
+
+def test_the_estimate_follows_the_truth_of_a_calibrated_model():
+    rng = np.random.default_rng(2)
+    records = synthetic_records(2000, rng)
+    labels = {r["sha256"]: CLASSES[rng.choice(3, p=[r[f"p_{c}"] for c in CLASSES])] for r in records}
+    summary, truth = window_summary(records, CLASSES), realised(records, CLASSES, labels)
+    assert abs(summary["estimated"]["accuracy"] - truth["accuracy"]) <= 0.03
+    assert truth["estimate_error"] == pytest.approx(summary["estimated"]["accuracy"] - truth["accuracy"], abs=1e-4)
+    top = [max(CLASSES, key=lambda c: r[f"p_{c}"]) for r in records]
+    assert truth["accuracy"] == pytest.approx(np.mean([t == labels[r["sha256"]] for t, r in zip(top, records)]), abs=1e-4)
+    low, high = truth["accuracy_ci95"]
+    assert low < truth["accuracy"] < high and high - low < 0.05
+    for c in CLASSES:
+        estimated, real = summary["estimated"]["sensitivity"][c], truth["sensitivity"][c]["value"]
+        assert abs(estimated - real) <= 0.05, c
+
+
+def inverted_copy(folders: list[Path], out: Path) -> Path:
+    """The folders' films, inverted: another kind of picture than the model was fitted on."""
+    for folder in folders:
+        for path in folder.rglob("*.png"):
+            target = out / folder.name / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - np.asarray(Image.open(path))).save(target)
+    return out
+
+
+def test_the_command_reports_and_exits_3_on_a_shift(run, export, tmp_path):
+    run_dir, data, _ = run
+    folders = [data / "test", data / "train"]  # 48 films like the run's own
+    score(export, folders, tmp_path / "like")
+    score(export, [inverted_copy(folders, tmp_path / "inverted")], tmp_path / "shifted")
+    reads = tmp_path / "reads.csv"
+    with open(reads, "w", newline="") as handle:
+        csv.writer(handle).writerows([["sha256", "label"]] + [[hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                               path.parent.name]
+                                                              for folder in folders for path in folder.rglob("*.png")])
+    like_code = main(["monitor", str(tmp_path / "like"), str(tmp_path / "like"), "--model", str(run_dir), "--window",
+                      "48", "--labels", str(reads), "--out", str(tmp_path / "m-like")])  # named twice: read once
+    assert main(["monitor", str(tmp_path / "shifted"), "--model", str(run_dir), "--window", "48",
+                 "--out", str(tmp_path / "m-shifted")]) == 3
+    (like,) = json.loads((tmp_path / "m-like" / "monitoring.json").read_text())["windows"]
+    (shifted,) = json.loads((tmp_path / "m-shifted" / "monitoring.json").read_text())["windows"]
+    assert like_code == (3 if like["alarms"] else 0) and like["n"] == shifted["n"] == 48
+    assert "drift" in shifted["alarms"] and shifted["drift"]["combined"] > like["drift"]["combined"]
+    assert shifted["drift"]["features"]["image_mean"]["p_value"] < 0.001
+    table = pa.concat_tables([pq.read_table(part) for part in sorted((tmp_path / "like").glob(PART_GLOB))])
+    probabilities = np.stack([table.column(f"p_{c}").to_numpy() for c in CLASSES], axis=1)
+    truth = [Path(file).parent.name for file in table.column("file").to_pylist()]
+    by_hand = np.mean([CLASSES[int(row.argmax())] == label for row, label in zip(probabilities, truth)])
+    assert like["realised"]["n"] == 48 and like["realised"]["accuracy"] == pytest.approx(by_hand, abs=1e-4)
+    assert (tmp_path / "m-shifted" / "report.html").read_text().count("<img") == 3
