@@ -6,6 +6,7 @@ exit codes on a real run's records."""
 import csv
 import hashlib
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lungxray.infer.batch import PART_GLOB, score
 from lungxray.monitor.drift import DriftScorer
 from lungxray.monitor.monitoring import windows_of
 from lungxray.monitor.performance import realised, window_summary
+from lungxray.monitor.records import reference_of
 
 CLASSES = ["covid", "normal", "pneumonia"]
 
@@ -111,3 +113,31 @@ def test_the_command_reports_and_exits_3_on_a_shift(run, export, tmp_path):
     by_hand = np.mean([CLASSES[int(row.argmax())] == label for row, label in zip(probabilities, truth)])
     assert like["realised"]["n"] == 48 and like["realised"]["accuracy"] == pytest.approx(by_hand, abs=1e-4)
     assert (tmp_path / "m-shifted" / "report.html").read_text().count("<img") == 3
+
+
+def test_serve_shows_the_latest_windows_drift_as_gauges(run, tmp_path):
+    from tests.servers import lungxray_serve
+
+    run_dir, data, _ = run
+    films = sorted((data / "test").rglob("*.png")) + sorted((data / "train").rglob("*.png"))
+    with lungxray_serve(run_dir, "--monitor-window", "30", "--audit-log", "off") as (url, _, _):
+        import httpx
+
+        for film in films[:30]:
+            assert httpx.post(f"{url}/api/predict", files={"file": (film.name, film.read_bytes(), "image/png")},
+                              timeout=30).status_code == 200
+        deadline = time.monotonic() + 60
+        while "lungxray_monitor_windows 1.0" not in (scraped := httpx.get(f"{url}/metrics").text):
+            assert time.monotonic() < deadline, scraped[-2000:]
+            time.sleep(0.2)
+    gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scraped.splitlines()
+              if line.startswith("lungxray_monitor_") and "{" not in line}
+    assert {"lungxray_monitor_drift_score", "lungxray_monitor_drift_threshold", "lungxray_monitor_alarm",
+            "lungxray_monitor_estimated_accuracy"} <= set(gauges)
+    assert 0 <= gauges["lungxray_monitor_estimated_accuracy"] <= 1 and gauges["lungxray_monitor_alarm"] in (0, 1)
+    assert 'lungxray_monitor_feature_score{feature="image_mean",group="image"}' in scraped
+
+
+def test_monitoring_a_server_needs_its_runs_reference(export, tmp_path):
+    with pytest.raises(ConfigError, match="monitoring reference"):
+        reference_of(export)

@@ -106,3 +106,25 @@ def test_a_run_saves_its_validation_records_as_its_reference(run):
     assert all("image_mean" in r and "p_covid" in r and r["ood_score"] is not None for r in reference)
     assert {r["sha256"] for r in reference} == {hashlib.sha256(open(row["file"], "rb").read()).hexdigest()
                                                 for row in validation}
+
+
+def test_the_dicom_node_counts_its_events_and_shows_the_monitoring_gauges(node_and_pacs, run, tmp_path):
+    import time
+
+    import httpx
+
+    from tests.test_distribute import free_ports
+
+    make, pacs, node_peer = node_and_pacs
+    port = free_ports(1)[0]
+    make(metrics_port=port, monitor_window=30, reference=run[0] / "reference.jsonl", refuse_ood=False)
+    films = [chest_film(tmp_path / f"f{i}.dcm", np.tile(np.arange(64, dtype=np.uint8) * (i % 4 + 1), (64, 1)))
+             for i in range(30)]
+    send_files(films, node_peer)
+    pacs.wait_for(30)
+    deadline = time.monotonic() + 60
+    while "lungxray_monitor_windows 1.0" not in (scraped := httpx.get(f"http://127.0.0.1:{port}/metrics").text):
+        assert time.monotonic() < deadline, scraped[-2000:]
+        time.sleep(0.2)
+    assert 'lungxray_dicom_events_total{event="received"} 30.0' in scraped
+    assert "lungxray_monitor_drift_score" in scraped and "lungxray_dicom_spool_bytes" in scraped

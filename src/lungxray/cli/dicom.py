@@ -71,6 +71,11 @@ def add_node_arguments(parser) -> None:
                              "reported again; default 30)")
     parser.add_argument("--records", metavar="FILE",
                         help="append each answer's monitoring record to FILE (JSON lines; docs/monitoring.md)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (on --host, or "
+                                                           "127.0.0.1 for watch)")
+    parser.add_argument("--monitor-window", type=int, metavar="N",
+                        help="with --metrics-port: every N answers, their drift and estimated accuracy against the "
+                             "run's reference as gauges (docs/monitoring.md; needs lungxray[full])")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for predict (default: auto)")
     parser.add_argument("--cache", help="feature cache folder")
 
@@ -100,11 +105,19 @@ def make_node(args, **listening):
         from lungxray.dicom.heatmap import HeatmapMaker
 
         heatmap = HeatmapMaker(predictor)
+    if args.monitor_window and not args.metrics_port:
+        raise ConfigError("--monitor-window shows its gauges on /metrics: give --metrics-port too")
+    reference = None
+    if args.monitor_window:
+        from lungxray.monitor.records import reference_of
+
+        reference = reference_of(args.model)
     limits = Limits(listening.pop("max_associations", 8), max_instance_mb=args.max_instance_mb,
                     max_spool_mb=args.max_spool_mb)
     return DicomNode(predictor, send_to, Path(args.spool), args.aet, limits=limits, send_tls=send_tls, heatmap=heatmap,
                      not_analysed=args.not_analysed, refuse_ood=args.refuse_ood, keep_sent_days=args.keep_sent_days,
-                     records=args.records, **listening)
+                     records=args.records, metrics_port=args.metrics_port, monitor_window=args.monitor_window,
+                     reference=reference, **listening)
 
 
 def until_stopped() -> None:

@@ -54,6 +54,9 @@ def add_serve_commands(commands) -> None:
                        help="one JSON line per request: a file, '-' for standard output (default), or 'off'")
     serve.add_argument("--records", metavar="FILE",
                        help="append each answer's monitoring record to FILE (JSON lines; docs/monitoring.md)")
+    serve.add_argument("--monitor-window", type=int, metavar="N",
+                       help="every N answers, their drift and estimated accuracy against the run's reference as "
+                            "gauges on /metrics (docs/monitoring.md; needs lungxray[full])")
     serve.add_argument("--insecure", action="store_true",
                        help="allow serving a non-loopback address without --keys")
     serve.add_argument("--tls-cert", help="HTTPS: the server's certificate (PEM), with --tls-key")
@@ -97,7 +100,8 @@ def run_serve(args) -> int:
           read_timeout=args.read_timeout, api_docs=args.api_docs,
           rate=parse_rate(args.rate) if args.rate else None,
           audit_log=None if args.audit_log == "off" else args.audit_log,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, coverage=args.coverage, records=args.records)
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, coverage=args.coverage, records=args.records,
+          monitor_window=args.monitor_window)
     return 0
 
 

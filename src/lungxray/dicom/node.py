@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyIma
                                   SecondaryCaptureImageStorage, Verification)
 
 from lungxray.data.images import DICOM_SYNTAXES, read_dicom
+from lungxray.dicom.metrics import NodeMetrics
 from lungxray.dicom.sr import ReportWriter, check_classes, encoded, identity_digest, run_series_uid
 from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
@@ -77,7 +78,8 @@ def film_name(uid: str) -> str:
 
 class DicomNode:
     """`send_to`: a `Peer` (C-STORE) or a `lungxray.dicom.web.WebPeer` (STOW-RS). `records`: a file
-    that gets each answer's monitoring record. `refuse_ood`: a film the out-of-distribution gate
+    that gets each answer's monitoring record; `metrics_port`: /metrics served there, on `host`, with
+    the drift of every `monitor_window` answers against `reference` (the run's reference.jsonl). `refuse_ood`: a film the out-of-distribution gate
     flags gets "withheld" and no class (the answer's rule); on by default here, where no person sees
     the film beside the report."""
 
@@ -86,7 +88,8 @@ class DicomNode:
                  limits: Limits | None = None, audit_log: Path | None = None, retry_seconds: float = 1.0,
                  max_retry_seconds: float = 60.0, tls=None, send_tls=None, heatmap=None,
                  not_analysed: str = "report", refuse_ood: bool = True, keep_sent_days: float = 30.0,
-                 records: Path | str | None = None):
+                 records: Path | str | None = None, metrics_port: int | None = None,
+                 monitor_window: int | None = None, reference: Path | None = None):
         if not_analysed not in WHEN_NOT_ANALYSED:
             raise ConfigError(f"'not_analysed' must be one of {list(WHEN_NOT_ANALYSED)}. Got {not_analysed!r} instead.")
         try:
@@ -98,9 +101,9 @@ class DicomNode:
         self.run = uuid.uuid4().hex
         self._reports = ReportWriter(self.model, self.run)
         self.keep_sent_days = keep_sent_days
-        self.records = RecordWriter(records) if records else None  # each answer's monitoring record
         self.limits = limits or Limits()
         self.spool = Spool(spool, int(self.limits.max_spool_mb * 2**20))
+        self._watch_answers(records, metrics_port, monitor_window, reference)
         self.aet, self.host, self.port, self.allow = aet, host, port, allow
         self.audit_log = audit_log or Path(spool) / "audit.jsonl"
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
@@ -116,6 +119,17 @@ class DicomNode:
         self._threads: list[threading.Thread] = []
         self._server = None
 
+    def _watch_answers(self, records, metrics_port: int | None, monitor_window: int | None, reference) -> None:
+        """Where each answer's monitoring record goes (a file, the live monitor), and the /metrics."""
+        self.records = RecordWriter(records) if records else None
+        self.metrics_port, self.metrics, self.live = metrics_port, NodeMetrics(self.spool.size), None
+        if monitor_window:
+            from lungxray.monitor.live import LiveMonitor  # SciPy: lungxray[full]
+            from lungxray.monitor.records import read_jsonl
+
+            self.live = LiveMonitor(read_jsonl(Path(reference)), monitor_window)
+            self.metrics.registry.register(self.live)
+
     # -- the SCP -------------------------------------------------------------------------------
     def start(self, listen: bool = True) -> None:
         """Start the worker and the sender and, with `listen`, the Storage SCP (without: films come
@@ -130,6 +144,12 @@ class DicomNode:
         pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
         if listen:
             self._listen()
+        if self.metrics_port:
+            try:
+                self.metrics.serve(self.host, self.metrics_port)
+            except OSError as error:
+                raise ConfigError(f"cannot serve /metrics on {self.host}:{self.metrics_port} "
+                                  f"({error.strerror or error}); choose another --metrics-port") from None
         self._threads = [threading.Thread(target=self._predict_loop, name="lungxray-dicom-worker", daemon=True),
                          threading.Thread(target=self._send_loop, name="lungxray-dicom-sender", daemon=True)]
         for thread in self._threads:
@@ -163,6 +183,7 @@ class DicomNode:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.metrics.stop()
         for thread in self._threads:
             thread.join(timeout=30)
 
@@ -254,8 +275,12 @@ class DicomNode:
     def _report(self, uid: str, source: pydicom.Dataset, answer: Answer, image) -> None:
         facts = dict(study=str(source.get("StudyInstanceUID", "")), decision=answer.decision, ood=answer.ood,
                      probabilities=answer.probabilities, reason=answer.reason)
-        if self.records is not None:
-            self.records.write(monitoring_record(answer, image, source))
+        if self.records is not None or self.live is not None:
+            record = monitoring_record(answer, image, source)
+            if self.records is not None:
+                self.records.write(record)
+            if self.live is not None:
+                self.live.add(record)
         if answer.decision == NOT_ANALYSED and self.not_analysed == "nothing":
             self.spool.answered_with_nothing(uid)
             self._audit("not analysed, nothing sent", uid, **facts)
@@ -321,7 +346,9 @@ class DicomNode:
         return True
 
     def _audit(self, event: str, uid: str, study: str = "", **facts) -> None:
-        """One JSON line per event: hashed UIDs, never a patient's name, id or birth date."""
+        """One JSON line per event (and a count of it on /metrics): hashed UIDs, never a patient's
+        name, id or birth date."""
+        self.metrics.events.labels(event).inc()
         line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                 "instance": hashed(uid), "model": self.model.id,
                 **({"study": hashed(study)} if study else {}), **{k: v for k, v in facts.items() if v is not None}}

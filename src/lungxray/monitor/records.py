@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
+from lungxray.infer.lite_predictor import is_export
 from lungxray.infer.monitoring_record import hashed_uid
 from lungxray.rundir import RunDir
 
@@ -64,6 +65,17 @@ def read_reference(run: str | Path) -> list[dict]:
         raise DataError(f"{run} has no monitoring reference ({RunDir.REFERENCE}): it was trained before runs "
                         "saved one; train it again")
     return read_jsonl(path)
+
+
+def reference_of(model: str | Path) -> Path:
+    """The monitoring reference of the run `model` is, or was exported from (RUN/export/model.*), for
+    a service's `--monitor-window`."""
+    run = Path(model) if not is_export(model) else Path(model).resolve().parent.parent
+    reference = run / RunDir.REFERENCE
+    if not reference.is_file():
+        raise ConfigError(f"--monitor-window compares answers with the run's monitoring reference, and there is no "
+                          f"{reference}: serve a run folder trained by this version (or its export, in RUN/export/)")
+    return reference
 
 
 def read_labels(path: str | Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
@@ -41,6 +42,9 @@ from lungxray.serve.keys import KeyStore
 from lungxray.serve.metrics import Metrics
 from lungxray.serve.operations import EXPLAIN_COST, Operations, RateLimit, audit_logger
 from lungxray.serve.schema import AN_IMAGE, BatchResults, Health, ModelDescription, Prediction, Ready, errors, images
+
+if TYPE_CHECKING:  # imported when a monitoring window is asked for: SciPy comes with lungxray[full]
+    from lungxray.monitor.live import LiveMonitor
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -86,10 +90,10 @@ class Answering:
     batcher's, answered by the answer's rule, explained on request, counted and audited."""
 
     def __init__(self, predictor: Predictor, metrics: Metrics, refuse_ood: bool, coverage: float, max_batch: int,
-                 max_wait_ms: float, records: RecordWriter | None = None):
+                 max_wait_ms: float, records: RecordWriter | None = None, live: LiveMonitor | None = None):
         cores = os.cpu_count() or 2
         self.predictor, self.metrics, self.refuse_ood, self.coverage = predictor, metrics, refuse_ood, coverage
-        self.records = records
+        self.records, self.live = records, live  # where each answer's monitoring record goes
         self.decoders = anyio.CapacityLimiter(cores)
         # Even unbatched (max_batch 1), prediction runs in the batcher's threads: decoding the next
         # images then overlaps the network's call for this one (measured faster than both in one thread).
@@ -136,8 +140,12 @@ class Answering:
             body = self.shown(answer, image, False)
         self.metrics.predicted(answer.decision, bool(answer.ood))
         audited.append(audit_fields(answer))
-        if self.records is not None:
-            self.records.write(monitoring_record(answer, observed=observation(data, image, name)))
+        if self.records is not None or self.live is not None:
+            record = monitoring_record(answer, observed=observation(data, image, name))
+            if self.records is not None:
+                self.records.write(record)
+            if self.live is not None:
+                self.live.add(record)
         return body
 
 
@@ -156,7 +164,8 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
                coverage: float = DEFAULT_COVERAGE, shared=None, allowed_hosts: list[str] | None = None,
                hsts: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               records: str | Path | None = None) -> FastAPI:
+               records: str | Path | None = None, monitor_window: int | None = None,
+               reference: str | Path | None = None) -> FastAPI:
     """The API and page; with `refuse_ood`, images the gate flags get no class (`predicted` null);
     with `keys`, the API answers only requests that carry one of their tokens, each key at most
     `rate` requests a second; `audit_log` ('-' for standard output, or a file) gets a JSON line per
@@ -169,7 +178,9 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     `allowed_hosts`: the Host names it answers to (None: any) and the origins a browser may post
     from; `hsts`: it is served over TLS (`operations.Operations`); an upload stalled `read_timeout`
     seconds, or longer than `body_timeout` in all, gets 408. `records`: a file that gets each answer's
-    monitoring record (`lungxray.infer.monitoring_record`)."""
+    monitoring record (`lungxray.infer.monitoring_record`); `monitor_window`: every that many answers,
+    their drift and estimates against `reference` (the run's reference.jsonl) become gauges on
+    /metrics (`lungxray.monitor.live`)."""
     check_coverage(coverage)
     if max_batch < 1 or max_wait_ms < 0:
         raise ConfigError(f"--max-batch must be at least 1 and --max-wait-ms at least 0. Got {max_batch} and "
@@ -179,8 +190,15 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
     described = describe_model(predictor, run)
     admission = shared.admission if shared is not None else Admission(max_pending)
     metrics = Metrics(described, admission.in_hand)
+    live = None
+    if monitor_window:
+        from lungxray.monitor.live import LiveMonitor  # SciPy: lungxray[full]
+        from lungxray.monitor.records import read_jsonl
+
+        live = LiveMonitor(read_jsonl(Path(reference)), monitor_window)
+        metrics.collect_also(live)
     answering = Answering(predictor, metrics, refuse_ood, coverage, max_batch, max_wait_ms,
-                          RecordWriter(records) if records else None)
+                          RecordWriter(records) if records else None, live)
     # What the middleware may answer on a guarded route, documented there (and the key it asks for).
     guarded = {**(errors(401, 403) if keys is not None else {}), **(errors(429) if rate is not None else {})}
     bearer = {"security": [{"bearer": []}]} if keys is not None else None

@@ -50,6 +50,10 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, cache
         raise ConfigError("--max-connections and --max-connections-per-client must be at least 1 and "
                           "--header-timeout above 0")
     app_options.update(allowed_hosts=allowed_hosts or default_hosts(host), hsts=bool(tls_cert))
+    if app_options.get("monitor_window"):
+        from lungxray.monitor.records import reference_of
+
+        app_options["reference"] = str(reference_of(model))
     limits = dict(total=max_connections, per_client=max_connections_per_client, header_timeout=header_timeout)
     server_options = uvicorn_options(tls_cert, tls_key, forwarded_allow_ips)
     if workers > 1:  # each worker loads the model itself
