@@ -79,9 +79,9 @@ def film_name(uid: str) -> str:
 class DicomNode:
     """`send_to`: a `Peer` (C-STORE) or a `lungxray.dicom.web.WebPeer` (STOW-RS). `records`: a file
     that gets each answer's monitoring record; `metrics_port`: /metrics served there, on `host`, with
-    the drift of every `monitor_window` answers against `reference` (the run's reference.jsonl). `refuse_ood`: a film the out-of-distribution gate
-    flags gets "withheld" and no class (the answer's rule); on by default here, where no person sees
-    the film beside the report."""
+    the drift of every `monitor_window` answers against `reference` (the run's reference.jsonl).
+    `refuse_ood`: a film the out-of-distribution gate flags gets "withheld" and no class (the answer's
+    rule); on by default here, where no person sees the film beside the report."""
 
     def __init__(self, predictor, send_to, spool: Path, aet: str = "LUNGXRAY",
                  host: str = "127.0.0.1", port: int = 11112, allow: list[str] | None = None,

@@ -122,10 +122,7 @@ class Spool:
 
     def set_aside(self, uid: str) -> Path:
         """Move a film no report can be made for out of the way; where it now is."""
-        target = self.folder / "failed" / f"{uid}.dcm"
-        self._count(-self.incoming(uid).stat().st_size)
-        self.incoming(uid).replace(target)
-        return target
+        return self._move_aside(self.incoming(uid), "failed")
 
     def delivered(self, key: str) -> None:
         self.sent(key).touch()
@@ -133,9 +130,13 @@ class Spool:
 
     def refused(self, key: str) -> Path:
         """Move a report the PACS refused out of the outbox; where it now is."""
-        target = self.folder / "refused" / f"{key}.dcm"
-        self._count(-self.outbox(key).stat().st_size)
-        self.outbox(key).replace(target)
+        return self._move_aside(self.outbox(key), "refused")
+
+    def _move_aside(self, path: Path, folder: str) -> Path:
+        """`path` moved to `folder`, kept for a person and no longer counted as waiting."""
+        target = self.folder / folder / path.name
+        self._count(-path.stat().st_size)
+        path.replace(target)
         return target
 
     def prune_sent(self, older_than_days: float) -> int:
