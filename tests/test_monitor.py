@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from scipy import stats
 
 from lungxray.cli import main
 from lungxray.errors import ConfigError
 from lungxray.infer.batch import PART_GLOB, score
-from lungxray.monitor.drift import DriftScorer
+from lungxray.monitor.drift import DriftScorer, kolmogorov_smirnov
 from lungxray.monitor.monitoring import windows_of
 from lungxray.monitor.performance import realised, window_summary
 from lungxray.monitor.records import reference_of
@@ -44,8 +45,8 @@ def synthetic_records(n: int, rng: np.random.Generator, brightness: float = 120.
 
 def test_windows_by_count_and_by_time():
     records = synthetic_records(250, np.random.default_rng(0))
-    assert [len(w) for w in windows_of(records, "100")] == [100, 100, 50]
-    assert [len(w) for w in windows_of(records, "1h")] == [60, 60, 60, 60]  # the last 10 minutes: too few to score
+    assert [len(w) for w in windows_of(iter(records), "100")] == [100, 100, 50]
+    assert [len(w) for w in windows_of(iter(records), "1h")] == [60, 60, 60, 60]  # the last 10 minutes: too few
     for bad in ("10", "1w", "abc"):
         with pytest.raises(ConfigError):
             windows_of(records, bad)
@@ -60,6 +61,15 @@ def test_drift_is_quiet_on_the_references_likeness_and_alarms_on_a_shift():
     assert shifted["alarm"]
     moved = max(shifted["features"].items(), key=lambda item: item[1]["score"])[0]
     assert moved in ("image_mean", "image_p50") and shifted["features"]["image_mean"]["p_value"] < 0.001
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1, 0.3])
+def test_the_drift_tests_kolmogorov_smirnov_is_scipys(shift):
+    rng = np.random.default_rng(3)
+    window, reference = rng.normal(shift, 1, 500), rng.normal(0, 1, 3000)
+    d, p = kolmogorov_smirnov(window, reference)
+    scipys = stats.ks_2samp(window, reference, method="asymp")
+    assert d == pytest.approx(scipys.statistic, abs=1e-12) and p == pytest.approx(scipys.pvalue, rel=0.15, abs=1e-6)
 
 
 def test_the_estimate_follows_the_truth_of_a_calibrated_model():

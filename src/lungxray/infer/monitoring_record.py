@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 RECORDS_FILE = "records.jsonl"  # what `predict --out DIR` writes in DIR
 DEFAULT_MAX_MB, DEFAULT_KEEP = 100.0, 10  # a records file is rotated past this size; this many old ones kept
+STRIDE = 4  # image statistics read every 4th pixel each way: ~3,000 of a 224 x 224 image
 AGE_BANDS = ((18, "0-17"), (40, "18-39"), (60, "40-59"), (80, "60-79"), (float("inf"), "80+"))
 AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}  # DICOM Age String units, in years
 
@@ -49,13 +50,20 @@ def hashed_uid(uid: str) -> str:
 def image_statistics(image: np.ndarray) -> dict[str, float]:
     """What a scanner, a protocol or post-processing changes in the picture the model saw (uint8):
     its grey level's mean, spread and percentiles, the share of nearly black and nearly white
-    pixels, and how far from grey it is (a photograph, a coloured overlay)."""
-    grey = image.mean(axis=-1) if image.ndim == 3 else image.astype(np.float32)
-    p05, p50, p95 = np.percentile(grey, [5, 50, 95])
-    colour = float(np.abs(image - grey[..., None]).mean()) if image.ndim == 3 else 0.0
-    return {"image_mean": round(float(grey.mean()), 3), "image_std": round(float(grey.std()), 3),
-            "image_p05": round(float(p05), 3), "image_p50": round(float(p50), 3), "image_p95": round(float(p95), 3),
-            "image_dark": round(float((grey <= 5).mean()), 5), "image_bright": round(float((grey >= 250).mean()), 5),
+    pixels, and how far from grey it is (a photograph, a coloured overlay). From every STRIDE-th
+    pixel each way, through a histogram of the grey levels: a record must cost a service little."""
+    pixels = image[::STRIDE, ::STRIDE].astype(np.int16)
+    channels = [pixels[..., c] for c in range(pixels.shape[-1])] if pixels.ndim == 3 else [pixels]
+    grey = sum(channels) // len(channels)  # channel by channel: numpy's reduction over a last axis of 3 is slow
+    counts = np.bincount(grey.ravel(), minlength=256)[:256] / grey.size
+    levels = np.arange(256)
+    mean = float(counts @ levels)
+    cumulative = np.cumsum(counts)
+    p05, p50, p95 = np.searchsorted(cumulative, [0.05, 0.5, 0.95])
+    colour = float(sum(np.abs(channel - grey).mean() for channel in channels) / len(channels))
+    return {"image_mean": round(mean, 3), "image_std": round(float(np.sqrt(counts @ (levels - mean) ** 2)), 3),
+            "image_p05": float(p05), "image_p50": float(p50), "image_p95": float(p95),
+            "image_dark": round(float(cumulative[5]), 5), "image_bright": round(float(1 - cumulative[249]), 5),
             "image_colour": round(colour, 3)}
 
 

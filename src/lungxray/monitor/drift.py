@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from lungxray.monitor.records import probabilities
 
@@ -64,6 +64,19 @@ def present(values: np.ndarray) -> np.ndarray:
     return values[~np.isnan(values)] if values.dtype.kind == "f" else values[values != None]  # noqa: E711
 
 
+def kolmogorov_smirnov(window: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """The two-sample Kolmogorov-Smirnov D (as `scipy.stats.ks_2samp` computes it) and its
+    asymptotic p-value, from SciPy's Kolmogorov distribution. Not `ks_2samp` itself: its argument
+    checks and exact p-values took ~1.3 ms a call, most of the time to monitor a million records; this
+    takes ~0.15 ms (tests/test_monitor.py checks it against `ks_2samp`)."""
+    window, reference = np.sort(window), np.sort(reference)
+    both = np.concatenate([window, reference])
+    d = float(np.max(np.abs(np.searchsorted(window, both, side="right") / len(window)
+                            - np.searchsorted(reference, both, side="right") / len(reference))))
+    effective = len(window) * len(reference) / (len(window) + len(reference))
+    return d, float(special.kolmogorov(np.sqrt(effective) * d))
+
+
 def statistic(feature: Feature, window: np.ndarray, reference: np.ndarray) -> tuple[float, float] | None:
     """(statistic, p-value) of `window` against `reference`: KS's D, or chi-squared's Cramer's V;
     None when either holds no value."""
@@ -71,8 +84,7 @@ def statistic(feature: Feature, window: np.ndarray, reference: np.ndarray) -> tu
     if len(window) == 0 or len(reference) == 0:
         return None
     if feature.kind == "number":
-        result = stats.ks_2samp(window, reference)
-        return float(result.statistic), float(result.pvalue)
+        return kolmogorov_smirnov(window, reference)
     categories = sorted(set(window) | set(reference), key=str)
     if len(categories) < 2:
         return 0.0, 1.0

@@ -14,18 +14,20 @@ than `ACCURACY_DROP` below the reference's. Written to OUT as monitoring.json an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from lungxray.errors import ConfigError
+from lungxray.errors import ConfigError, DataError
 from lungxray.io import atomic_path
 from lungxray.monitor.drift import DriftScorer
 from lungxray.monitor.performance import estimate, realised, window_summary
-from lungxray.monitor.records import classes_of, probabilities, read_labels, read_records, read_reference
+from lungxray.monitor.records import classes_of, probabilities, read_labels, read_reference, stream_records
 from lungxray.monitor.report import write_report
 
 ACCURACY_DROP = 0.05  # an estimated accuracy this far below the reference's alarms
@@ -41,24 +43,34 @@ class MonitorResult:
     alarm: bool
 
 
-def windows_of(records: list[dict], window: str) -> list[list[dict]]:
-    """`records` (oldest first) cut into windows of a count ("500") or a span of time ("1d", "6h", "30m")."""
+def window_of(window: str):
+    """What `--window` says as a function of (the record's index, the record) -> its window's number:
+    a count ("500") or a span of time ("1d", "6h", "30m") from the first record."""
     if re.fullmatch(r"\d+", window):
         size = int(window)
         if size < MIN_WINDOW:
             raise ConfigError(f"--window must hold at least {MIN_WINDOW} records. Got {window} instead.")
-        cuts = [records[i:i + size] for i in range(0, len(records), size)]
-    else:
-        match = re.fullmatch(r"(\d+)([mhd])", window)
-        if not match:
-            raise ConfigError(f"--window is a number of records (500) or a span (30m, 6h, 1d). Got {window!r} instead.")
-        span = int(match.group(1)) * SPANS[match.group(2)]
-        start = datetime.fromisoformat(records[0]["time"])
-        cuts: dict[int, list[dict]] = {}
-        for record in records:
-            cuts.setdefault(int((datetime.fromisoformat(record["time"]) - start) / span), []).append(record)
-        cuts = [cuts[key] for key in sorted(cuts)]
-    return [cut for cut in cuts if len(cut) >= MIN_WINDOW]
+        return lambda index, record: index // size
+    match = re.fullmatch(r"(\d+)([mhd])", window)
+    if not match:
+        raise ConfigError(f"--window is a number of records (500) or a span (30m, 6h, 1d). Got {window!r} instead.")
+    span, first = int(match.group(1)) * SPANS[match.group(2)], []
+
+    def which(index: int, record: dict) -> int:
+        time = datetime.fromisoformat(record["time"])
+        first[:] = first or [time]
+        return int((time - first[0]) / span)
+
+    return which
+
+
+def windows_of(records: Iterable[dict], window: str) -> Iterator[list[dict]]:
+    """`records` (oldest first) cut into windows, one at a time; a window of fewer than MIN_WINDOW
+    records is left out."""
+    which = window_of(window)  # a wrong --window is said before any record is read
+    return (cut for cut in ([record for _, record in group] for _, group in
+                            itertools.groupby(enumerate(records), key=lambda pair: which(*pair)))
+            if len(cut) >= MIN_WINDOW)
 
 
 def monitor(items: list[str | Path], run: str | Path, window: str = "500", labels: str | Path | None = None,
@@ -71,7 +83,7 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
     scorer = DriftScorer(reference, classes)
     reads = read_labels(labels) if labels else None
     windows = []
-    for records in windows_of(read_records(items), window):
+    for records in windows_of(stream_records(items), window):
         summary = window_summary(records, classes)
         summary["drift"] = scorer.score(records)
         summary["realised"] = realised(records, classes, reads) if reads is not None else None
@@ -79,6 +91,8 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
         summary["alarms"] = [name for name, on in (("drift", summary["drift"]["alarm"]),
                                                    ("estimated accuracy", drop)) if on]
         windows.append(summary)
+    if not windows:
+        raise DataError(f"no window of {window} holds {MIN_WINDOW} records or more in {', '.join(map(str, items))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(run), "window": window, "classes": classes,

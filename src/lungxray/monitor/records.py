@@ -1,7 +1,7 @@
 """Reading what monitoring compares: monitoring records (a records file, its rotated siblings, or a
 folder `predict --out` wrote), a run's reference, and radiologists' reads.
 
-    records = read_records(["records.jsonl", "scored/"])
+    records = stream_records(["records.jsonl", "scored/"])   # oldest first, read as needed
     reference = read_reference("runs/mine")
     labels = read_labels("reads.csv")   # label, and sha256 or sop_instance_uid
 """
@@ -9,8 +9,10 @@ folder `predict --out` wrote), a run's reference, and radiologists' reads.
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -35,27 +37,28 @@ def record_files(item: str | Path) -> list[Path]:
     return [path, *sorted(path.parent.glob(f"{path.name}.[0-9]*"))]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
+def jsonl_lines(path: Path) -> Iterator[dict]:
+    """A records file's records, one at a time."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
                 if handle.read(1):  # only a last line cut short by a crash is forgiven
                     raise DataError(f"{path}, line {number}: not a JSON record") from None
-    return records
 
 
-def read_records(items: list[str | Path]) -> list[dict]:
-    """Every record the items name, oldest first (each once, should a file be named twice)."""
+def read_jsonl(path: Path) -> list[dict]:
+    return list(jsonl_lines(path))
+
+
+def stream_records(items: list[str | Path]) -> Iterator[dict]:
+    """Every record the items name, oldest first, read as they are needed (a million records need not
+    fit in memory): each file is written in time order, so their merge is. A file named twice is read once."""
     files = list(dict.fromkeys(f.resolve() for item in items for f in record_files(item)))
-    records = [record for path in files for record in read_jsonl(path)]
-    if not records:
-        raise DataError(f"no monitoring records in {', '.join(map(str, items))}")
-    return sorted(records, key=lambda record: record.get("time", ""))
+    return heapq.merge(*(jsonl_lines(path) for path in files), key=lambda record: record.get("time", ""))
 
 
 def read_reference(run: str | Path) -> list[dict]:
