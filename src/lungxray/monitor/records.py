@@ -110,5 +110,6 @@ def classes_of(records: list[dict]) -> list[str]:
 
 def probabilities(records: list[dict], classes: list[str]) -> np.ndarray:
     """An (n, classes) array; NaN rows for films not analysed."""
-    return np.array([[record.get(f"p_{c}", np.nan) if record.get(f"p_{c}") is not None else np.nan
-                      for c in classes] for record in records], dtype=float).reshape(len(records), len(classes))
+    values = [[record.get(f"p_{c}") for c in classes] for record in records]
+    return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float).reshape(
+        len(records), len(classes))
