@@ -208,19 +208,8 @@ def dicomweb(export, tmp_path):
     orthanc.stop()
 
 
-def test_reports_go_to_a_dicomweb_archive_by_stow_rs(dicomweb, tmp_path):
-    orthanc, node = dicomweb
-    listening = node(port=free_ports(1)[0])
-    listening.start()
-    film = cr_film(tmp_path / "film.dcm", np.full((64, 64), 90, np.uint8))
-    assert send_files([film], Peer("LUNGXRAY", "127.0.0.1", listening.port)) == [(film, "sent")]
-    (report,) = orthanc.reports(1)
-    assert report_values(report)["source"] == pydicom.dcmread(film).SOPInstanceUID
-    events = [json.loads(line)["event"] for line in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
-    assert events == ["received", "reported", "delivered"]
-
-
 def test_the_watcher_pulls_each_new_film_once_across_restarts(dicomweb, tmp_path):
+    """Films pulled by QIDO-RS and WADO-RS, their reports stored back by STOW-RS."""
     orthanc, node = dicomweb
     films = [cr_film(tmp_path / f"f{i}.dcm", np.full((64, 64), 50 + 20 * i, np.uint8), StudyDate="20261206")
              for i in range(3)]
@@ -244,6 +233,8 @@ def test_the_watcher_pulls_each_new_film_once_across_restarts(dicomweb, tmp_path
     time.sleep(1.0)
     sources = [report_values(r)["source"] for r in orthanc.reports(4)]
     assert len(reports) == 4 and len(sources) == len(set(sources)) == 4
+    events = [json.loads(line)["event"] for line in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
+    assert events.count("delivered") == 4 and "refused by the PACS" not in events
 
 
 def test_dicom_watch_on_the_command_line(export, tmp_path):
