@@ -11,7 +11,6 @@ the PACS refuses is set aside and the others go on. Started again after a crash,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -37,7 +36,7 @@ from lungxray.dicom.send import Connection, Peer
 from lungxray.dicom.spool import Spool
 from lungxray.errors import ConfigError, DataError, ImageError
 from lungxray.infer.answer import NOT_ANALYSED, Answer, answer_row, not_analysed
-from lungxray.infer.monitoring_record import RecordWriter, monitoring_record
+from lungxray.infer.monitoring_record import RecordWriter, hashed_uid, monitoring_record
 from lungxray.io import file_hash
 from lungxray.parallel import bounded_map
 
@@ -66,9 +65,7 @@ class Limits:
     max_spool_mb: float = 2048.0  # films and reports waiting together; past it new films are refused
 
 
-def hashed(uid: str) -> str:
-    """A UID as it may appear in logs: hashed, so that a log reveals no study."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+hashed = hashed_uid  # a UID as logs and monitoring records carry it: one rule for both
 
 
 def film_name(uid: str) -> str:

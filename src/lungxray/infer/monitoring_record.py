@@ -43,7 +43,8 @@ AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}  # DICOM A
 
 
 def hashed_uid(uid: str) -> str:
-    """A UID as records and logs carry it: hashed, so that a record reveals no study."""
+    """A UID as records and logs carry it (the DICOM node's audit log too): hashed, so that neither
+    reveals a study."""
     return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
@@ -135,10 +136,15 @@ def reference_records(predictor, files: list, coverage: float = DEFAULT_COVERAGE
     return list(bounded_map(one, list(zip(answers, map(str, files)))))
 
 
+def record_line(record: dict) -> str:
+    """A record as one line of a records file."""
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
 def write_records(path: str | Path, records: list[dict]) -> Path:
     """`records` as one JSON-lines file, written whole or not at all."""
     with atomic_path(Path(path)) as temporary:
-        temporary.write_text("".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records))
+        temporary.write_text("".join(map(record_line, records)))
     return Path(path)
 
 
@@ -159,7 +165,7 @@ class RecordWriter:
         return os.fdopen(descriptor, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = record_line(record)
         with self._lock:
             try:
                 fcntl.flock(self._handle, fcntl.LOCK_EX)
