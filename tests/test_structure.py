@@ -27,7 +27,7 @@ LAYERS = [
     {"infer", "convert"},
     {"evaluate"},
     {"training"},
-    {"serve", "dicom", "monitor"},
+    {"serve", "dicom", "monitor", "federated"},
     {"cli", "__init__"},
 ]
 

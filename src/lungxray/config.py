@@ -137,10 +137,7 @@ class Config:
                                      "to end on images")
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):
-            value = _checked(field.name, getattr(self, field.name), hints[field.name], field.metadata["check"])
-            object.__setattr__(self, field.name, value)
+        _check_settings(self)
         if self.train_from and (not self.fine_tune_epochs or self.engine == "keras"):
             raise ConfigError("train_from fine-tunes on cached block inputs: it needs fine_tune_epochs > 0 and "
                               "engine auto or cached")
@@ -203,6 +200,49 @@ PRESETS: dict[str, dict] = {
     # pooling, and the epoch chosen by its worst class x source cell instead of pooled accuracy.
     "robust": {"pooling": "avg", "monitor": "val_worst_group_accuracy"},
 }
+
+
+@dataclasses.dataclass
+class Federation:
+    """How a federation trains the recipe's head across sites (`lungxray federate`), saved with the
+    run beside the Config. Defaults: docs/federated.md says how they were chosen."""
+
+    site_column: str = setting("source", "the manifest column naming each film's site (hospital)")
+    rounds: int = setting(30, "rounds of local training and aggregation", Interval(1))
+    local_steps: int = setting(5, "batches each site trains on per round (a few keep the sites from "
+                                  "drifting apart when their class mixes differ)", Interval(1))
+    aggregation: str = setting("fedprox", "how the sites' heads are combined: FedAvg (weighted by examples), "
+                                          "FedProx (FedAvg with a proximal term in each site's loss) or FedAdam "
+                                          "(an Adam step on the server)", ("fedavg", "fedprox", "fedadam"))
+    proximal_mu: float = setting(0.1, "FedProx's proximal weight: how hard a site's head is pulled back "
+                                      "towards the round's global head", Interval(0, None))
+    server_learning_rate: float = setting(0.01, "FedAdam's server learning rate", Interval(0, None))
+    min_sites: int = setting(2, "sites that must take part in every round", Interval(1))
+
+    def __post_init__(self):
+        _check_settings(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Federation":
+        values = read_json(path, ConfigError, "does not exist")
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+
+def _check_settings(settings) -> None:
+    """Every field of a settings dataclass converted to its type and checked against its constraint."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        value = _checked(field.name, getattr(settings, field.name), hints[field.name], field.metadata["check"])
+        object.__setattr__(settings, field.name, value)
 
 
 def _type_name(annotation) -> str:

@@ -10,6 +10,7 @@ import sys
 from lungxray.cli.data import add_data_commands
 from lungxray.cli.dicom import add_dicom_commands
 from lungxray.cli.evaluate import add_evaluate_commands
+from lungxray.cli.federate import add_federate_commands
 from lungxray.cli.models import add_model_commands
 from lungxray.cli.monitor import add_monitor_command
 from lungxray.cli.predict import add_predict_command
@@ -20,7 +21,7 @@ from lungxray.errors import LungxrayError
 # Modules the base install lacks, and the extra that brings each (pyproject.toml).
 EXTRA_PROVIDING = {"tensorflow": "full", "keras": "full", "sklearn": "full", "matplotlib": "full", "scipy": "full",
                    "imagehash": "full", "pyarrow": "full", "onnxruntime": "onnx", "tf2onnx": "onnx", "ray": "ray",
-                   "pynetdicom": "dicom", "highdicom": "dicom", "torch": "convert"}
+                   "pynetdicom": "dicom", "highdicom": "dicom", "torch": "convert", "flwr": "federated"}
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungxray", description="Chest X-ray classification with Keras.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add_commands in (add_train_command, add_evaluate_commands, add_predict_command, add_serve_commands,
-                         add_model_commands, add_dicom_commands, add_data_commands, add_monitor_command):
+                         add_model_commands, add_dicom_commands, add_data_commands, add_monitor_command,
+                         add_federate_commands):
         add_commands(commands)
     return parser

@@ -31,14 +31,15 @@ def add_train_command(commands) -> None:
     train.add_argument("--strategy", choices=["auto", "none", "mirrored", "multi-worker"], default="auto",
                        help="tf.distribute for Keras' fit: multi-worker runs this command on every worker named "
                             "in TF_CONFIG (auto: multi-worker when TF_CONFIG is set, mirrored on 2+ GPUs, else none)")
-    add_config_arguments(train.add_argument_group("settings (each overrides the preset or --config)"))
+    add_settings_arguments(train.add_argument_group("settings (each overrides the preset or --config)"))
     train.set_defaults(run=run_train)
 
 
-def add_config_arguments(group) -> None:
-    """One flag per Config field, with its help, type, choices and default."""
-    hints = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
+def add_settings_arguments(group, settings: type = Config) -> None:
+    """One flag per field of a settings dataclass (`Config`, `Federation`), with its help, type,
+    choices and default."""
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
         flag, check = "--" + field.name.replace("_", "-"), field.metadata["check"]
         help_text = field.metadata["help"]
         if field.default is not dataclasses.MISSING and field.default is not None:

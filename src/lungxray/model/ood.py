@@ -24,7 +24,7 @@ VALIDATION_QUANTILE = 0.99
 MAX_FIT_ROWS = 20_000
 
 
-def _scaled(features: np.ndarray) -> np.ndarray:
+def log_scaled(features: np.ndarray) -> np.ndarray:
     scaled = features.astype(np.float64)
     np.maximum(scaled, -0.5, out=scaled)  # hard-swish outputs are >= -0.375, so log1p is defined
     return np.log1p(scaled, out=scaled)
@@ -44,7 +44,7 @@ class OutOfDistribution:
         if len(train_features) > MAX_FIT_ROWS:
             rows = np.random.default_rng(0).choice(len(train_features), MAX_FIT_ROWS, replace=False)
             train_features = train_features[np.sort(rows)]
-        covariance = LedoitWolf().fit(_scaled(train_features))
+        covariance = LedoitWolf().fit(log_scaled(train_features))
         gate = cls(covariance.location_, covariance.precision_, np.inf)
         gate.threshold = float(np.quantile(gate.score(val_features), quantile))
         return gate
@@ -54,7 +54,7 @@ class OutOfDistribution:
         scored by itself (vector products), so that a film's score is the same to the last bit
         whether it is scored alone (the API) or among others (a batch): a matrix product's rounding
         depends on how many rows it holds."""
-        centred = _scaled(features) - self.mean
+        centred = log_scaled(features) - self.mean
         squared = np.array([row @ self.precision @ row for row in centred], np.float64).reshape(len(centred))
         return np.sqrt(np.maximum(squared, 0.0))
 

@@ -71,24 +71,24 @@ def _train(data, out, config: Config, cache_dir: Path | None, resume: bool, clus
     keras.utils.set_random_seed(config.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with _timed(timings, "setup"):
+    with timed(timings, "setup"):
         dataset, external = training_data(data, config)
         run = start_run(out, config, dataset, resume)
         model = network(config, len(dataset.classes), synchronized=replicas > 1)
         crop = LungCrop.trained(config.lung_masks, cache_dir) if config.crop == "lungs" else None
         engine = make_engine(model, config, run, cache_dir, crop, cluster)
-    with _timed(timings, "prepare"):
+    with timed(timings, "prepare"):
         plan = engine.plan(dataset)
     fitted = engine.fit(plan)
     timings.update(fitted.timings)
-    with _timed(timings, "saving"):
+    with timed(timings, "saving"):
         predictor = calibrated_predictor(fitted, plan, config, provenance(engine.name, dataset, config), crop)
         predictor.save(run)
         plot_history(fitted.history, "loss", run.plot("loss"))
         plot_history(fitted.history, "accuracy", run.plot("accuracy"))
-    with _timed(timings, "evaluation"):
+    with timed(timings, "evaluation"):
         test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
-    with _timed(timings, "monitoring reference"):  # what a deployment is compared with
+    with timed(timings, "monitoring reference"):  # what a deployment is compared with
         write_records(run.path(run.REFERENCE), reference_records(predictor, [r.path for r in dataset.split("val")]))
     timings["total"] = time.perf_counter() - started
     run.write_json(run.TIMINGS, timings)
@@ -99,7 +99,7 @@ def _train(data, out, config: Config, cache_dir: Path | None, resume: bool, clus
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], step: str):
+def timed(timings: dict[str, float], step: str):
     started = time.perf_counter()
     yield
     timings[step] = time.perf_counter() - started
