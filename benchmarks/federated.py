@@ -1,0 +1,116 @@
+"""Federated against centralised against each site alone, on ../shared/cxr with `source` as the site.
+
+    python benchmarks/federated.py [--data ../shared/cxr/manifest.csv] [--rounds 30] [--local-steps 5]
+                                   [--aggregations fedavg,fedprox,fedadam] [--holdout SOURCE] [--out FOLDER]
+
+Every model starts from the same recipe (the reference preset, seed 21) and the same feature cache.
+Printed: one row per model with its macro AUROC (95% interval) on the internal test split and, when
+`--holdout` names a source, on that source, never seen in training; its wall time; and, for the
+federations, the seconds per round and the bytes each site sends per round against the head's size.
+A site holding one class cannot train a three-class model alone: its row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lungxray.config import Config, Federation  # noqa: E402
+from lungxray.errors import DataError  # noqa: E402
+from lungxray.federated import simulate  # noqa: E402
+from lungxray.training.recipe import train  # noqa: E402
+
+
+def auroc(metrics) -> str:
+    if not metrics or metrics.get("macro_auroc") is None:
+        return "-"
+    interval = (metrics.get("intervals", {}).get("macro_auroc") or {}).get("ci95")
+    return f"{metrics['macro_auroc']:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def site_manifest(data: Path, source: str, folder: Path) -> Path:
+    """The rows of one source, with absolute paths."""
+    rows = [r for r in csv.DictReader(open(data)) if r["source"] == source]
+    path = folder / f"{source}.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "split", "source"])
+        writer.writeheader()
+        writer.writerows({"file": str(data.parent / r["file"]), "label": r["label"], "split": r["split"],
+                          "source": r["source"]} for r in rows)
+    return path
+
+
+def head_bytes(run: Path) -> int:
+    with np.load(run / "federation" / "head.npz") as stored:
+        return sum(stored[name].nbytes for name in stored.files)
+
+
+def sent_per_round(run: Path) -> int:
+    """What one site sends in a round: its trained head (an ArrayRecord) and its two MetricRecords
+    (training and validation report), as Flower counts them."""
+    from flwr.app import ArrayRecord, MetricRecord
+
+    with np.load(run / "federation" / "head.npz") as stored:
+        weights = ArrayRecord([stored[name] for name in sorted(stored.files, key=lambda n: int(n[4:]))])
+    train = MetricRecord({"num-examples": 1, "loss": 0.0, "accuracy": 0.0})
+    report = MetricRecord({"num-examples": 1, "loss-sum": 0.0, **{f"{k}-{i}": 0.0 for k in ("films", "right")
+                                                                   for i in range(3)}})
+    return weights.count_bytes() + train.count_bytes() + report.count_bytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/cxr/manifest.csv"))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--aggregations", default="fedavg,fedprox,fedadam")
+    parser.add_argument("--holdout", help="a source left out of training and tested on")
+    parser.add_argument("--alone", action="store_true", help="also train each site alone")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="federated-bench-")))
+    args = parser.parse_args()
+    config = Config(holdout_source=args.holdout)
+    rows = []
+
+    started = time.perf_counter()
+    central = train(args.data, args.out / "centralised", config)
+    rows.append(("centralised", central.test_metrics, central.external_metrics, time.perf_counter() - started, ""))
+    for aggregation in args.aggregations.split(","):
+        federation = Federation(aggregation=aggregation, rounds=args.rounds, local_steps=args.local_steps)
+        started = time.perf_counter()
+        result = simulate(args.data, args.out / aggregation, config, federation)
+        seconds = time.perf_counter() - started
+        timings = json.loads((result.run_dir / "timings.json").read_text())
+        detail = (f"{timings['federation'] / args.rounds:.2f} s/round; a site sends {sent_per_round(result.run_dir):,} "
+                  f"bytes/round (head {head_bytes(result.run_dir):,})")
+        rows.append((f"{aggregation} ({args.rounds} x {args.local_steps})", result.test_metrics,
+                     result.external_metrics, seconds, detail))
+    if args.alone:
+        sources = sorted({r["source"] for r in csv.DictReader(open(args.data))} - {args.holdout})
+        for source in sources:
+            manifest = site_manifest(args.data, source, args.out)
+            started = time.perf_counter()
+            try:
+                alone = train(manifest, args.out / f"alone-{source}", config.replace(holdout_source=None))
+            except DataError as error:
+                rows.append((f"{source} alone", None, None, time.perf_counter() - started, f"cannot train: {error}"))
+                continue
+            rows.append((f"{source} alone", alone.test_metrics, None, time.perf_counter() - started,
+                         "its own test split"))
+
+    print(f"| model | internal test macro AUROC | held-out {args.holdout or '-'} | wall s | notes |")
+    print("|---|---|---|---|---|")
+    for name, internal, external, seconds, notes in rows:
+        print(f"| {name} | {auroc(internal)} | {auroc(external)} | {seconds:.0f} | {notes[:160]} |")
+
+
+if __name__ == "__main__":
+    main()

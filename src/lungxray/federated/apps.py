@@ -1,0 +1,309 @@
+"""The Flower apps: the `ClientApp` each site runs on its own films, and the `ServerApp` that
+coordinates them. The same two objects run in the simulation engine (`simulation.py`) and, later,
+under a SuperLink and SuperNodes.
+
+A federation, as the server drives it:
+
+    check      every site says its name, its counts and the fingerprint of its features; a site whose
+               backbone or input pipeline differs from the server's is refused, naming what differs
+    rounds     Flower's strategy (FedAvg, FedProx or FedAdam) sends the head, each site trains it for
+               a few batches and sends it back with its count; after each round every site reports
+               on its validation films, and the round's head is kept (`RUN/federation/rounds/`)
+    select     the best round by the recipe's monitor (pooled over sites; the worst class x site
+               cell for val_worst_group_accuracy)
+    statistics the selected head's calibration, conformal and gate statistics (`fitting.py`)
+
+The head's BatchNormalization statistics (moving mean and variance) are averaged like its weights,
+weighted by each site's count: the federation's head normalises with the mean of the sites' running
+statistics (docs/federated.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from lungxray.config import Config, Federation
+from lungxray.errors import ConfigError
+from lungxray.federated import site as sites
+from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
+                                        temperature_from_nll)
+from lungxray.io import write_json
+
+log = logging.getLogger("lungxray")
+
+SITE_TABLES = "site-tables"  # a SuperNode's --node-config key: the path of its SiteTables file
+
+
+# --- The site -------------------------------------------------------------------------------------
+
+def client_app(tables: list[str] | None = None) -> ClientApp:
+    """The ClientApp. A site finds its features at its node config's `site-tables`, or (simulation)
+    at `tables[partition-id]`."""
+    app = ClientApp()
+
+    def site_of(context: Context) -> sites.SiteTables:
+        path = context.node_config.get(SITE_TABLES) or tables[int(context.node_config["partition-id"])]
+        return _load_site(str(path))
+
+    @app.query("check")
+    def check(message: Message, context: Context) -> Message:
+        site = site_of(context)
+        differs = _differences(json.loads(message.content["config"]["fingerprint"]), json.loads(site.fingerprint))
+        if differs:
+            raise ConfigError(f"site {site.name}: its features were made with another {differs}; make them again "
+                              "with the federation's recipe")
+        counts = np.bincount(site.train_labels, minlength=len(site.classes))
+        return _reply(message, metrics={"num-examples": len(site.train), "validation": len(site.val),
+                                        **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
+                      config={"name": site.name, "classes": json.dumps(site.classes)})
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        site, settings = site_of(context), message.content["config"]
+        weights, loss, accuracy = sites.local_update(
+            _head(site, settings["head"]), site, message.content["arrays"].to_numpy_ndarrays(),
+            steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
+            learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
+            seed=int(settings["seed"]) * 1_000_003 + int(settings["round"]) * 1009 + int(context.node_id) % 1009)
+        return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "loss": loss,
+                                                        "accuracy": accuracy})
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        site, settings = site_of(context), message.content["config"]
+        raw = _raw(site, settings, message)
+        return _reply(message, metrics={"num-examples": len(site.val),
+                                        **sites.validation_report(raw, site.val_labels, len(site.classes))})
+
+    @app.query("calibration")
+    def calibration(message: Message, context: Context) -> Message:
+        site, settings = site_of(context), message.content["config"]
+        raw = _raw(site, settings, message)
+        count, sums = sites.feature_sums(site.train[:, 0])
+        return _reply(message, arrays=[sites.temperature_nll(raw, site.val_labels),
+                                       sites.conformal_histograms(raw, site.val_labels, len(site.classes)), sums],
+                      metrics={"num-examples": count})
+
+    @app.query("moments")
+    def moments(message: Message, context: Context) -> Message:
+        site = site_of(context)
+        mean = message.content["arrays"].to_numpy_ndarrays()[0]
+        scatter, fourth = sites.centred_moments(site.train[:, 0], mean)
+        return _reply(message, arrays=[scatter], metrics={"num-examples": len(site.train), "fourth": fourth})
+
+    @app.query("gate")
+    def gate(message: Message, context: Context) -> Message:
+        from lungxray.model.ood import OutOfDistribution
+
+        site = site_of(context)
+        mean, precision = message.content["arrays"].to_numpy_ndarrays()
+        histogram = sites.gate_histogram(OutOfDistribution(mean, precision, np.inf), site.val)
+        return _reply(message, arrays=[histogram], metrics={"num-examples": len(site.val)})
+
+    return app
+
+
+@functools.lru_cache(maxsize=4)
+def _load_site(path: str) -> sites.SiteTables:
+    return sites.SiteTables.load(Path(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _head_model(site_classes: int, dim: int, head_settings: str):
+    from lungxray.model.network import build_head
+
+    settings = json.loads(head_settings)
+    return build_head(dim, site_classes, settings["dense_units"], settings["dropout"], settings["seed"])
+
+
+def _head(site: sites.SiteTables, head_settings: str):
+    return _head_model(len(site.classes), site.train.shape[-1], head_settings)
+
+
+def _raw(site: sites.SiteTables, settings: ConfigRecord, message: Message) -> np.ndarray:
+    head = _head(site, settings["head"])
+    head.set_weights(message.content["arrays"].to_numpy_ndarrays())
+    return sites.probabilities(head, site.val)
+
+
+def _differences(expected: dict, actual: dict) -> str:
+    return ", ".join(f"{key} ({actual.get(key)!r}, the server's {value!r})"
+                     for key, value in expected.items() if actual.get(key) != value)
+
+
+def _reply(message: Message, arrays: list[np.ndarray] | None = None, metrics: dict | None = None,
+           config: dict | None = None) -> Message:
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = ArrayRecord([np.asarray(a) for a in arrays])
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    if config is not None:
+        content["config"] = ConfigRecord(config)
+    return Message(content=content, reply_to=message)
+
+
+# --- The server -----------------------------------------------------------------------------------
+
+def server_app(folder: Path, config: Config, federation: Federation, classes: list[str],
+               initial: list[np.ndarray], fingerprint: str) -> ServerApp:
+    """The ServerApp: trains from the `initial` head weights and writes what it fitted to
+    `folder` (`FederatedFit.save`). `fingerprint`: `site.fingerprint` of the server's recipe."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        coordinator = Coordinator(grid, config, federation, classes, fingerprint, folder)
+        coordinator.run(initial)
+
+    return app
+
+
+class Coordinator:
+    """The server's side of one federation, step by step (the module's docstring)."""
+
+    def __init__(self, grid: Grid, config: Config, federation: Federation, classes: list[str], fingerprint: str,
+                 folder: Path):
+        self.grid, self.config, self.federation, self.folder = grid, config, federation, folder
+        self.classes, self.fingerprint = list(classes), fingerprint
+        self.head_settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout,
+                                         "seed": config.seed})
+        self.sites: dict[int, dict] = {}  # node id: name, counts
+        self.history: list[dict] = []
+
+    def run(self, initial: list[np.ndarray]) -> None:
+        self.check_sites()
+        strategy = self.strategy()
+        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(initial), num_rounds=self.federation.rounds,
+                       train_config=ConfigRecord({"local-steps": self.federation.local_steps,
+                                                  "batch-size": self.config.batch_size,
+                                                  "learning-rate": self.config.learning_rate,
+                                                  "seed": self.config.seed, "head": self.head_settings}),
+                       evaluate_fn=self.after_round)
+        for entry in self.history:  # the sites' training loss and accuracy, averaged by Flower
+            trained = result.train_metrics_clientapp.get(entry["round"], {})
+            entry.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
+        best = self.best_round()
+        weights = self.round_weights(best)
+        write_json(self.folder / "history.json", {"rounds": self.history, "best_round": best,
+                                                  "sites": list(self.sites.values())})
+        self.fit_statistics(weights).save(self.folder)
+
+    # The steps.
+    def check_sites(self) -> None:
+        nodes = self.wait_for_sites()
+        replies = self.ask(nodes, "query.check", {"fingerprint": self.fingerprint})
+        refusals = [reply.error.reason for reply in replies.values() if reply.has_error()]
+        if refusals:
+            raise ConfigError("; ".join(refusals))
+        for node, reply in replies.items():
+            metrics = reply.content["metrics"]
+            self.sites[node] = {"name": reply.content["config"]["name"], "train": int(metrics["num-examples"]),
+                                "validation": int(metrics["validation"]),
+                                "train_by_class": [int(metrics[f"films-{i}"]) for i in range(self.num_classes)]}
+        log.info("federation: %d sites (%s)", len(self.sites), ", ".join(s["name"] for s in self.sites.values()))
+
+    def wait_for_sites(self) -> list[int]:
+        import time
+
+        deadline = time.monotonic() + 600
+        while len(nodes := list(self.grid.get_node_ids())) < self.federation.min_sites:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{len(nodes)} site(s) connected in 10 minutes; --min-sites is "
+                                  f"{self.federation.min_sites}")
+            time.sleep(1)
+        return nodes
+
+    def strategy(self):
+        common = dict(fraction_evaluate=0.0, min_train_nodes=self.federation.min_sites,
+                      min_available_nodes=self.federation.min_sites)
+        if self.federation.aggregation == "fedprox":
+            return FedProx(proximal_mu=self.federation.proximal_mu, **common)
+        if self.federation.aggregation == "fedadam":
+            return FedAdam(eta=self.federation.server_learning_rate, **common)
+        return FedAvg(**common)
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """After each round (and before the first): every site's validation report; the head kept."""
+        weights = arrays.to_numpy_ndarrays()
+        if server_round == 0:
+            return None
+        rounds = self.folder / "rounds"
+        rounds.mkdir(parents=True, exist_ok=True)
+        np.savez(rounds / f"round-{server_round:04d}.npz", *weights)
+        replies = self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights)
+        summary = self.summarise(server_round, {n: r.content["metrics"] for n, r in replies.items()
+                                                if not r.has_error()})
+        self.history.append(summary)
+        log.info("round %d: val_loss %.4f, val_accuracy %.4f, worst class x site %.4f", server_round,
+                 summary["val_loss"], summary["val_accuracy"], summary["val_worst_group_accuracy"])
+        return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float)})
+
+    def summarise(self, server_round: int, reports: dict[int, MetricRecord]) -> dict:
+        films = np.array([[r[f"films-{i}"] for i in range(self.num_classes)] for r in reports.values()])
+        right = np.array([[r[f"right-{i}"] for i in range(self.num_classes)] for r in reports.values()])
+        cells = films >= 1
+        by_site = {self.sites[n]["name"]: float(right[k].sum() / max(films[k].sum(), 1))
+                   for k, n in enumerate(reports)}
+        return {"round": server_round, "sites": len(reports),
+                "val_loss": float(sum(r["loss-sum"] for r in reports.values()) / films.sum()),
+                "val_accuracy": float(right.sum() / films.sum()),
+                "val_worst_group_accuracy": float(np.min(right[cells] / films[cells])),
+                "val_accuracy_by_site": by_site}
+
+    def best_round(self) -> int:
+        from lungxray.training.engines import monitor_mode
+
+        values = [h[self.config.monitor] for h in self.history]
+        pick = np.argmin if monitor_mode(self.config.monitor) == "min" else np.argmax
+        return int(self.history[int(pick(values))]["round"])
+
+    def round_weights(self, server_round: int) -> list[np.ndarray]:
+        with np.load(self.folder / "rounds" / f"round-{server_round:04d}.npz") as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+    def fit_statistics(self, weights: list[np.ndarray]):
+        from lungxray.federated.result import FederatedFit
+
+        nodes = list(self.sites)
+        replies = self.answers(self.ask(nodes, "query.calibration", {"head": self.head_settings}, weights))
+        nll, histograms, sums = (sum(r.content["arrays"].to_numpy_ndarrays()[i] for r in replies) for i in range(3))
+        count = int(sum(r.content["metrics"]["num-examples"] for r in replies))
+        mean = sums / count
+        replies = self.answers(self.ask(nodes, "query.moments", {}, [mean]))
+        scatter = sum(r.content["arrays"].to_numpy_ndarrays()[0] for r in replies)
+        fourth = float(sum(r.content["metrics"]["fourth"] for r in replies))
+        gate = gate_from_moments(count, mean, scatter, fourth)
+        replies = self.answers(self.ask(nodes, "query.gate", {}, [gate.mean, gate.precision]))
+        gate.threshold = quantile_from_histogram(sum(r.content["arrays"].to_numpy_ndarrays()[0] for r in replies))
+        return FederatedFit(weights, temperature_from_nll(nll), conformal_from_histograms(histograms, self.classes),
+                            gate)
+
+    # Messages.
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def ask(self, nodes: list[int], message_type: str, config: dict, arrays: list[np.ndarray] | None = None
+            ) -> dict[int, Message]:
+        content = RecordDict({"config": ConfigRecord(config)})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord([np.asarray(a) for a in arrays])
+        messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
+        return {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages)}
+
+    def answers(self, replies: dict[int, Message]) -> list[Message]:
+        """The replies without error; an error is the end of the federation's statistics."""
+        failed = [reply.error.reason for reply in replies.values() if reply.has_error()]
+        if failed:
+            raise RuntimeError(f"a site could not compute its statistics: {'; '.join(failed)}")
+        return list(replies.values())

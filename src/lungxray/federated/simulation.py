@@ -1,0 +1,140 @@
+"""`lungxray federate simulate`: a federation on one machine, every site a simulated Flower client.
+
+    data → splits → features (the cached engine's, once) → one SiteTables file per site
+         → Flower's simulation engine (the ServerApp and one ClientApp per site)
+         → the fitted head, temperature, conformal sets and gate → an ordinary run folder
+
+The server side never reads a site's table: what it fits comes from the sites' replies alone, as in
+a real federation. Only the evaluation at the end reads films centrally, as a simulation can (the
+internal test split and the held-out source), so that the federated model is measured exactly as a
+centralised run is.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lungxray.config import Config, Federation
+from lungxray.data.records import Dataset
+from lungxray.errors import ConfigError, DataError
+from lungxray.evaluate.plots import plot_history
+from lungxray.federated.result import FederatedFit
+from lungxray.federated.site import SiteTables, fingerprint
+from lungxray.infer.keras_predictor import KerasPredictor
+from lungxray.infer.monitoring_record import reference_records, write_records
+from lungxray.io import read_json, write_json
+from lungxray.training.engines import CachedEngine, TrainingPlan
+from lungxray.training.recipe import evaluate_run, network, provenance, start_run, timed, training_data
+from lungxray.training.run_report import TrainResult, write_run_report
+
+log = logging.getLogger("lungxray")
+
+FEDERATION = "federation.json"  # the Federation settings, beside config.json
+FOLDER = "federation"  # what the server kept: rounds/, history.json, head.npz, fitted.json, ood.npz
+
+
+def simulate(data, out: str | Path | None = None, config: Config | None = None,
+             federation: Federation | None = None, cache_dir: Path | None = None) -> TrainResult:
+    """Train the recipe's head by federation over the sites named in `data`'s `site_column`, each a
+    simulated Flower client, into the run folder `out`."""
+    config, federation = config or Config(), federation or Federation()
+    if config.fine_tune_epochs or config.engine == "keras" or config.crop != "none":
+        raise ConfigError("a federation trains the head on cached features: fine_tune_epochs 0, engine auto or "
+                          "cached, crop none")
+    keras.utils.set_random_seed(config.seed)
+    started, timings = time.perf_counter(), {}
+    dataset, external = training_data(data, config)
+    names = site_names(dataset, federation)
+    run = start_run(out, config, dataset)
+    federation.save(run.path(FEDERATION))
+    model = network(config, len(dataset.classes))
+    engine = CachedEngine(model, config, run, cache_dir)
+    with timed(timings, "prepare"):
+        plan = engine.plan(dataset)
+    recipe = fingerprint(dataset.classes, config.views, engine.extractor.cache.meta)
+    with tempfile.TemporaryDirectory(prefix="lungxray-sites-") as scratch, timed(timings, "federation"):
+        tables = [site_tables(plan, federation.site_column, name, recipe) for name in names]
+        paths = []
+        for index, table in enumerate(tables):
+            paths.append(str(Path(scratch) / f"site-{index}.npz"))
+            table.save(Path(paths[-1]))
+        run_federation(run.path(FOLDER), config, federation, dataset.classes,
+                       model.get_layer("head").get_weights(), recipe, paths)
+    fit = FederatedFit.load(run.path(FOLDER), dataset.classes)
+    model.get_layer("head").set_weights(fit.head_weights)
+    history = read_json(run.path(FOLDER) / "history.json", DataError, "does not exist")
+    info = {**provenance("federated", dataset, config), "federation": {
+        **federation.to_dict(), "sites": history["sites"], "best_round": history["best_round"]}}
+    predictor = KerasPredictor(model, dataset.classes, config.image_size, config.interpolation, config.intensity,
+                               temperature=fit.temperature, conformal=fit.conformal, ood=fit.gate, train_hashes=set(),
+                               info=info, extractor=engine.extractor)
+    predictor.save(run)
+    by_round = rounds_as_history(history["rounds"])
+    plot_history(by_round, "loss", run.plot("loss"))
+    plot_history(by_round, "accuracy", run.plot("accuracy"))
+    with timed(timings, "evaluation"):
+        test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
+    write_records(run.path(run.REFERENCE), reference_records(predictor, [r.path for r in dataset.split("val")]))
+    timings["total"] = time.perf_counter() - started
+    write_json(run.path(run.TIMINGS), timings)
+    result = TrainResult(run.folder, "federated", federation_summary(federation, len(names)), by_round,
+                         [h["round"] for h in history["rounds"]].index(history["best_round"]), test_metrics,
+                         timings, external_metrics)
+    write_run_report(run, result, dataset, config)
+    return result
+
+
+def site_names(dataset: Dataset, federation: Federation) -> list[str]:
+    """The sites, sorted; every training film must name one, and a federation needs two."""
+    column = federation.site_column
+    missing = [r.path for r in dataset.records if not r.extra.get(column)]
+    if missing:
+        raise DataError(f"{len(missing)} film(s) name no site in the column '{column}' (the first: {missing[0]}); "
+                        f"give every row of the manifest a {column}, or choose another --site-column")
+    names = sorted({r.extra[column] for r in dataset.records})
+    if len(names) < max(2, federation.min_sites):
+        raise DataError(f"the column '{column}' names {len(names)} site(s): {names}; a federation needs at least "
+                        f"{max(2, federation.min_sites)} (--min-sites)")
+    return names
+
+
+def site_tables(plan: TrainingPlan, column: str, name: str, recipe: str) -> SiteTables:
+    """One site's share of the plan's features: what that site would have computed itself."""
+    train = np.array([r.extra[column] == name for r in plan.train])
+    val = np.array([r.extra[column] == name for r in plan.val])
+    return SiteTables(name, plan.classes, plan.train_table[train], np.asarray(plan.train_labels)[train],
+                      plan.val_table[val][:, 0], np.asarray(plan.val_labels)[val], recipe)
+
+
+def run_federation(folder: Path, config: Config, federation: Federation, classes: list[str],
+                   initial: list[np.ndarray], recipe: str, tables: list[str]) -> None:
+    """The ServerApp and a ClientApp per site in Flower's simulation engine (Ray), one core per client."""
+    from flwr.simulation import run_simulation
+
+    from lungxray.federated.apps import client_app, server_app
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run_simulation(server_app(folder, config, federation, classes, initial, recipe), client_app(tables),
+                   num_supernodes=len(tables),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    if not (folder / FederatedFit.FITTED).exists():
+        raise DataError("the federation stopped before it finished; its log above says why")
+
+
+def rounds_as_history(rounds: list[dict]) -> dict[str, list[float]]:
+    """The rounds in the shape of Keras' history (one value per round), for the plots and the report."""
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "val_worst_group_accuracy")
+    return {key: [float(r.get(key, np.nan)) for r in rounds] for key in keys}
+
+
+def federation_summary(federation: Federation, sites: int) -> str:
+    return (f"{sites} sites by '{federation.site_column}', {federation.rounds} rounds of {federation.local_steps} "
+            f"local batches, {federation.aggregation}" +
+            (f" (mu {federation.proximal_mu:g})" if federation.aggregation == "fedprox" else ""))

@@ -1,0 +1,169 @@
+"""Federated training: what the server fits from the sites' statistics equals what a centralised
+run fits on the pooled films (within the documented quantisation), and a simulated federation on
+Flower's engine makes an ordinary run folder."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.covariance import LedoitWolf
+
+from lungxray.config import Federation
+from lungxray.errors import ConfigError
+from lungxray.federated import site as sites
+from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
+                                        temperature_from_nll)
+from lungxray.model.calibration import fit_temperature
+from lungxray.model.conformal import ConformalSets
+from lungxray.model.ood import OutOfDistribution, log_scaled
+
+CLASSES = ["covid", "normal", "pneumonia"]
+
+
+def three_sites(rng, dim=12):
+    """Feature rows of three sites with different means (as hospitals' films differ)."""
+    return [np.abs(rng.normal(shift, 1.0, (n, dim))) for shift, n in ((0.0, 150), (0.5, 90), (1.0, 60))]
+
+
+def softmax_outputs(rng, n):
+    logits = rng.normal(0, 2.0, (n, 3))
+    labels = np.where(rng.random(n) < 0.7, logits.argmax(axis=1), rng.integers(3, size=n))
+    raw = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return raw, labels
+
+
+def test_the_gate_from_the_sites_sums_is_ledoit_wolf_on_the_pooled_features():
+    parts = three_sites(np.random.default_rng(0))
+    sums = [sites.feature_sums(p) for p in parts]
+    count = sum(n for n, _ in sums)
+    mean = sum(s for _, s in sums) / count
+    moments = [sites.centred_moments(p, mean) for p in parts]
+    gate = gate_from_moments(count, mean, sum(m[0] for m in moments), sum(m[1] for m in moments))
+    pooled = LedoitWolf().fit(log_scaled(np.concatenate(parts)))
+    np.testing.assert_allclose(gate.mean, pooled.location_, rtol=1e-10)
+    np.testing.assert_allclose(gate.precision, pooled.precision_, rtol=1e-7, atol=1e-9)
+
+
+def test_the_gate_threshold_is_within_a_bin_of_the_pooled_percentile():
+    rng = np.random.default_rng(1)
+    parts = three_sites(rng)
+    gate = OutOfDistribution.fit(np.concatenate(parts), np.concatenate(parts))
+    histogram = sum(sites.gate_histogram(gate, p) for p in parts)
+    pooled = float(np.quantile(gate.score(np.concatenate(parts)), 0.99))
+    federated = quantile_from_histogram(histogram)
+    assert pooled <= federated <= pooled * 1.002
+    assert federated == pytest.approx(gate.threshold, rel=2e-3)
+
+
+def test_conformal_sets_from_histograms_are_never_smaller_and_differ_by_at_most_a_bin():
+    rng = np.random.default_rng(2)
+    parts = [softmax_outputs(rng, n) for n in (200, 120, 80)]
+    raw, labels = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    exact = ConformalSets.fit(raw, labels, CLASSES)
+    federated = conformal_from_histograms(sum(sites.conformal_histograms(r, y, 3) for r, y in parts), CLASSES)
+    test, _ = softmax_outputs(rng, 500)
+    exact_p, federated_p = exact.p_values(test), federated.p_values(test)
+    assert np.all(federated_p >= exact_p)
+    assert np.all(federated.sets(test) >= exact.sets(test))
+    for c in CLASSES:  # the same counts, each score moved up by less than a bin
+        assert len(federated.scores[c]) == len(exact.scores[c])
+        assert np.all((federated.scores[c] - exact.scores[c] >= -1e-7) & (federated.scores[c] - exact.scores[c] <= 1e-4 + 1e-7))
+
+
+def test_the_temperature_from_summed_likelihoods_is_within_a_grid_step_of_the_pooled_fit():
+    rng = np.random.default_rng(3)
+    parts = [softmax_outputs(rng, n) for n in (300, 100)]
+    raw, labels = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    federated = temperature_from_nll(sum(sites.temperature_nll(r, y) for r, y in parts))
+    assert federated == pytest.approx(fit_temperature(raw, labels), rel=4e-3)
+
+
+def test_a_site_whose_features_were_made_otherwise_is_refused_naming_what_differs():
+    from lungxray.federated.apps import _differences
+
+    server = json.loads(sites.fingerprint(CLASSES, 2, {"backbone_fingerprint": "aa", "interpolation": "nearest"}))
+    site = json.loads(sites.fingerprint(CLASSES, 2, {"backbone_fingerprint": "aa", "interpolation": "bilinear"}))
+    assert _differences(server, site) == "interpolation ('bilinear', the server's 'nearest')"
+    assert _differences(server, server) == ""
+
+
+def test_local_training_with_a_proximal_term_stays_closer_to_the_global_head():
+    from lungxray.model.network import build_head
+
+    rng = np.random.default_rng(4)
+    one_class = sites.SiteTables("A", CLASSES, rng.normal(size=(64, 2, 8)).astype(np.float32), np.zeros(64, int),
+                                 rng.normal(size=(10, 8)).astype(np.float32), np.zeros(10, int), "{}")
+    head = build_head(8, 3, 16, 0.2, 21)
+    start = [w.copy() for w in head.get_weights()]
+    distance = {}
+    for mu in (0.0, 10.0):
+        weights, loss, accuracy = sites.local_update(head, one_class, start, steps=20, batch_size=16,
+                                                     learning_rate=1e-2, proximal_mu=mu, seed=0)
+        distance[mu] = sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start))
+        assert np.isfinite(loss) and 0 <= accuracy <= 1
+    assert 0 < distance[10.0] < distance[0.0]
+
+
+def test_federation_settings_are_checked_like_the_recipe():
+    with pytest.raises(ConfigError, match="'aggregation' must be one of"):
+        Federation(aggregation="fedsgd")
+    with pytest.raises(ConfigError, match="'rounds' must be an int in the range"):
+        Federation(rounds=0)
+
+
+def sites_manifest(root, seed=0):
+    """Synthetic films of three hospitals with skewed class mixes (C holds pneumonia alone)."""
+    import csv
+
+    from PIL import Image
+
+    from tests.conftest import synthetic_image
+
+    rng = np.random.default_rng(seed)
+    mixes = {"A": {0: 6, 1: 6, 2: 6}, "B": {0: 8, 1: 4}, "C": {2: 8}}
+    rows = []
+    for site, mix in mixes.items():
+        for label, per_split in mix.items():
+            for split, n in (("train", per_split), ("val", max(2, per_split // 2)), ("test", 2)):
+                for i in range(n):
+                    path = root / "films" / f"{site}-{CLASSES[label]}-{split}-{i}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(synthetic_image(label, rng)).save(path)
+                    rows.append([str(path), CLASSES[label], split, site])
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        csv.writer(handle).writerows([["file", "label", "split", "source"], *rows])
+    return manifest
+
+
+def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_path, ray_alone):
+    """Three sites on Flower's simulation engine, through the command line: an ordinary run folder
+    whose model was fitted from the sites' replies (rounds kept, the best chosen, calibration, sets
+    and gate fitted across sites), which `load_predictor` takes."""
+    from lungxray.cli import main
+    from lungxray.infer.answer import answer_files
+    from lungxray.infer.loader import load_predictor
+    from lungxray.rundir import RunDir
+    from tests.conftest import TINY
+
+    manifest, out = sites_manifest(tmp_path), tmp_path / "run"
+    code = main(["federate", "simulate", "--data", str(manifest), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                 "--weights", "none", "--image-size", str(TINY), "--dense-units", "16", "--batch-size", "8",
+                 "--rounds", "3", "--local-steps", "2", "--monitor", "val_loss"])
+    assert code == 0
+    history = json.loads((out / "federation" / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
+    assert sorted(s["name"] for s in history["sites"]) == ["A", "B", "C"]
+    assert {s["name"]: s["train_by_class"] for s in history["sites"]}["C"] == [0, 0, 8]
+    losses = [r["val_loss"] for r in history["rounds"]]
+    assert history["best_round"] == 1 + int(np.argmin(losses))
+    assert len(list((out / "federation" / "rounds").glob("round-*.npz"))) == 3
+    described = json.loads((out / "model.json").read_text())
+    assert described["engine"] == "federated" and described["federation"]["aggregation"] == "fedprox"
+    assert 0.05 <= described["temperature"] <= 20
+    predictor = load_predictor(out, tmp_path / "cache")
+    answer = answer_files(predictor, sorted((tmp_path / "films").glob("A-normal-test-*.png"))[:1])[0]
+    assert answer.decision in CLASSES + ["withheld"] and answer.ood_score is not None and answer.set is not None
+    assert json.loads((out / RunDir.EVALUATION / "metrics.json").read_text())["accuracy"] >= 0
+    assert (out / RunDir.REFERENCE).stat().st_size > 0 and "federated" in (out / RunDir.REPORT).read_text()
+    assert json.loads((out / "federation.json").read_text())["rounds"] == 3
