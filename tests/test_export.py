@@ -220,7 +220,9 @@ def test_an_export_needs_only_the_base_install(run, exported):
     assert result.returncode == 0, result.stderr[-3000:]
     imported = {name.lower().replace("_", "-") for name in json.loads(result.stdout.splitlines()[-1])}
     extra = "onnxruntime" if exported.path.suffix == ".onnx" else None  # the [onnx] extra's runtime
-    optional = {"sniffio"}  # anyio imports it when it happens to be installed, and does not require it
+    # Imported when they happen to be installed, and not required: sniffio by anyio, watchfiles by
+    # uvicorn (installed with Flower's uvicorn[standard], `lungxray[federated]`).
+    optional = {"sniffio", "watchfiles"}
     assert imported - base_install() - {extra} - optional == set()
     assert {"tensorflow", "keras", "scikit-learn", "matplotlib", "scipy"}.isdisjoint(base_install())
 

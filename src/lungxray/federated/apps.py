@@ -84,6 +84,13 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
         return _reply(message, metrics={"num-examples": len(site.val),
                                         **sites.validation_report(raw, site.val_labels, len(site.classes))})
 
+    add_statistics_queries(app, site_of)
+    return app
+
+
+def add_statistics_queries(app: ClientApp, site_of) -> None:
+    """The queries after training: what calibration, the conformal sets and the gate are fitted from."""
+
     @app.query("calibration")
     def calibration(message: Message, context: Context) -> Message:
         site, settings = site_of(context), message.content["config"]
@@ -108,8 +115,6 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
         mean, precision = message.content["arrays"].to_numpy_ndarrays()
         histogram = sites.gate_histogram(OutOfDistribution(mean, precision, np.inf), site.val)
         return _reply(message, arrays=[histogram], metrics={"num-examples": len(site.val)})
-
-    return app
 
 
 @functools.lru_cache(maxsize=4)

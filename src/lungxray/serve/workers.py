@@ -11,6 +11,7 @@ the workers are summed by prometheus-client's multiprocess mode (`metrics.py`).
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
 import math
 import mmap
@@ -33,6 +34,9 @@ from lungxray.serve.operations import RateLimit
 SETTINGS_ENV = "LUNGXRAY_SERVE_WORKER"
 
 COUNT = struct.Struct("q")  # the images in hand, in the admission file
+# A worker that could not build its app exits with this code (uvicorn's own "never started", which
+# uvicorn 0.5x stops on by itself; 0.49, which Flower pins, would start it again and again).
+STARTUP_FAILURE = 3
 _held: dict = {}  # in the manager process: the rate limit
 
 
@@ -105,8 +109,17 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
     The connections' total is shared out among them (`connections.GuardedProtocol`, whose limits
     each worker sets for itself); `server_options` are uvicorn's (`server.uvicorn_options`)."""
     import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's supervisor, which starts a worker that died again; but not one that could not
+        start: that would fail again, so the server stops."""
+
+        def keep_subprocess_alive(self) -> None:
+            if any(worker.process.exitcode == STARTUP_FAILURE for worker in self.processes):
+                self.should_exit.set()
+                return
+            super().keep_subprocess_alive()
 
     folder = Path(tempfile.mkdtemp(prefix="lungxray-serve-"))
     (folder / "metrics").mkdir()
@@ -130,7 +143,9 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
                             workers=workers, **server_options)
     supervisor = None
     try:
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        # uvicorn 0.49 (Flower's pin) is given each worker's target; from 0.50 on it makes its own.
+        target = {"target": uvicorn.Server(config).run} if "target" in inspect.signature(Multiprocess).parameters else {}
+        supervisor = Supervisor(config, sockets=[config.bind_socket()], **target)
         supervisor.run()
     finally:
         if manager is not None:
@@ -141,15 +156,13 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    if supervisor is not None and any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+    if supervisor is not None and any(worker.process.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise ConfigError("a worker could not start (its error is above); the server stopped")
 
 
 def app_from_environment():
     """The app of one worker (uvicorn's factory). A worker that cannot build it exits as uvicorn's
     "never started", so that the supervisor stops instead of starting it again and again."""
-    from uvicorn.config import STARTUP_FAILURE
-
     try:
         return build_app(json.loads(os.environ[SETTINGS_ENV]))
     except Exception as error:
