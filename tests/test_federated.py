@@ -156,7 +156,8 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert sorted(s["name"] for s in history["sites"]) == ["A", "B", "C"]
     assert {s["name"]: s["train_by_class"] for s in history["sites"]}["C"] == [0, 0, 8]
     losses = [r["val_loss"] for r in history["rounds"]]
-    assert history["best_round"] == 1 + int(np.argmin(losses))
+    assert history["best_round"] == 1 + int(np.argmin(losses)) and len(set(losses)) == 3  # each round trained
+    assert all(0 <= r["loss"] and 0 <= r["accuracy"] <= 1 for r in history["rounds"])
     assert len(list((out / "federation" / "rounds").glob("round-*.npz"))) == 3
     described = json.loads((out / "model.json").read_text())
     assert described["engine"] == "federated" and described["federation"]["aggregation"] == "fedprox"
@@ -167,3 +168,24 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert json.loads((out / RunDir.EVALUATION / "metrics.json").read_text())["accuracy"] >= 0
     assert (out / RunDir.REFERENCE).stat().st_size > 0 and "federated" in (out / RunDir.REPORT).read_text()
     assert json.loads((out / "federation.json").read_text())["rounds"] == 3
+
+
+def test_a_federation_with_a_site_whose_features_differ_stops_naming_the_difference(tmp_path, ray_alone):
+    from lungxray.config import Config
+    from lungxray.federated.simulation import run_federation
+    from lungxray.model.network import build_head
+
+    rng = np.random.default_rng(5)
+    server = sites.fingerprint(CLASSES, 2, {"backbone_fingerprint": "aa", "interpolation": "nearest"})
+    other = sites.fingerprint(CLASSES, 2, {"backbone_fingerprint": "aa", "interpolation": "bilinear"})
+    paths = []
+    for name, recipe in (("A", server), ("B", other)):
+        table = sites.SiteTables(name, CLASSES, rng.normal(size=(12, 2, 8)).astype(np.float32), np.arange(12) % 3,
+                                 rng.normal(size=(6, 8)).astype(np.float32), np.arange(6) % 3, recipe)
+        paths.append(str(tmp_path / f"{name}.npz"))
+        table.save(tmp_path / f"{name}.npz")
+    with pytest.raises(ConfigError, match=r"^site B: its features were made with another interpolation \('bilinear', "
+                                        r"the server's 'nearest'\)"):
+        run_federation(tmp_path / "server", Config(dense_units=4), Federation(rounds=1), CLASSES,
+                       build_head(8, 3, 4).get_weights(), server, paths)
+    assert not (tmp_path / "server" / "head.npz").exists()

@@ -23,10 +23,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
@@ -41,6 +42,7 @@ from lungxray.io import write_json
 log = logging.getLogger("lungxray")
 
 SITE_TABLES = "site-tables"  # a SuperNode's --node-config key: the path of its SiteTables file
+REFUSED = 1  # the code of a site's refusal to join
 
 
 # --- The site -------------------------------------------------------------------------------------
@@ -58,9 +60,9 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
     def check(message: Message, context: Context) -> Message:
         site = site_of(context)
         differs = _differences(json.loads(message.content["config"]["fingerprint"]), json.loads(site.fingerprint))
-        if differs:
-            raise ConfigError(f"site {site.name}: its features were made with another {differs}; make them again "
-                              "with the federation's recipe")
+        if differs:  # an error reply: its reason reaches the server as written, without a traceback
+            return Message(Error(REFUSED, f"site {site.name}: its features were made with another {differs}; make "
+                                          "them again with the federation's recipe"), reply_to=message)
         counts = np.bincount(site.train_labels, minlength=len(site.classes))
         return _reply(message, metrics={"num-examples": len(site.train), "validation": len(site.val),
                                         **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
@@ -73,7 +75,7 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
             _head(site, settings["head"]), site, message.content["arrays"].to_numpy_ndarrays(),
             steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
-            seed=int(settings["seed"]) * 1_000_003 + int(settings["round"]) * 1009 + int(context.node_id) % 1009)
+            seed=int(settings["seed"]) * 1_000_003 + int(settings["server-round"]) * 1009 + zlib.crc32(site.name.encode()))
         return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "loss": loss,
                                                         "accuracy": accuracy})
 
@@ -167,8 +169,7 @@ def server_app(folder: Path, config: Config, federation: Federation, classes: li
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        coordinator = Coordinator(grid, config, federation, classes, fingerprint, folder)
-        coordinator.run(initial)
+        Coordinator(grid, config, federation, classes, fingerprint, folder).run(initial)
 
     return app
 
@@ -184,6 +185,7 @@ class Coordinator:
                                          "seed": config.seed})
         self.sites: dict[int, dict] = {}  # node id: name, counts
         self.history: list[dict] = []
+        self.previous: list[np.ndarray] = []  # the last round's head
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
@@ -240,6 +242,9 @@ class Coordinator:
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """After each round (and before the first): every site's validation report; the head kept."""
         weights = arrays.to_numpy_ndarrays()
+        if server_round > 0 and all(np.array_equal(w, v) for w, v in zip(weights, self.previous)):
+            raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
+        self.previous = weights
         if server_round == 0:
             return None
         rounds = self.folder / "rounds"

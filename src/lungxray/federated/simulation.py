@@ -114,7 +114,8 @@ def site_tables(plan: TrainingPlan, column: str, name: str, recipe: str) -> Site
 
 def run_federation(folder: Path, config: Config, federation: Federation, classes: list[str],
                    initial: list[np.ndarray], recipe: str, tables: list[str]) -> None:
-    """The ServerApp and a ClientApp per site in Flower's simulation engine (Ray), one core per client."""
+    """The ServerApp and a ClientApp per site in Flower's simulation engine (Ray), one core per client.
+    What stops the server (a refused site, a round no site finished) is raised here."""
     from flwr.simulation import run_simulation
 
     from lungxray.federated.apps import client_app, server_app
