@@ -93,12 +93,14 @@ def test_local_training_with_a_proximal_term_stays_closer_to_the_global_head():
     rng = np.random.default_rng(4)
     one_class = sites.SiteTables("A", CLASSES, rng.normal(size=(64, 2, 8)).astype(np.float32), np.zeros(64, int),
                                  rng.normal(size=(10, 8)).astype(np.float32), np.zeros(10, int), "{}")
-    head = build_head(8, 3, 16, 0.2, 21)
-    start = [w.copy() for w in head.get_weights()]
+    trainer = sites.LocalTrainer(build_head(8, 3, 16, 0.2, 21))
+    start = [w.copy() for w in trainer.head.get_weights()]
     distance = {}
-    for mu in (0.0, 10.0):
-        weights, loss, accuracy = sites.local_update(head, one_class, start, steps=20, batch_size=16,
-                                                     learning_rate=1e-2, proximal_mu=mu, seed=0)
+    for mu in (0.0, 10.0, 0.0):  # the same trainer: each round starts afresh from the weights given
+        weights, loss, accuracy = trainer.update(one_class, start, steps=20, batch_size=16, learning_rate=1e-2,
+                                                 proximal_mu=mu, seed=0)
+        if mu in distance:
+            assert distance[mu] == sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start))
         distance[mu] = sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start))
         assert np.isfinite(loss) and 0 <= accuracy <= 1
     assert 0 < distance[10.0] < distance[0.0]

@@ -217,6 +217,8 @@ class Federation:
     proximal_mu: float = setting(0.1, "FedProx's proximal weight: how hard a site's head is pulled back "
                                       "towards the round's global head", Interval(0, None))
     server_learning_rate: float = setting(0.01, "FedAdam's server learning rate", Interval(0, None))
+    local_learning_rate: float = setting(0.1, "FedAdam's sites' learning rate (plain gradient steps; FedAvg and "
+                                              "FedProx sites use the recipe's Adam and learning_rate)", Interval(0, None))
     min_sites: int = setting(2, "sites that must take part in every round", Interval(1))
 
     def __post_init__(self):

@@ -71,9 +71,9 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         site, settings = site_of(context), message.content["config"]
-        weights, loss, accuracy = sites.local_update(
-            _head(site, settings["head"]), site, message.content["arrays"].to_numpy_ndarrays(),
-            steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
+        trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], settings["local-optimizer"])
+        weights, loss, accuracy = trainer.update(
+            site, message.content["arrays"].to_numpy_ndarrays(), steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
             seed=int(settings["seed"]) * 1_000_003 + int(settings["server-round"]) * 1009 + zlib.crc32(site.name.encode()))
         return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "loss": loss,
@@ -125,11 +125,16 @@ def _load_site(path: str) -> sites.SiteTables:
 
 
 @functools.lru_cache(maxsize=4)
-def _head_model(site_classes: int, dim: int, head_settings: str):
+def _head_model(num_classes: int, dim: int, head_settings: str):
     from lungxray.model.network import build_head
 
     settings = json.loads(head_settings)
-    return build_head(dim, site_classes, settings["dense_units"], settings["dropout"], settings["seed"])
+    return build_head(dim, num_classes, settings["dense_units"], settings["dropout"], settings["seed"])
+
+
+@functools.lru_cache(maxsize=4)
+def _trainer(num_classes: int, dim: int, head_settings: str, optimizer: str) -> sites.LocalTrainer:
+    return sites.LocalTrainer(_head_model(num_classes, dim, head_settings), optimizer)
 
 
 def _head(site: sites.SiteTables, head_settings: str):
@@ -193,7 +198,7 @@ class Coordinator:
         result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(initial), num_rounds=self.federation.rounds,
                        train_config=ConfigRecord({"local-steps": self.federation.local_steps,
                                                   "batch-size": self.config.batch_size,
-                                                  "learning-rate": self.config.learning_rate,
+                                                  **self.local_optimizer(),
                                                   "seed": self.config.seed, "head": self.head_settings}),
                        evaluate_fn=self.after_round)
         for entry in self.history:  # the sites' training loss and accuracy, averaged by Flower
@@ -239,9 +244,16 @@ class Coordinator:
             return FedAdam(eta=self.federation.server_learning_rate, **common)
         return FedAvg(**common)
 
+    def local_optimizer(self) -> dict:
+        """FedAdam's sites take plain gradient steps, so that the server's Adam sees their average
+        gradient; otherwise each site runs the recipe's Adam."""
+        if self.federation.aggregation == "fedadam":
+            return {"local-optimizer": "sgd", "learning-rate": self.federation.local_learning_rate}
+        return {"local-optimizer": "adam", "learning-rate": self.config.learning_rate}
+
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """After each round (and before the first): every site's validation report; the head kept."""
-        weights = arrays.to_numpy_ndarrays()
+        weights = [w.astype(np.float32) for w in arrays.to_numpy_ndarrays()]  # FedAdam's are float64
         if server_round > 0 and all(np.array_equal(w, v) for w, v in zip(weights, self.previous)):
             raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
         self.previous = weights

@@ -2,7 +2,7 @@
 on them when the server asks. Nothing here sends anything: the ClientApp (`apps.py`) returns what
 these functions return, and that is the whole of what leaves a site (docs/federated.md):
 
-- `local_update`: the head's weights after a few batches of local training, and the count;
+- `LocalTrainer.update`: the head's weights after a few batches of local training, and the count;
 - `validation_report`: per class, how many validation films and how many were right, and the loss;
 - the post-training statistics: the negative log-likelihood at each candidate temperature, a
   histogram of the conformal scores per class, the sums that the out-of-distribution gate's
@@ -54,42 +54,66 @@ class SiteTables:
                        stored["train_labels"], stored["val"], stored["val_labels"], str(stored["fingerprint"]))
 
 
-def local_update(head, site: SiteTables, weights: list[np.ndarray], *, steps: int, batch_size: int,
-                 learning_rate: float, proximal_mu: float, seed: int) -> tuple[list[np.ndarray], float, float]:
-    """The head's weights after `steps` batches of Adam on the site's training films, starting from
-    the round's global `weights`, with the mean training loss and accuracy over those batches. Each batch draws films at random
-    (seeded by `seed`) and shows each as one of its views, as the cached engine's epochs do.
-    `proximal_mu` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 to the loss, so that a site
-    holding one class cannot drag the head far from what the others agreed."""
-    import keras
-    import tensorflow as tf
+class LocalTrainer:
+    """Local training of one head, traced once: every round starts again from the round's global
+    weights with a fresh optimizer state (its variables zeroed, not made anew, so that the traced
+    step is kept; a new trace per round cost ~0.4 s a site).
 
-    head.set_weights(weights)
-    anchors = [tf.constant(w) for w in (v.numpy() for v in head.trainable_variables)]
-    optimizer = keras.optimizers.Adam(learning_rate)
-    loss_of = keras.losses.CategoricalCrossentropy()
-    one_hot = np.eye(len(site.classes), dtype=np.float32)
-    rng = np.random.default_rng(seed)
+    `optimizer` "adam": the recipe's Adam, each site its own (FedAvg, FedProx); "sgd": plain
+    gradient steps, so that the server's optimizer (FedAdam) sees the sites' average gradient."""
 
-    @tf.function(reduce_retracing=True)
-    def step(features, targets):
-        with tf.GradientTape() as tape:
-            outputs = head(features, training=True)
-            loss = loss_of(targets, outputs)
-            if proximal_mu > 0:
-                loss += proximal_mu / 2 * tf.add_n([tf.reduce_sum(tf.square(v - a))
-                                                    for v, a in zip(head.trainable_variables, anchors)])
-        optimizer.apply_gradients(zip(tape.gradient(loss, head.trainable_variables), head.trainable_variables))
-        right = tf.reduce_mean(tf.cast(tf.argmax(outputs, 1) == tf.argmax(targets, 1), tf.float32))
-        return loss, right
+    def __init__(self, head, optimizer: str = "adam"):
+        import keras
+        import tensorflow as tf
 
-    results = []
-    for _ in range(steps):
-        rows = rng.choice(len(site.train), min(batch_size, len(site.train)), replace=False)
-        views = rng.integers(site.train.shape[1], size=len(rows))
-        results.append([float(v) for v in step(site.train[rows, views], one_hot[site.train_labels[rows]])])
-    loss, accuracy = np.mean(results, axis=0)
-    return [np.asarray(w) for w in head.get_weights()], float(loss), float(accuracy)
+        self.head = head
+        self.optimizer = keras.optimizers.Adam() if optimizer == "adam" else keras.optimizers.SGD()
+        self.optimizer.build(head.trainable_variables)
+        self.anchors = [tf.Variable(v, trainable=False) for v in head.trainable_variables]
+        self.mu = tf.Variable(0.0, trainable=False)
+        self.seeded = [layer for layer in head.layers if getattr(layer, "seed_generator", None) is not None]
+        loss_of = keras.losses.CategoricalCrossentropy()
+        dim, classes = head.input_shape[-1], head.output_shape[-1]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None, classes], tf.float32)])
+        def step(features, targets):
+            with tf.GradientTape() as tape:
+                outputs = head(features, training=True)
+                loss = loss_of(targets, outputs)
+                proximal = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in zip(head.trainable_variables,
+                                                                                     self.anchors)])
+                total = loss + self.mu / 2 * proximal
+            self.optimizer.apply_gradients(zip(tape.gradient(total, head.trainable_variables),
+                                               head.trainable_variables))
+            return loss, tf.reduce_mean(tf.cast(tf.argmax(outputs, 1) == tf.argmax(targets, 1), tf.float32))
+
+        self.step = step
+
+    def update(self, site: SiteTables, weights: list[np.ndarray], *, steps: int, batch_size: int,
+               learning_rate: float, proximal_mu: float, seed: int) -> tuple[list[np.ndarray], float, float]:
+        """The head's weights after `steps` batches on the site's training films, starting from the
+        round's global `weights`, with the mean training loss and accuracy over those batches. Each
+        batch draws films at random (seeded by `seed`) and shows each as one of its views, as the
+        cached engine's epochs do. `proximal_mu` > 0 adds FedProx's term mu/2 * ||w - w_global||^2
+        to the loss, so that a site holding one class cannot drag the head far from what the others
+        agreed."""
+        self.head.set_weights(weights)
+        for anchor, variable in zip(self.anchors, self.head.trainable_variables):
+            anchor.assign(variable)
+        for variable in self.optimizer.variables:
+            variable.assign(learning_rate if variable.path.endswith("learning_rate") else np.zeros(variable.shape))
+        self.mu.assign(proximal_mu)
+        for layer in self.seeded:  # dropout masks drawn from this round's seed, not from the last round's state
+            layer.seed_generator.state.assign([seed % 2**62, 0])
+        one_hot = np.eye(len(site.classes), dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        results = []
+        for _ in range(steps):
+            rows = rng.choice(len(site.train), min(batch_size, len(site.train)), replace=False)
+            views = rng.integers(site.train.shape[1], size=len(rows))
+            results.append([float(v) for v in self.step(site.train[rows, views], one_hot[site.train_labels[rows]])])
+        loss, accuracy = np.mean(results, axis=0)
+        return [np.asarray(w, np.float32) for w in self.head.get_weights()], float(loss), float(accuracy)
 
 
 def probabilities(head, features: np.ndarray) -> np.ndarray:
