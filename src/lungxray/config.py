@@ -212,8 +212,10 @@ class Federation:
     local_steps: int = setting(5, "batches each site trains on per round (a few keep the sites from "
                                   "drifting apart when their class mixes differ)", Interval(1))
     aggregation: str = setting("fedprox", "how the sites' heads are combined: FedAvg (weighted by examples), "
-                                          "FedProx (FedAvg with a proximal term in each site's loss) or FedAdam "
-                                          "(an Adam step on the server)", ("fedavg", "fedprox", "fedadam"))
+                                          "FedProx (FedAvg with a proximal term in each site's loss), FedAdam "
+                                          "(an Adam step on the server) or SCAFFOLD (FedAvg with each site's "
+                                          "drift corrected by the federation's gradient)",
+                               ("fedavg", "fedprox", "fedadam", "scaffold"))
     proximal_mu: float = setting(0.1, "FedProx's proximal weight: how hard a site's head is pulled back "
                                       "towards the round's global head", Interval(0, None))
     server_learning_rate: float = setting(0.01, "FedAdam's server learning rate", Interval(0, None))

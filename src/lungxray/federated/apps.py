@@ -68,14 +68,27 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
                                         **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
                       config={"name": site.name, "classes": json.dumps(site.classes)})
 
+    @app.query("gradient")
+    def gradient(message: Message, context: Context) -> Message:
+        site, settings = site_of(context), message.content["config"]
+        own = _trainer(len(site.classes), site.train.shape[-1], settings["head"], "adam").gradient(
+            site, message.content["arrays"].to_numpy_ndarrays(), batch_size=int(settings["batch-size"]),
+            seed=_seed(site, settings))
+        return _reply(message, arrays=own, metrics={"num-examples": len(site.train)})
+
     @app.train()
     def train(message: Message, context: Context) -> Message:
         site, settings = site_of(context), message.content["config"]
         trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], settings["local-optimizer"])
+        weights, seed = message.content["arrays"].to_numpy_ndarrays(), _seed(site, settings)
+        correction = None
+        if "control" in message.content:  # SCAFFOLD: the federation's gradient at the global head, less ours
+            own = trainer.gradient(site, weights, batch_size=int(settings["batch-size"]), seed=seed)
+            correction = [c - g for c, g in zip(message.content["control"].to_numpy_ndarrays(), own)]
         weights, loss, accuracy = trainer.update(
-            site, message.content["arrays"].to_numpy_ndarrays(), steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
+            site, weights, steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
-            seed=int(settings["seed"]) * 1_000_003 + int(settings["server-round"]) * 1009 + zlib.crc32(site.name.encode()))
+            seed=seed, correction=correction)
         return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "loss": loss,
                                                         "accuracy": accuracy})
 
@@ -117,6 +130,12 @@ def add_statistics_queries(app: ClientApp, site_of) -> None:
         mean, precision = message.content["arrays"].to_numpy_ndarrays()
         histogram = sites.gate_histogram(OutOfDistribution(mean, precision, np.inf), site.val)
         return _reply(message, arrays=[histogram], metrics={"num-examples": len(site.val)})
+
+
+def _seed(site: sites.SiteTables, settings: ConfigRecord) -> int:
+    """A site's seed for a round: the recipe's, the round and the site's name (not its node id,
+    which a simulation draws anew)."""
+    return int(settings["seed"]) * 1_000_003 + int(settings["server-round"]) * 1009 + zlib.crc32(site.name.encode())
 
 
 @functools.lru_cache(maxsize=4)
@@ -177,6 +196,26 @@ def server_app(folder: Path, config: Config, federation: Federation, classes: li
         Coordinator(grid, config, federation, classes, fingerprint, folder).run(initial)
 
     return app
+
+
+class Scaffold(FedAvg):
+    """FedAvg whose sites correct their drift: SCAFFOLD (Karimireddy et al., 2020) with the control
+    variates of its "option I" made afresh each round. Before a round every site sends its gradient
+    at the global head; their average, weighted by counts, goes out with the head, and each local
+    step follows its own gradient minus its site's gradient at the global head plus that average.
+    A site holding one class then stops pulling the head towards it. It costs a second message of
+    the head's size each round."""
+
+    def __init__(self, mean_gradient, **options):
+        super().__init__(**options)
+        self.mean_gradient = mean_gradient
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        control = ArrayRecord(self.mean_gradient(server_round, arrays.to_numpy_ndarrays()))
+        for message in messages:
+            message.content["control"] = control
+        return messages
 
 
 class Coordinator:
@@ -242,7 +281,18 @@ class Coordinator:
             return FedProx(proximal_mu=self.federation.proximal_mu, **common)
         if self.federation.aggregation == "fedadam":
             return FedAdam(eta=self.federation.server_learning_rate, **common)
+        if self.federation.aggregation == "scaffold":
+            return Scaffold(self.mean_gradient, **common)
         return FedAvg(**common)
+
+    def mean_gradient(self, server_round: int, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The sites' gradients at the global head, averaged weighted by their counts."""
+        replies = self.answers(self.ask(list(self.sites), "query.gradient",
+                                        {"head": self.head_settings, "batch-size": self.config.batch_size,
+                                         "seed": self.config.seed, "server-round": server_round}, weights))
+        counts = [float(r.content["metrics"]["num-examples"]) for r in replies]
+        gradients = [r.content["arrays"].to_numpy_ndarrays() for r in replies]
+        return [sum(n * g[i] for n, g in zip(counts, gradients)) / sum(counts) for i in range(len(gradients[0]))]
 
     def local_optimizer(self) -> dict:
         """FedAdam's sites take plain gradient steps, so that the server's Adam sees their average

@@ -71,40 +71,78 @@ class LocalTrainer:
         self.optimizer.build(head.trainable_variables)
         self.anchors = [tf.Variable(v, trainable=False) for v in head.trainable_variables]
         self.mu = tf.Variable(0.0, trainable=False)
+        # SCAFFOLD's correction of each gradient: the federation's gradient at the global head minus
+        # this site's (zero without it).
+        self.correction = [tf.Variable(tf.zeros_like(v), trainable=False) for v in head.trainable_variables]
         self.seeded = [layer for layer in head.layers if getattr(layer, "seed_generator", None) is not None]
         loss_of = keras.losses.CategoricalCrossentropy()
         dim, classes = head.input_shape[-1], head.output_shape[-1]
 
+        def forward(features):
+            """The head in training mode, but for BatchNormalization, which normalises with its stored
+            statistics: a site's batches hold one class or few, and normalising by their own statistics
+            would teach the head to read features centred on that site's classes (docs/federated.md)."""
+            for layer in head.layers:
+                features = layer(features, training=not isinstance(layer, keras.layers.BatchNormalization))
+            return features
+
         @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None, classes], tf.float32)])
         def step(features, targets):
             with tf.GradientTape() as tape:
-                outputs = head(features, training=True)
+                outputs = forward(features)
                 loss = loss_of(targets, outputs)
                 proximal = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in zip(head.trainable_variables,
                                                                                      self.anchors)])
                 total = loss + self.mu / 2 * proximal
-            self.optimizer.apply_gradients(zip(tape.gradient(total, head.trainable_variables),
-                                               head.trainable_variables))
+            gradients = [g + c for g, c in zip(tape.gradient(total, head.trainable_variables), self.correction)]
+            self.optimizer.apply_gradients(zip(gradients, head.trainable_variables))
             return loss, tf.reduce_mean(tf.cast(tf.argmax(outputs, 1) == tf.argmax(targets, 1), tf.float32))
 
-        self.step = step
+        @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None, classes], tf.float32)])
+        def gradient(features, targets):
+            with tf.GradientTape() as tape:
+                loss = loss_of(targets, forward(features))
+            return tape.gradient(loss, head.trainable_variables)
+
+        self.step, self.batch_gradient = step, gradient
+
+    def gradient(self, site: SiteTables, weights: list[np.ndarray], *, batch_size: int, seed: int) -> list[np.ndarray]:
+        """The mean gradient of the loss over the site's training films (each as itself), at `weights`:
+        what SCAFFOLD's control variates are made of."""
+        self.head.set_weights(weights)
+        self.reseed(seed)
+        one_hot = np.eye(len(site.classes), dtype=np.float32)
+        total = [np.zeros(v.shape, np.float64) for v in self.head.trainable_variables]
+        for start in range(0, len(site.train), batch_size):
+            rows = slice(start, start + batch_size)
+            gradients = self.batch_gradient(site.train[rows, 0], one_hot[site.train_labels[rows]])
+            for accumulated, g in zip(total, gradients):
+                accumulated += np.asarray(g, np.float64) * len(site.train_labels[rows])
+        return [(t / len(site.train)).astype(np.float32) for t in total]
+
+    def reseed(self, seed: int) -> None:
+        """Dropout masks drawn from `seed`, not from wherever the last round left the generators."""
+        for layer in self.seeded:
+            layer.seed_generator.state.assign([seed % 2**62, 0])
 
     def update(self, site: SiteTables, weights: list[np.ndarray], *, steps: int, batch_size: int,
-               learning_rate: float, proximal_mu: float, seed: int) -> tuple[list[np.ndarray], float, float]:
+               learning_rate: float, proximal_mu: float, seed: int, correction: list[np.ndarray] | None = None
+               ) -> tuple[list[np.ndarray], float, float]:
         """The head's weights after `steps` batches on the site's training films, starting from the
         round's global `weights`, with the mean training loss and accuracy over those batches. Each
         batch draws films at random (seeded by `seed`) and shows each as one of its views, as the
         cached engine's epochs do. `proximal_mu` > 0 adds FedProx's term mu/2 * ||w - w_global||^2
         to the loss, so that a site holding one class cannot drag the head far from what the others
-        agreed."""
+        agreed. `correction` (SCAFFOLD) is added to every gradient."""
         self.head.set_weights(weights)
         for anchor, variable in zip(self.anchors, self.head.trainable_variables):
             anchor.assign(variable)
         for variable in self.optimizer.variables:
             variable.assign(learning_rate if variable.path.endswith("learning_rate") else np.zeros(variable.shape))
         self.mu.assign(proximal_mu)
-        for layer in self.seeded:  # dropout masks drawn from this round's seed, not from the last round's state
-            layer.seed_generator.state.assign([seed % 2**62, 0])
+        for variable, value in zip(self.correction, correction or [np.zeros(v.shape) for v in self.correction]):
+            variable.assign(value)
+        self.reseed(seed)
         one_hot = np.eye(len(site.classes), dtype=np.float32)
         rng = np.random.default_rng(seed)
         results = []
