@@ -54,9 +54,10 @@ def head_bytes(run: Path) -> int:
         return sum(stored[name].nbytes for name in stored.files)
 
 
-def sent_per_round(run: Path) -> int:
+def sent_per_round(run: Path, aggregation: str) -> int:
     """What one site sends in a round: its trained head (an ArrayRecord) and its two MetricRecords
-    (training and validation report), as Flower counts them."""
+    (training and validation report), as Flower counts them; with SCAFFOLD, its gradient too (an
+    ArrayRecord of the trainable weights' size)."""
     from flwr.app import ArrayRecord, MetricRecord
 
     with np.load(run / "federation" / "head.npz") as stored:
@@ -64,15 +65,19 @@ def sent_per_round(run: Path) -> int:
     train = MetricRecord({"num-examples": 1, "loss": 0.0, "accuracy": 0.0})
     report = MetricRecord({"num-examples": 1, "loss-sum": 0.0, **{f"{k}-{i}": 0.0 for k in ("films", "right")
                                                                    for i in range(3)}})
-    return weights.count_bytes() + train.count_bytes() + report.count_bytes()
+    sent = weights.count_bytes() + train.count_bytes() + report.count_bytes()
+    if aggregation == "scaffold":
+        trainable = [stored for i, stored in enumerate(weights.to_numpy_ndarrays()) if i not in (4, 5)]  # BN's statistics
+        sent += ArrayRecord(trainable).count_bytes() + MetricRecord({"num-examples": 1}).count_bytes()
+    return sent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/cxr/manifest.csv"))
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--aggregations", default="fedavg,fedprox,fedadam")
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--aggregations", default="fedavg,fedprox,fedadam,scaffold")
     parser.add_argument("--holdout", help="a source left out of training and tested on")
     parser.add_argument("--alone", action="store_true", help="also train each site alone")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="federated-bench-")))
@@ -89,7 +94,7 @@ def main() -> None:
         result = simulate(args.data, args.out / aggregation, config, federation)
         seconds = time.perf_counter() - started
         timings = json.loads((result.run_dir / "timings.json").read_text())
-        detail = (f"{timings['federation'] / args.rounds:.2f} s/round; a site sends {sent_per_round(result.run_dir):,} "
+        detail = (f"{timings['federation'] / args.rounds:.2f} s/round; a site sends {sent_per_round(result.run_dir, aggregation):,} "
                   f"bytes/round (head {head_bytes(result.run_dir):,})")
         rows.append((f"{aggregation} ({args.rounds} x {args.local_steps})", result.test_metrics,
                      result.external_metrics, seconds, detail))

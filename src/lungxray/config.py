@@ -209,9 +209,8 @@ class Federation:
 
     site_column: str = setting("source", "the manifest column naming each film's site (hospital)")
     rounds: int = setting(30, "rounds of local training and aggregation", Interval(1))
-    local_steps: int = setting(5, "batches each site trains on per round (a few keep the sites from "
-                                  "drifting apart when their class mixes differ)", Interval(1))
-    aggregation: str = setting("fedprox", "how the sites' heads are combined: FedAvg (weighted by examples), "
+    local_steps: int = setting(20, "batches each site trains on per round", Interval(1))
+    aggregation: str = setting("scaffold", "how the sites' heads are combined: FedAvg (weighted by examples), "
                                           "FedProx (FedAvg with a proximal term in each site's loss), FedAdam "
                                           "(an Adam step on the server) or SCAFFOLD (FedAvg with each site's "
                                           "drift corrected by the federation's gradient)",
