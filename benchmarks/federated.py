@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import tempfile
@@ -26,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lungxray.config import Config, Federation  # noqa: E402
 from lungxray.errors import DataError  # noqa: E402
+from lungxray.evaluate.evaluation import evaluate  # noqa: E402
 from lungxray.federated import simulate  # noqa: E402
-from lungxray.training.recipe import train  # noqa: E402
+from lungxray.infer.loader import load_predictor  # noqa: E402
+from lungxray.training.recipe import train, training_data  # noqa: E402
 
 
 def auroc(metrics) -> str:
@@ -72,6 +75,26 @@ def sent_per_round(run: Path, aggregation: str) -> int:
     return sent
 
 
+def sites_alone(args, config: Config) -> list[tuple]:
+    """Each site's own model, measured on the same internal test split and held-out source as the
+    others; a site that cannot train one (a class it has no films of) says why."""
+    dataset, external = training_data(args.data, config)
+    rows = []
+    for source in sorted({r["source"] for r in csv.DictReader(open(args.data))} - {args.holdout}):
+        started = time.perf_counter()
+        try:
+            alone = train(site_manifest(args.data, source, args.out), args.out / f"alone-{source}",
+                          dataclasses.replace(config, holdout_source=None))
+        except DataError as error:
+            rows.append((f"{source} alone", None, None, time.perf_counter() - started, f"cannot train: {error}"))
+            continue
+        predictor = load_predictor(alone.run_dir)
+        internal = evaluate(predictor, dataset, alone.run_dir / "federated-test", split="test")
+        held_out = evaluate(predictor, external, alone.run_dir / "federated-external") if external else None
+        rows.append((f"{source} alone", internal, held_out, time.perf_counter() - started, ""))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/cxr/manifest.csv"))
@@ -99,17 +122,7 @@ def main() -> None:
         rows.append((f"{aggregation} ({args.rounds} x {args.local_steps})", result.test_metrics,
                      result.external_metrics, seconds, detail))
     if args.alone:
-        sources = sorted({r["source"] for r in csv.DictReader(open(args.data))} - {args.holdout})
-        for source in sources:
-            manifest = site_manifest(args.data, source, args.out)
-            started = time.perf_counter()
-            try:
-                alone = train(manifest, args.out / f"alone-{source}", config.replace(holdout_source=None))
-            except DataError as error:
-                rows.append((f"{source} alone", None, None, time.perf_counter() - started, f"cannot train: {error}"))
-                continue
-            rows.append((f"{source} alone", alone.test_metrics, None, time.perf_counter() - started,
-                         "its own test split"))
+        rows += sites_alone(args, config)
 
     print(f"| model | internal test macro AUROC | held-out {args.holdout or '-'} | wall s | notes |")
     print("|---|---|---|---|---|")

@@ -168,7 +168,9 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     answer = answer_files(predictor, sorted((tmp_path / "films").glob("A-normal-test-*.png"))[:1])[0]
     assert answer.decision in CLASSES + ["withheld"] and answer.ood_score is not None and answer.set is not None
     assert json.loads((out / RunDir.EVALUATION / "metrics.json").read_text())["accuracy"] >= 0
-    assert (out / RunDir.REFERENCE).stat().st_size > 0 and "federated" in (out / RunDir.REPORT).read_text()
+    report = (out / RunDir.REPORT).read_text()
+    assert (out / RunDir.REFERENCE).stat().st_size > 0 and "**federated**" in report
+    assert "| C | 0 | 0 | 8 | 4 |" in report  # the sites' table: C trained on 8 pneumonia films, validated on 4
     assert json.loads((out / "federation.json").read_text())["rounds"] == 3
 
 

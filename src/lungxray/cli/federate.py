@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from lungxray.cli.common import cache_dir
-from lungxray.cli.train import add_settings_arguments, config_from_args
+from lungxray.cli.train import add_settings_arguments, config_from_args, print_run
 from lungxray.config import PRESETS, Federation
-from lungxray.rundir import RunDir
 
 
 def add_federate_commands(commands) -> None:
@@ -33,10 +32,5 @@ def run_simulate(args) -> int:
     federation = Federation(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Federation)
                                if getattr(args, f.name) is not None})
     result = simulate(args.data, args.out, config_from_args(args), federation, cache_dir=cache_dir(args))
-    print(f"run folder: {result.run_dir}")
-    if result.test_metrics:
-        print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
-    if result.external_metrics:
-        print(f"external test (the held-out source) accuracy {result.external_metrics['accuracy']:.4f}")
-    print(f"report: {result.run_dir / RunDir.REPORT}")
+    print_run(result)
     return 0

@@ -87,10 +87,15 @@ def run_train(args) -> int:
     if not is_chief():
         print("worker done; the chief wrote the run folder")
         return 0
+    print_run(result)
+    return 0
+
+
+def print_run(result) -> None:
+    """A finished run in a few lines: its folder, its test figures and its report."""
     print(f"run folder: {result.run_dir}")
     if result.test_metrics:
         print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro F1 {result.test_metrics['macro_f1']:.4f}")
     if result.external_metrics:
         print(f"external test (the held-out source) accuracy {result.external_metrics['accuracy']:.4f}")
     print(f"report: {result.run_dir / RunDir.REPORT}")
-    return 0

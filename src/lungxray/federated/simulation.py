@@ -28,7 +28,7 @@ from lungxray.federated.result import FederatedFit
 from lungxray.federated.site import SiteTables, fingerprint
 from lungxray.infer.keras_predictor import KerasPredictor
 from lungxray.infer.monitoring_record import reference_records, write_records
-from lungxray.io import read_json, write_json
+from lungxray.io import read_json, write_json, write_text
 from lungxray.training.engines import CachedEngine, TrainingPlan
 from lungxray.training.recipe import evaluate_run, network, provenance, start_run, timed, training_data
 from lungxray.training.run_report import TrainResult, write_run_report
@@ -87,7 +87,24 @@ def simulate(data, out: str | Path | None = None, config: Config | None = None,
                          [h["round"] for h in history["rounds"]].index(history["best_round"]), test_metrics,
                          timings, external_metrics)
     write_run_report(run, result, dataset, config)
+    report = run.path(run.REPORT)
+    write_text(report, report.read_text() + "\n" + "\n".join(sites_section(history, dataset.classes)) + "\n")
     return result
+
+
+def sites_section(history: dict, classes: list[str]) -> list[str]:
+    """The report's table of sites: what each trained on, and how the chosen round did on its
+    validation films."""
+    chosen = next(r for r in history["rounds"] if r["round"] == history["best_round"])
+    lines = ["## Sites", "", f"Federated: {len(history['sites'])} sites; the head of round {history['best_round']} "
+             "was chosen ([federation/history.json](federation/history.json) has every round).", "",
+             "| site | " + " | ".join(f"train {c}" for c in classes) + " | validation films | validation accuracy |",
+             "|---|" + "---|" * (len(classes) + 2)]
+    for site in sorted(history["sites"], key=lambda s: s["name"]):
+        accuracy = chosen["val_accuracy_by_site"].get(site["name"])
+        lines.append(f"| {site['name']} | " + " | ".join(str(n) for n in site["train_by_class"]) +
+                     f" | {site['validation']} | {'-' if accuracy is None else f'{accuracy:.3f}'} |")
+    return lines
 
 
 def site_names(dataset: Dataset, federation: Federation) -> list[str]:
