@@ -47,7 +47,7 @@ def site_manifest(data: Path, source: str, folder: Path) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["file", "label", "split", "source"])
         writer.writeheader()
-        writer.writerows({"file": str(data.parent / r["file"]), "label": r["label"], "split": r["split"],
+        writer.writerows({"file": str(data.resolve().parent / r["file"]), "label": r["label"], "split": r["split"],
                           "source": r["source"]} for r in rows)
     return path
 
@@ -79,8 +79,14 @@ def sites_alone(args, config: Config) -> list[tuple]:
     """Each site's own model, measured on the same internal test split and held-out source as the
     others; a site that cannot train one (a class it has no films of) says why."""
     dataset, external = training_data(args.data, config)
+    manifest = list(csv.DictReader(open(args.data)))
     rows = []
-    for source in sorted({r["source"] for r in csv.DictReader(open(args.data))} - {args.holdout}):
+    for source in sorted({r["source"] for r in manifest} - {args.holdout}):
+        held = sorted({r["label"] for r in manifest if r["source"] == source})
+        if held != dataset.classes:
+            rows.append((f"{source} alone", None, None, 0.0, f"cannot train a {len(dataset.classes)}-class model: "
+                                                              f"holds {', '.join(held)} only"))
+            continue
         started = time.perf_counter()
         try:
             alone = train(site_manifest(args.data, source, args.out), args.out / f"alone-{source}",
@@ -111,7 +117,7 @@ def main() -> None:
     started = time.perf_counter()
     central = train(args.data, args.out / "centralised", config)
     rows.append(("centralised", central.test_metrics, central.external_metrics, time.perf_counter() - started, ""))
-    for aggregation in args.aggregations.split(","):
+    for aggregation in filter(None, args.aggregations.split(",")):
         federation = Federation(aggregation=aggregation, rounds=args.rounds, local_steps=args.local_steps)
         started = time.perf_counter()
         result = simulate(args.data, args.out / aggregation, config, federation)
