@@ -162,7 +162,7 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert all(0 <= r["loss"] and 0 <= r["accuracy"] <= 1 for r in history["rounds"])
     assert len(list((out / "federation" / "rounds").glob("round-*.npz"))) == 3
     described = json.loads((out / "model.json").read_text())
-    assert described["engine"] == "federated" and described["federation"]["aggregation"] == "fedprox"
+    assert described["engine"] == "federated" and described["federation"]["aggregation"] == "scaffold"
     assert 0.05 <= described["temperature"] <= 20
     predictor = load_predictor(out, tmp_path / "cache")
     answer = answer_files(predictor, sorted((tmp_path / "films").glob("A-normal-test-*.png"))[:1])[0]
