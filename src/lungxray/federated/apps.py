@@ -6,16 +6,17 @@ A federation, as the server drives it:
 
     check      every site says its name, its counts and the fingerprint of its features; a site whose
                backbone or input pipeline differs from the server's is refused, naming what differs
-    rounds     Flower's strategy (FedAvg, FedProx or FedAdam) sends the head, each site trains it for
-               a few batches and sends it back with its count; after each round every site reports
-               on its validation films, and the round's head is kept (`RUN/federation/rounds/`)
+    rounds     Flower's strategy (FedAvg, FedProx, FedAdam, or SCAFFOLD: FedAvg with the sites'
+               mean gradient sent out first) sends the head, each site trains it for a few batches
+               and sends it back with its count; after each round every site reports on its
+               validation films, and the round's head is kept (`RUN/federation/rounds/`)
     select     the best round by the recipe's monitor (pooled over sites; the worst class x site
                cell for val_worst_group_accuracy)
     statistics the selected head's calibration, conformal and gate statistics (`fitting.py`)
 
-The head's BatchNormalization statistics (moving mean and variance) are averaged like its weights,
-weighted by each site's count: the federation's head normalises with the mean of the sites' running
-statistics (docs/federated.md).
+In local training the head's BatchNormalization normalises with its stored statistics, never a
+batch's own (`site.LocalTrainer`), so the statistics travel unchanged and only its scale and shift
+are learnt and averaged (docs/federated.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ centralised run is.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +31,6 @@ from lungxray.io import read_json, write_json, write_text
 from lungxray.training.engines import CachedEngine, TrainingPlan
 from lungxray.training.recipe import evaluate_run, network, provenance, start_run, timed, training_data
 from lungxray.training.run_report import TrainResult, write_run_report
-
-log = logging.getLogger("lungxray")
 
 FEDERATION = "federation.json"  # the Federation settings, beside config.json
 FOLDER = "federation"  # what the server kept: rounds/, history.json, head.npz, fitted.json, ood.npz

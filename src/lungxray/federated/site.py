@@ -3,6 +3,7 @@ on them when the server asks. Nothing here sends anything: the ClientApp (`apps.
 these functions return, and that is the whole of what leaves a site (docs/federated.md):
 
 - `LocalTrainer.update`: the head's weights after a few batches of local training, and the count;
+- `LocalTrainer.gradient` (SCAFFOLD): the mean gradient of its training films' loss at the global head;
 - `validation_report`: per class, how many validation films and how many were right, and the loss;
 - the post-training statistics: the negative log-likelihood at each candidate temperature, a
   histogram of the conformal scores per class, the sums that the out-of-distribution gate's
