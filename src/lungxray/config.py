@@ -212,8 +212,8 @@ class Federation:
     local_steps: int = setting(20, "batches each site trains on per round", Interval(1))
     aggregation: str = setting("scaffold", "how the sites' heads are combined: FedAvg (weighted by examples), "
                                           "FedProx (FedAvg with a proximal term in each site's loss), FedAdam "
-                                          "(an Adam step on the server) or SCAFFOLD (FedAvg with each site's "
-                                          "drift corrected by the federation's gradient)",
+                                          "(an Adam step on the server) or SCAFFOLD (FedAvg with server momentum "
+                                          "and each site's drift corrected by the federation's gradient)",
                                ("fedavg", "fedprox", "fedadam", "scaffold"))
     proximal_mu: float = setting(0.1, "FedProx's proximal weight: how hard a site's head is pulled back "
                                       "towards the round's global head", Interval(0, None))
@@ -232,14 +232,6 @@ class Federation:
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Federation":
-        values = read_json(path, ConfigError, "does not exist")
-        try:
-            return cls(**values)
-        except TypeError as error:
-            raise ConfigError(f"{path}: {error}") from None
 
 
 def _check_settings(settings) -> None:
