@@ -29,7 +29,9 @@ from lungxray.config import Config, Federation  # noqa: E402
 from lungxray.errors import DataError  # noqa: E402
 from lungxray.evaluate.evaluation import evaluate  # noqa: E402
 from lungxray.federated import simulate  # noqa: E402
+from lungxray.federated.result import FederatedFit, load_weights  # noqa: E402
 from lungxray.infer.loader import load_predictor  # noqa: E402
+from lungxray.model.network import build_head  # noqa: E402
 from lungxray.training.recipe import train, training_data  # noqa: E402
 
 
@@ -53,8 +55,7 @@ def site_manifest(data: Path, source: str, folder: Path) -> Path:
 
 
 def head_bytes(run: Path) -> int:
-    with np.load(run / "federation" / "head.npz") as stored:
-        return sum(stored[name].nbytes for name in stored.files)
+    return sum(w.nbytes for w in load_weights(run / "federation" / FederatedFit.HEAD))
 
 
 def sent_per_round(run: Path, aggregation: str) -> int:
@@ -63,14 +64,15 @@ def sent_per_round(run: Path, aggregation: str) -> int:
     ArrayRecord of the trainable weights' size)."""
     from flwr.app import ArrayRecord, MetricRecord
 
-    with np.load(run / "federation" / "head.npz") as stored:
-        weights = ArrayRecord([stored[name] for name in sorted(stored.files, key=lambda n: int(n[4:]))])
+    head = load_weights(run / "federation" / FederatedFit.HEAD)
+    weights = ArrayRecord(head)
     train = MetricRecord({"num-examples": 1, "loss": 0.0, "accuracy": 0.0})
     report = MetricRecord({"num-examples": 1, "loss-sum": 0.0, **{f"{k}-{i}": 0.0 for k in ("films", "right")
                                                                    for i in range(3)}})
     sent = weights.count_bytes() + train.count_bytes() + report.count_bytes()
     if aggregation == "scaffold":
-        trainable = [stored for i, stored in enumerate(weights.to_numpy_ndarrays()) if i not in (4, 5)]  # BN's statistics
+        model = build_head(head[0].shape[0], head[-1].shape[0], head[0].shape[1])
+        trainable = [np.zeros(w.shape, np.float32) for w in model.trainable_weights]
         sent += ArrayRecord(trainable).count_bytes() + MetricRecord({"num-examples": 1}).count_bytes()
     return sent
 

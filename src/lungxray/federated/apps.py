@@ -38,6 +38,7 @@ from lungxray.errors import ConfigError
 from lungxray.federated import site as sites
 from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
                                         temperature_from_nll)
+from lungxray.federated.result import FederatedFit, load_weights, save_weights
 from lungxray.io import write_json
 
 log = logging.getLogger("lungxray")
@@ -314,7 +315,7 @@ class Coordinator:
             return None
         rounds = self.folder / "rounds"
         rounds.mkdir(parents=True, exist_ok=True)
-        np.savez(rounds / f"round-{server_round:04d}.npz", *weights)
+        save_weights(rounds / f"round-{server_round:04d}.npz", weights)
         replies = self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights)
         summary = self.summarise(server_round, {n: r.content["metrics"] for n, r in replies.items()
                                                 if not r.has_error()})
@@ -343,12 +344,9 @@ class Coordinator:
         return int(self.history[int(pick(values))]["round"])
 
     def round_weights(self, server_round: int) -> list[np.ndarray]:
-        with np.load(self.folder / "rounds" / f"round-{server_round:04d}.npz") as stored:
-            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        return load_weights(self.folder / "rounds" / f"round-{server_round:04d}.npz")
 
-    def fit_statistics(self, weights: list[np.ndarray]):
-        from lungxray.federated.result import FederatedFit
-
+    def fit_statistics(self, weights: list[np.ndarray]) -> FederatedFit:
         nodes = list(self.sites)
         replies = self.answers(self.ask(nodes, "query.calibration", {"head": self.head_settings}, weights))
         nll, histograms, sums = (sum(r.content["arrays"].to_numpy_ndarrays()[i] for r in replies) for i in range(3))

@@ -18,6 +18,17 @@ from lungxray.model.conformal import ConformalSets
 from lungxray.model.ood import OutOfDistribution
 
 
+def save_weights(path: Path, weights: list[np.ndarray]) -> None:
+    """A head's weights, in order, as one .npz (a round's, or the chosen one)."""
+    np.savez(path, *weights)
+
+
+def load_weights(path: Path) -> list[np.ndarray]:
+    """The weights `save_weights` wrote, in their order."""
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
 @dataclasses.dataclass
 class FederatedFit:
     head_weights: list[np.ndarray]
@@ -28,14 +39,13 @@ class FederatedFit:
     HEAD, FITTED, GATE = "head.npz", "fitted.json", "ood.npz"
 
     def save(self, folder: Path) -> None:
-        np.savez(folder / self.HEAD, *self.head_weights)
+        save_weights(folder / self.HEAD, self.head_weights)
         write_json(folder / self.FITTED, {"temperature": self.temperature, "conformal": self.conformal.to_json()})
         self.gate.save(folder / self.GATE)
 
     @classmethod
     def load(cls, folder: Path, classes: list[str]) -> "FederatedFit":
-        with np.load(folder / cls.HEAD) as stored:
-            weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        weights = load_weights(folder / cls.HEAD)
         fitted = read_json(folder / cls.FITTED, FileNotFoundError, "does not exist: the federation did not finish")
         return cls(weights, float(fitted["temperature"]), ConformalSets.from_json(fitted["conformal"], classes),
                    OutOfDistribution.load(folder / cls.GATE))
