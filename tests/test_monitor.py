@@ -3,6 +3,7 @@ reference and alarms on a shifted one, naming the feature that moved; the label-
 the truth on calibrated probabilities; realised metrics as computed by hand; the command's files and
 exit codes on a real run's records."""
 
+import collections
 import csv
 import hashlib
 import json
@@ -145,6 +146,51 @@ def test_serve_shows_the_latest_windows_drift_as_gauges(run, tmp_path):
     assert {"lungxray_monitor_drift_score", "lungxray_monitor_drift_threshold", "lungxray_monitor_alarm",
             "lungxray_monitor_estimated_accuracy"} <= set(gauges)
     assert 0 <= gauges["lungxray_monitor_estimated_accuracy"] <= 1 and gauges["lungxray_monitor_alarm"] in (0, 1)
+    assert 'lungxray_monitor_feature_score{feature="image_mean",group="image"}' in scraped
+
+
+def test_serve_workers_show_the_windows_of_every_worker(run, export, tmp_path):
+    """`serve --workers 2 --monitor-window 30`: each worker scores windows of its own answers, and a
+    scrape, whichever worker takes it, counts the windows of both (one worker's collector alone would
+    show only its own)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.servers import lungxray_serve
+
+    run_dir, data, _ = run
+    shutil.copytree(run_dir, tmp_path / "run")  # the export served beside its run's reference
+    shutil.copytree(export.parent, tmp_path / "run" / "export")
+    films = [(film.name, film.read_bytes()) for film in sorted((data / "test").rglob("*.png"))]
+    audit = tmp_path / "audit.jsonl"
+
+    def answered_by_worker() -> dict:
+        lines = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+        return collections.Counter(line["worker"] for line in lines
+                                   if line["path"] == "/api/predict" and line["status"] == 200)
+
+    def predict(index: int) -> int:  # a connection of its own, which either worker may take
+        name, content = films[index % len(films)]
+        return httpx.post(f"{url}/api/predict", files={"file": (name, content, "image/png")},
+                          headers={"Connection": "close"}, timeout=30).status_code
+
+    with lungxray_serve(tmp_path / "run" / "export" / "model.tflite", "--workers", "2", "--monitor-window", "30",
+                        "--audit-log", str(audit)) as (url, _, _):
+        sent = 0
+        with ThreadPoolExecutor(4) as pool:
+            while len(counts := answered_by_worker()) < 2 or min(counts.values()) < 30:
+                assert sent < 600, f"one worker took nearly every film: {counts}"
+                assert set(pool.map(predict, range(sent, sent + 20))) == {200}
+                sent += 20
+        expected = sum(count // 30 for count in counts.values())
+        deadline = time.monotonic() + 60
+        while f"lungxray_monitor_windows {expected:.1f}" not in (scraped := httpx.get(f"{url}/metrics").text):
+            assert time.monotonic() < deadline, (expected, counts, [line for line in scraped.splitlines()
+                                                                     if "monitor_windows" in line])
+            time.sleep(0.2)
+    assert expected >= 2 and "lungxray_monitor_drift_score " in scraped
     assert 'lungxray_monitor_feature_score{feature="image_mean",group="image"}' in scraped
 
 

@@ -124,8 +124,7 @@ class DicomNode:
             from lungxray.monitor.live import LiveMonitor  # SciPy: lungxray[full]
             from lungxray.monitor.records import read_jsonl
 
-            self.live = LiveMonitor(read_jsonl(Path(reference)), monitor_window)
-            self.metrics.registry.register(self.live)
+            self.live = LiveMonitor(read_jsonl(Path(reference)), monitor_window, self.metrics.registry)
 
     # -- the SCP -------------------------------------------------------------------------------
     def start(self, listen: bool = True) -> None:

@@ -4,9 +4,12 @@ against the run's reference (as `lungxray monitor` scores a window) in a thread 
 latest window's scores are Prometheus gauges on the service's /metrics, for Grafana and
 Alertmanager.
 
-    live = LiveMonitor(read_reference("runs/mine"), window=500)
-    registry.register(live)      # the gauges
+    live = LiveMonitor(read_reference("runs/mine"), window=500, registry=registry)
     live.add(record)             # for each answer
+
+Under `serve --workers N` each worker scores windows of its own answers, and the gauges are
+prometheus-client's multiprocess gauges: a scrape, whichever worker takes it, shows the window that
+any worker scored last and the windows of all the workers counted together.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge
 
 from lungxray.monitor.drift import DriftScorer
 from lungxray.monitor.monitoring import MIN_WINDOW
@@ -23,17 +26,28 @@ from lungxray.monitor.records import classes_of
 
 log = logging.getLogger(__name__)
 
+# The latest window's gauges: name, help, and what of a scored window it shows.
+LATEST = (
+    ("drift_score", "Combined drift score of the latest window", lambda s: s["drift"]["combined"]),
+    ("drift_threshold", "The drift score above which a window alarms", lambda s: s["drift"]["threshold"]),
+    ("alarm", "1 when the latest window's drift alarmed", lambda s: float(s["drift"]["alarm"])),
+    ("estimated_accuracy", "Label-free estimated accuracy of the latest window",
+     lambda s: (s["estimated"] or {}).get("accuracy")),
+    ("ood_rate", "Share of the latest window the out-of-distribution gate flagged", lambda s: s["ood_rate"]),
+    ("mean_set_size", "Mean conformal set size in the latest window", lambda s: s["mean_set_size"]))
+
 
 class LiveMonitor:
-    """A Prometheus collector of the latest window's drift and estimates (`collect`)."""
+    """Scores every `window` answers against the reference and sets its gauges on `registry`."""
 
-    def __init__(self, reference: list[dict], window: int = 500):
+    def __init__(self, reference: list[dict], window: int = 500, registry: CollectorRegistry | None = None):
         if window < MIN_WINDOW:
             raise ValueError(f"the monitoring window must hold at least {MIN_WINDOW} answers. Got {window} instead.")
-        self.window, self.classes = window, classes_of(reference)
+        self.window, self.classes, self.registry = window, classes_of(reference), registry
         self.scorer = DriftScorer(reference, self.classes)
         self._records: list[dict] = []
         self._lock = threading.Lock()
+        self._gauges: dict[str, Gauge] | None = None
         self.windows, self.latest = 0, None
 
     def add(self, record: dict) -> None:
@@ -54,28 +68,26 @@ class LiveMonitor:
             return
         with self._lock:
             self.latest, self.windows = summary, self.windows + 1
+            self._show(summary)
         if summary["drift"]["alarm"]:
             log.warning("monitoring: the last %d answers drifted from the reference (score %.2f, threshold %.2f)",
                         len(records), summary["drift"]["combined"], summary["drift"]["threshold"])
 
-    def collect(self):
-        with self._lock:
-            latest, windows = self.latest, self.windows
-        yield GaugeMetricFamily("lungxray_monitor_windows", "Monitoring windows scored so far", value=windows)
-        if latest is None:
-            return
-        drift, estimated = latest["drift"], latest["estimated"] or {}
-        for name, text, value in (
-                ("drift_score", "Combined drift score of the latest window", drift["combined"]),
-                ("drift_threshold", "The drift score above which a window alarms", drift["threshold"]),
-                ("alarm", "1 when the latest window's drift alarmed", float(drift["alarm"])),
-                ("estimated_accuracy", "Label-free estimated accuracy of the latest window", estimated.get("accuracy")),
-                ("ood_rate", "Share of the latest window the out-of-distribution gate flagged", latest["ood_rate"]),
-                ("mean_set_size", "Mean conformal set size in the latest window", latest["mean_set_size"])):
-            if value is not None:
-                yield GaugeMetricFamily(f"lungxray_monitor_{name}", text, value=value)
-        features = GaugeMetricFamily("lungxray_monitor_feature_score", "Standardised drift score of each feature "
-                                     "in the latest window", labels=["feature", "group"])
-        for name, scored in drift["features"].items():
-            features.add_metric([name, scored["group"]], scored["score"])
-        yield features
+    def _show(self, summary: dict) -> None:
+        """Set the gauges to a scored window. They are made at the first: in multiprocess mode a gauge
+        shows 0 from the moment it is made, and a worker that has scored nothing has nothing to show."""
+        if self._gauges is None:
+            # "mostrecent": of the workers' values, the one set last; "sum": every worker's windows.
+            self._gauges = {name: Gauge(f"lungxray_monitor_{name}", text, registry=self.registry,
+                                        multiprocess_mode="mostrecent") for name, text, _ in LATEST}
+            self._gauges["windows"] = Gauge("lungxray_monitor_windows", "Monitoring windows scored so far",
+                                            registry=self.registry, multiprocess_mode="sum")
+            self._gauges["feature_score"] = Gauge(
+                "lungxray_monitor_feature_score", "Standardised drift score of each feature in the latest window",
+                ["feature", "group"], registry=self.registry, multiprocess_mode="mostrecent")
+        for name, _, value_of in LATEST:
+            if (value := value_of(summary)) is not None:
+                self._gauges[name].set(value)
+        self._gauges["windows"].set(self.windows)
+        for name, scored in summary["drift"]["features"].items():
+            self._gauges["feature_score"].labels(name, scored["group"]).set(scored["score"])

@@ -195,8 +195,7 @@ def create_app(predictor: Predictor, run: RunDir | None = None,
         from lungxray.monitor.live import LiveMonitor  # SciPy: lungxray[full]
         from lungxray.monitor.records import read_jsonl
 
-        live = LiveMonitor(read_jsonl(Path(reference)), monitor_window)
-        metrics.collect_also(live)
+        live = LiveMonitor(read_jsonl(Path(reference)), monitor_window, metrics.registry)
     answering = Answering(predictor, metrics, refuse_ood, coverage, max_batch, max_wait_ms,
                           RecordWriter(records) if records else None, live)
     # What the middleware may answer on a guarded route, documented there (and the key it asks for).

@@ -43,13 +43,8 @@ class Metrics:
                                registry=self.registry)
         self.batch = Histogram("lungxray_batch_images", "Images predicted in one call (dynamic batching)",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.read_when_scraped = [ReadWhenScraped(model_identity, images_in_hand)]
-        self.registry.register(self.read_when_scraped[0])
-
-    def collect_also(self, collector) -> None:
-        """A collector read at each scrape (one worker's own, under `serve --workers N`)."""
-        self.read_when_scraped.append(collector)
-        self.registry.register(collector)
+        self.read_when_scraped = ReadWhenScraped(model_identity, images_in_hand)
+        self.registry.register(self.read_when_scraped)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text a scrape gets, and its content type."""
@@ -57,8 +52,7 @@ class Metrics:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-            for collector in self.read_when_scraped:
-                registry.register(collector)
+            registry.register(self.read_when_scraped)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def answered(self, path: str, status: int, seconds: float) -> None:
