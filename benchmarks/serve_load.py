@@ -2,16 +2,18 @@
 without dynamic batching, each with 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_load.py --model RUN_DIR_or_EXPORT [--images ../shared/cxr/test]
-                                    [--requests 2000] [--clients 1,8,32] [--max-batch 32] [--workers 2]
+                                    [--requests 2000] [--clients 1,8,32] [--max-batch 32] [--workers 2] [--records]
 
 The server is a separate process (`lungxray serve`, its audit log written to a file as in service);
 the clients run in another process on loopback and send pre-encoded HTTP/1.1 requests over raw
 keep-alive sockets, so that the client's own cost on these shared cores is as small as it can be.
 One upload in ten is invalid (random bytes, empty, truncated). It prints predictions/s (answers
 with 200 per second), that figure against the in-process one measured just before the row, latency percentiles of the 200s,
-responses by status, the mean images per predicted batch (from /metrics) and the server's memory.
+responses by status, the mean images per predicted batch (from /metrics), the server's CPU time per
+answer (its processes' user + system time over the row, over the answers with 200) and its memory.
 `--workers N` adds a row per client count for an unbatched `serve --workers N` (N processes on the
-port, sharing their limits and metrics).
+port, sharing their limits and metrics); `--records` one for an unbatched server that writes each
+answer's monitoring record (`--records FILE`), measured right after the unbatched one without.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def rss_mb(pid: int) -> float:
             total += int(line.split()[1]) / 1024
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
         total += rss_mb(int(child))
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a process and its descendants so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += cpu_seconds(int(child))
     return total
 
 
@@ -128,7 +139,7 @@ def batch_totals(base: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def server(model: str, max_batch: int, audit: Path, workers: int = 1):
+def server(model: str, max_batch: int, audit: Path, workers: int = 1, options: tuple[str, ...] = ()):
     """A `lungxray serve` process: yields (port, process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -136,7 +147,7 @@ def server(model: str, max_batch: int, audit: Path, workers: int = 1):
     # Every client runs on this machine: one address, which the server would otherwise cap at 16 connections.
     process = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "serve", "--model", model, "--port", str(port),
                                 "--max-batch", str(max_batch), "--audit-log", str(audit), "--workers", str(workers),
-                                "--max-connections-per-client", "100"],
+                                "--max-connections-per-client", "100", *options],
                                stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -157,12 +168,12 @@ def measure(port: int, process, work: list[bytes], warm: list[bytes], clients: i
     base = f"http://127.0.0.1:{port}"
     run_load(port, warm, min(clients, 8), time.time() + 60)  # warm-up: traced functions, caches
     images_before, calls_before = batch_totals(base)
-    memory_before = rss_mb(process.pid)
+    memory_before, cpu_before = rss_mb(process.pid), cpu_seconds(process.pid)
     results, elapsed = run_load(port, work, clients, time.time() + seconds)
     images, calls = batch_totals(base)
     return {"clients": clients, "results": results, "elapsed": elapsed,
             "batch": (images - images_before) / max(1.0, calls - calls_before),
-            "memory": (memory_before, rss_mb(process.pid))}
+            "cpu": cpu_seconds(process.pid) - cpu_before, "memory": (memory_before, rss_mb(process.pid))}
 
 
 def run_load(port: int, work: list[bytes], clients: int, deadline: float):
@@ -184,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120, help="at most, per row")
     parser.add_argument("--workers", type=int, default=1,
                         help="add rows for an unbatched server with this many worker processes (default 1: none)")
+    parser.add_argument("--records", action="store_true",
+                        help="add rows for an unbatched server that writes each answer's monitoring record")
     args = parser.parse_args()
 
     files = image_files(Path(args.images))
@@ -198,8 +211,13 @@ def main() -> None:
         batched = servers.enter_context(server(args.model, args.max_batch, Path(folder) / "on.jsonl"))
         several = (servers.enter_context(server(args.model, 1, Path(folder) / "workers.jsonl", args.workers))
                    if args.workers > 1 else None)
+        recording = (servers.enter_context(server(args.model, 1, Path(folder) / "recording.jsonl",
+                                                  options=("--records", str(Path(folder) / "records.jsonl"))))
+                     if args.records else None)
         for clients in args.clients:
-            for name, (port, process) in (("off", unbatched), (f"up to {args.max_batch}", batched)):
+            kinds = [("off", unbatched), *([("off, --records", recording)] if recording else []),
+                     (f"up to {args.max_batch}", batched)]
+            for name, (port, process) in kinds:
                 in_process = reference.images_per_second()
                 rows.append({"batching": name, "in_process": in_process,
                              **measure(port, process, work, warm, clients, args.seconds)})
@@ -210,8 +228,8 @@ def main() -> None:
 
     print(f"{args.requests} requests per row; {os.cpu_count()} CPUs")
     print("| batching | clients | in-process images/s | predictions/s | × in-process | p50 ms | p95 ms | p99 ms "
-          "| responses by status | images per batch | server RSS before → after MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| responses by status | images per batch | server CPU ms per answer | server RSS before → after MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         latencies = sorted(latency for status, latency in row["results"] if status == 200)
         statuses = collections.Counter(status for status, _ in row["results"])
@@ -220,7 +238,7 @@ def main() -> None:
         print(f"| {row['batching']} | {row['clients']} | {row['in_process']:.0f} | {served:.0f} "
               f"| {served / row['in_process']:.2f} | {percentile(0.5):.1f} | {percentile(0.95):.1f} "
               f"| {percentile(0.99):.1f} | {json.dumps(dict(sorted(statuses.items())))} | {row['batch']:.1f} "
-              f"| {row['memory'][0]:.0f} → {row['memory'][1]:.0f} |")
+              f"| {1000 * row['cpu'] / len(latencies):.2f} | {row['memory'][0]:.0f} → {row['memory'][1]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -441,12 +441,12 @@ def test_send_names_what_is_not_dicom(node_and_pacs, tmp_path):
 
 
 def listen(export, spool, port: int, pacs_port: int, send_to_aet: str = "PACS", allow: list[str] = (),
-           refuse_ood: bool = True):
+           refuse_ood: bool = True, options: tuple[str, ...] = ()):
     """`lungxray dicom listen` as its own process, once it accepts associations."""
     allowed = [argument for aet in allow for argument in ("--allow", aet)] + ([] if refuse_ood else ["--no-refuse-ood"])
     process = subprocess.Popen([sys.executable, "-c", CHILD, "dicom", "listen", "--model", str(export), "--port",
                                 str(port), "--send-to", f"{send_to_aet}@127.0.0.1:{pacs_port}", "--spool", str(spool),
-                                *allowed], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                *allowed, *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert "listening as LUNGXRAY" in process.stdout.readline()
     return process
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from lungxray.dicom.send import send_files
 from lungxray.infer.answer import WITHHELD, Answer
 from lungxray.infer.keras_predictor import KerasPredictor
-from lungxray.infer.monitoring_record import RecordWriter, age_band, monitoring_record
+from lungxray.infer.monitoring_record import STRIDE, RecordWriter, age_band, image_statistics, monitoring_record
 from lungxray.serve import create_app
 from tests.test_dicom_node import chest_film, node_and_pacs, predictor  # noqa: F401 (fixtures)
 from tests.test_serve import png_bytes
@@ -41,6 +41,17 @@ def test_a_record_holds_the_answer_the_image_and_the_acquisition_but_no_patient(
     assert record["sop_instance_uid"] == hashlib.sha256(str(film.SOPInstanceUID).encode()).hexdigest()[:16]
     line = json.dumps(record)
     assert not any(private in line for private in PRIVATE) and str(film.SOPInstanceUID) not in line
+
+
+def test_image_statistics_of_a_grey_film_in_colour_channels_are_its_greys_and_a_photographs_colour_shows():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (224, 224), dtype=np.uint8)
+    assert image_statistics(np.stack([grey] * 3, axis=-1)) == image_statistics(grey)
+    assert image_statistics(grey)["image_colour"] == 0
+    coloured = np.stack([grey, grey, np.zeros_like(grey)], axis=-1)  # a yellow tint
+    sampled = coloured[::STRIDE, ::STRIDE].astype(int)
+    by_hand = np.abs(sampled - sampled.sum(axis=-1, keepdims=True) // 3).mean()
+    assert image_statistics(coloured)["image_colour"] == pytest.approx(by_hand, abs=1e-3) and by_hand > 10
 
 
 @pytest.mark.parametrize("age, band", [("006M", "0-17"), ("017Y", "0-17"), ("018Y", "18-39"), ("085Y", "80+"),

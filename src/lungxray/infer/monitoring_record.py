@@ -53,15 +53,20 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     its grey level's mean, spread and percentiles, the share of nearly black and nearly white
     pixels, and how far from grey it is (a photograph, a coloured overlay). From every STRIDE-th
     pixel each way, through a histogram of the grey levels: a record must cost a service little."""
-    pixels = image[::STRIDE, ::STRIDE].astype(np.int16)
-    channels = [pixels[..., c] for c in range(pixels.shape[-1])] if pixels.ndim == 3 else [pixels]
-    grey = sum(channels) // len(channels)  # channel by channel: numpy's reduction over a last axis of 3 is slow
-    counts = np.bincount(grey.ravel(), minlength=256)[:256] / grey.size
+    pixels = image[::STRIDE, ::STRIDE]
+    if pixels.ndim == 3 and all(np.array_equal(pixels[..., 0], pixels[..., c]) for c in range(1, pixels.shape[-1])):
+        pixels = pixels[..., 0]  # a grey film in colour channels, the usual case: 0 from grey, and half the time
+    if pixels.ndim == 2:
+        grey, colour = pixels.ravel(), 0.0
+    else:
+        channels = [pixels[..., c].astype(np.int16) for c in range(pixels.shape[-1])]
+        grey = (sum(channels) // len(channels)).ravel()  # channel by channel: numpy's reduction over a last axis of 3 is slow
+        colour = float(sum(np.abs(channel.ravel() - grey).mean() for channel in channels) / len(channels))
+    counts = np.bincount(grey, minlength=256)[:256] / grey.size
     levels = np.arange(256)
     mean = float(counts @ levels)
     cumulative = np.cumsum(counts)
     p05, p50, p95 = np.searchsorted(cumulative, [0.05, 0.5, 0.95])
-    colour = float(sum(np.abs(channel - grey).mean() for channel in channels) / len(channels))
     return {"image_mean": round(mean, 3), "image_std": round(float(np.sqrt(counts @ (levels - mean) ** 2)), 3),
             "image_p05": float(p05), "image_p50": float(p50), "image_p95": float(p95),
             "image_dark": round(float(cumulative[5]), 5), "image_bright": round(float(1 - cumulative[249]), 5),
