@@ -104,10 +104,14 @@ class Answering:
 
             self.explainer = Explainer(predictor)
 
-    def decode(self, data: bytes, name: str) -> np.ndarray:
+    def decode(self, data: bytes, name: str) -> tuple[np.ndarray, dict | None]:
+        """The image the model sees and, when answers are recorded, what the record says of it: made
+        here, in a decoding thread, so that the event loop's share of a record is its line alone."""
         if not data:
             raise ImageError(name, "the upload is empty")
-        return self.predictor.read(data, name=name)
+        image = self.predictor.read(data, name=name)
+        recorded = self.records is not None or self.live is not None
+        return image, observation(data, image, name) if recorded else None
 
     def shown(self, answer: Answer, image: np.ndarray, with_explanation: bool) -> dict:
         """The API's body for `answer`; with the explanation, what the model saw (decoded, cropped,
@@ -126,7 +130,7 @@ class Answering:
         state["model"], audited = self.predictor.identity.id, state.setdefault("images", [])
         try:
             with self.batcher.expecting():
-                image = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decoders)
+                image, observed = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decoders)
                 future = self.batcher.submit(image)
             predictions, row = await asyncio.wrap_future(future)
         except ImageError:
@@ -140,8 +144,8 @@ class Answering:
             body = self.shown(answer, image, False)
         self.metrics.predicted(answer.decision, bool(answer.ood))
         audited.append(audit_fields(answer))
-        if self.records is not None or self.live is not None:
-            record = monitoring_record(answer, observed=observation(data, image, name))
+        if observed is not None:
+            record = monitoring_record(answer, observed=observed)
             if self.records is not None:
                 self.records.write(record)
             if self.live is not None:
