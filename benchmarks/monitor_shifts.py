@@ -3,8 +3,8 @@
     python benchmarks/monitor_shifts.py --model RUN [--data ../shared/cxr] [--window 100] [--before 500] [--after 500]
         [--through predict,serve,dicom]
 
-Each deployment is `--before` films of the run's internal test split in random order, then up to
-`--after` films of one shift: pediatric films only; one source hospital only (kermany_224); the test
+Each deployment is the same `--before` films of the run's internal test split in random order, then
+up to `--after` films of one shift, drawn from the rest of the split: pediatric films only; one source hospital only (kermany_224); the test
 films with a gamma of 0.5 (a contrast change); with noise and JPEG quality 15 (a scanner change);
 pneumonia at twice its share (a prevalence shift); one film in five not a chest film (CT and MR slices
 from pydicom's test files, fundus and microscopy images and photographs from scikit-image's, each
@@ -193,9 +193,11 @@ def main() -> None:
           "| realised (shifted windows)")
     for through in paths:
         rng = random.Random(0)  # the same deployments by every path
-        for name, (shifted, change) in shifts(rows, args.after, rng).items():
-            chosen = {r["file"] for r in shifted if r}
-            base = rng.sample([r for r in rows if r["file"] not in chosen], args.before)
+        # The films before the switch are drawn first, from the whole split: drawn from what a shift
+        # left, they would lack its films (the pediatric ones, say) and be shifted themselves.
+        base = rng.sample(rows, args.before)
+        drawn = {r["file"] for r in base}
+        for name, (shifted, change) in shifts([r for r in rows if r["file"] not in drawn], args.after, rng).items():
             with tempfile.TemporaryDirectory() as folder:
                 films = deployment(base, shifted, change, data, Path(folder))
                 records, reads = THROUGH[through](export, films, Path(folder))

@@ -22,7 +22,7 @@ from lungxray.cli import main
 from lungxray.errors import ConfigError
 from lungxray.infer.batch import PART_GLOB, score
 from lungxray.monitor.drift import DriftScorer, kolmogorov_smirnov
-from lungxray.monitor.monitoring import windows_of
+from lungxray.monitor.monitoring import Alarms, windows_of
 from lungxray.monitor.performance import realised, window_summary
 from lungxray.monitor.records import reference_of
 
@@ -62,6 +62,23 @@ def test_drift_is_quiet_on_the_references_likeness_and_alarms_on_a_shift():
     assert shifted["alarm"]
     moved = max(shifted["features"].items(), key=lambda item: item[1]["score"])[0]
     assert moved in ("image_mean", "image_p50") and shifted["features"]["image_mean"]["p_value"] < 0.001
+
+
+def test_a_window_alarms_when_the_gate_flags_more_films_than_the_reference_allows():
+    rng = np.random.default_rng(4)
+    reference = synthetic_records(2000, rng)
+    for index, record in enumerate(reference):
+        record["ood"] = index % 100 == 0  # the gate's 1% on the validation films
+    alarms = Alarms(reference, CLASSES)
+
+    def window(flagged: int) -> dict:
+        records = synthetic_records(100, rng)
+        for index, record in enumerate(records):
+            record["ood"] = index < flagged
+        return {**window_summary(records, CLASSES), "drift": {"alarm": False}}
+
+    assert alarms.of(window(1)) == [] and alarms.of(window(3)) == []  # P(>= 3 | 1%) = 0.08
+    assert alarms.of(window(20)) == ["out of distribution"]  # one film in five another kind of image
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.1, 0.3])

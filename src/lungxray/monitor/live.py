@@ -20,7 +20,7 @@ import threading
 from prometheus_client import CollectorRegistry, Gauge
 
 from lungxray.monitor.drift import DriftScorer
-from lungxray.monitor.monitoring import MIN_WINDOW
+from lungxray.monitor.monitoring import MIN_WINDOW, Alarms
 from lungxray.monitor.performance import window_summary
 from lungxray.monitor.records import classes_of
 
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 LATEST = (
     ("drift_score", "Combined drift score of the latest window", lambda s: s["drift"]["combined"]),
     ("drift_threshold", "The drift score above which a window alarms", lambda s: s["drift"]["threshold"]),
-    ("alarm", "1 when the latest window's drift alarmed", lambda s: float(s["drift"]["alarm"])),
+    ("alarm", "1 when the latest window alarmed (its drift, estimated accuracy or out-of-distribution rate)",
+     lambda s: float(bool(s["alarms"]))),
     ("estimated_accuracy", "Label-free estimated accuracy of the latest window",
      lambda s: (s["estimated"] or {}).get("accuracy")),
     ("ood_rate", "Share of the latest window the out-of-distribution gate flagged", lambda s: s["ood_rate"]),
@@ -44,7 +45,7 @@ class LiveMonitor:
         if window < MIN_WINDOW:
             raise ValueError(f"the monitoring window must hold at least {MIN_WINDOW} answers. Got {window} instead.")
         self.window, self.classes, self.registry = window, classes_of(reference), registry
-        self.scorer = DriftScorer(reference, self.classes)
+        self.scorer, self.alarms = DriftScorer(reference, self.classes), Alarms(reference, self.classes)
         self._records: list[dict] = []
         self._lock = threading.Lock()
         self._gauges: dict[str, Gauge] | None = None
@@ -63,15 +64,16 @@ class LiveMonitor:
         try:
             summary = window_summary(records, self.classes)
             summary["drift"] = self.scorer.score(records)
+            summary["alarms"] = self.alarms.of(summary)
         except Exception:  # monitoring must not stop the service
             log.exception("scoring a monitoring window failed")
             return
         with self._lock:
             self.latest, self.windows = summary, self.windows + 1
             self._show(summary)
-        if summary["drift"]["alarm"]:
-            log.warning("monitoring: the last %d answers drifted from the reference (score %.2f, threshold %.2f)",
-                        len(records), summary["drift"]["combined"], summary["drift"]["threshold"])
+        if summary["alarms"]:
+            log.warning("monitoring: the last %d answers alarmed (%s; drift score %.2f, threshold %.2f)", len(records),
+                        ", ".join(summary["alarms"]), summary["drift"]["combined"], summary["drift"]["threshold"])
 
     def _show(self, summary: dict) -> None:
         """Set the gauges to a scored window. They are made at the first: in multiprocess mode a gauge

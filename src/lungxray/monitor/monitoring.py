@@ -6,9 +6,11 @@
 Per window (a number of records, or a span of time such as "1d" or "6h"): the drift of each feature
 and the combined score (`drift.DriftScorer`), the label-free estimate of accuracy and per-class
 sensitivity, the rates of out-of-distribution flags, withheld classes and films not analysed, the
-mean conformal set size, and with reads the realised metrics (`performance`). A window alarms when
-its drift score passes the reference's own 99th percentile, or when its estimated accuracy falls more
-than `ACCURACY_DROP` below the reference's. Written to OUT as monitoring.json and report.html.
+mean conformal set size, and with reads the realised metrics (`performance`). A window alarms
+(`Alarms`) when its drift score passes the reference's own 99th percentile, when its estimated
+accuracy falls more than `ACCURACY_DROP` below the reference's, or when the gate flags more of its
+films than the reference's rate allows (a one-sided binomial test at `OOD_P_VALUE`). Written to OUT
+as monitoring.json and report.html.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from scipy import stats
 
 from lungxray.errors import ConfigError, DataError
 from lungxray.io import atomic_path
@@ -31,6 +34,8 @@ from lungxray.monitor.records import classes_of, probabilities, read_labels, rea
 from lungxray.monitor.report import write_report
 
 ACCURACY_DROP = 0.05  # an estimated accuracy this far below the reference's alarms
+# Flags this unlikely at the reference's rate alarm: 1 window in 1,000 of an unchanged deployment.
+OOD_P_VALUE = 0.001
 MIN_WINDOW = 30  # records: a window with fewer is not scored (its tests would say nothing)
 SPANS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
 RESULT_FILE, REPORT_FILE = "monitoring.json", "report.html"
@@ -41,6 +46,27 @@ class MonitorResult:
     out: Path
     windows: list[dict]
     alarm: bool
+
+
+class Alarms:
+    """Why a scored window alarms, against the reference: its drift, its estimated accuracy, and the
+    share of its films the gate flagged. The same rules for `lungxray monitor` and the live gauges."""
+
+    def __init__(self, reference: list[dict], classes: list[str]):
+        p = probabilities(reference, classes)
+        self.expected = estimate(p[~np.isnan(p).any(axis=1)], classes)
+        flags = [r["ood"] for r in reference if r.get("ood") is not None]
+        # A reference the gate never flagged is taken to allow one flag in its count, so that a single
+        # flagged film does not alarm.
+        self.ood_rate = float(max(np.mean(flags), 1 / len(flags))) if flags else None
+
+    def of(self, summary: dict) -> list[str]:
+        estimated = summary["estimated"]
+        drop = estimated is not None and estimated["accuracy"] < self.expected["accuracy"] - ACCURACY_DROP
+        flagged = self.ood_rate is not None and summary["ood_judged"] > 0 and stats.binomtest(
+            summary["ood_flagged"], summary["ood_judged"], self.ood_rate, alternative="greater").pvalue < OOD_P_VALUE
+        return [name for name, on in (("drift", summary["drift"]["alarm"]), ("estimated accuracy", drop),
+                                      ("out of distribution", flagged)) if on]
 
 
 def window_of(window: str):
@@ -78,25 +104,22 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
     """Score the records `items` name against `run`'s reference; write the result to `out`."""
     reference = read_reference(run)
     classes = classes_of(reference)
-    p = probabilities(reference, classes)
-    expected = estimate(p[~np.isnan(p).any(axis=1)], classes)
-    scorer = DriftScorer(reference, classes)
+    alarms, scorer = Alarms(reference, classes), DriftScorer(reference, classes)
     reads = read_labels(labels) if labels else None
     windows = []
     for records in windows_of(stream_records(items), window):
         summary = window_summary(records, classes)
         summary["drift"] = scorer.score(records)
         summary["realised"] = realised(records, classes, reads) if reads is not None else None
-        drop = summary["estimated"] is not None and summary["estimated"]["accuracy"] < expected["accuracy"] - ACCURACY_DROP
-        summary["alarms"] = [name for name, on in (("drift", summary["drift"]["alarm"]),
-                                                   ("estimated accuracy", drop)) if on]
+        summary["alarms"] = alarms.of(summary)
         windows.append(summary)
     if not windows:
         raise DataError(f"no window of {window} holds {MIN_WINDOW} records or more in {', '.join(map(str, items))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(run), "window": window, "classes": classes,
-              "reference": {"n": len(reference), "estimated": expected}, "accuracy_drop": ACCURACY_DROP,
+              "reference": {"n": len(reference), "estimated": alarms.expected, "ood_rate": alarms.ood_rate},
+              "accuracy_drop": ACCURACY_DROP, "ood_p_value": OOD_P_VALUE,
               "windows": windows, "alarm": any(w["alarms"] for w in windows)}
     with atomic_path(out / RESULT_FILE) as temporary:
         temporary.write_text(json.dumps(result, indent=1, default=float))

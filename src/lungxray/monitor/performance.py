@@ -39,6 +39,7 @@ def window_summary(records: list[dict], classes: list[str]) -> dict:
                "withheld_rate": round(float(np.mean([r.get("decision") == "withheld" for r in records])), 4),
                "not_analysed_rate": round(1 - len(analysed) / len(records), 4),
                "ood_rate": round(float(np.mean(flags)), 4) if flags else None,
+               "ood_flagged": int(sum(flags)), "ood_judged": len(flags),
                "mean_set_size": round(float(np.mean(sizes)), 4) if sizes else None}
     summary["estimated"] = estimate(analysed, classes) if len(analysed) else None
     return summary
