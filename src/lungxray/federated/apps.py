@@ -1,6 +1,6 @@
 """The Flower apps: the `ClientApp` each site runs on its own films, and the `ServerApp` that
-coordinates them. The same two objects run in the simulation engine (`simulation.py`) and, later,
-under a SuperLink and SuperNodes.
+coordinates them. The same apps run in the simulation engine (`simulation.py`) and under a SuperLink
+and SuperNodes (`deployment.py`).
 
 A federation, as the server drives it:
 
@@ -188,14 +188,15 @@ def _reply(message: Message, arrays: list[np.ndarray] | None = None, metrics: di
 # --- The server -----------------------------------------------------------------------------------
 
 def server_app(folder: Path, config: Config, federation: Federation, classes: list[str],
-               initial: list[np.ndarray], fingerprint: str) -> ServerApp:
-    """The ServerApp: trains from the `initial` head weights and writes what it fitted to
-    `folder` (`FederatedFit.save`). `fingerprint`: `site.fingerprint` of the server's recipe."""
+               initial: list[np.ndarray], fingerprint: str, sites: int) -> ServerApp:
+    """The ServerApp of a simulation: waits for its `sites`, trains from the `initial` head weights and
+    writes what it fitted to `folder` (`FederatedFit.save`). `fingerprint`: `site.fingerprint` of the
+    server's recipe."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(grid, config, federation, classes, fingerprint, folder).run(initial)
+        Coordinator(grid, config, federation, classes, fingerprint, folder, sites).run(initial)
 
     return app
 
@@ -221,23 +222,42 @@ class Scaffold(FedAvgM):
         return messages
 
 
+class CheckedSites:
+    """The grid as Flower's strategies see it: only the sites that passed the check and still take
+    part, so that a SuperNode connecting later, unchecked, is never sent the head."""
+
+    def __init__(self, grid: Grid, sites: dict):
+        self._grid, self._sites = grid, sites
+
+    def get_node_ids(self):
+        connected = set(self._grid.get_node_ids())
+        return [node for node in self._sites if node in connected]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
 class Coordinator:
-    """The server's side of one federation, step by step (the module's docstring)."""
+    """The server's side of one federation, step by step (the module's docstring). A site whose
+    reply is an error (it stopped, or Flower found it offline) takes no further part; the
+    federation goes on while `federation.min_sites` remain."""
 
     def __init__(self, grid: Grid, config: Config, federation: Federation, classes: list[str], fingerprint: str,
-                 folder: Path):
+                 folder: Path, expected_sites: int | None = None):
         self.grid, self.config, self.federation, self.folder = grid, config, federation, folder
         self.classes, self.fingerprint = list(classes), fingerprint
+        self.expected_sites = max(expected_sites or 0, federation.min_sites)
         self.head_settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout,
                                          "seed": config.seed})
-        self.sites: dict[int, dict] = {}  # node id: name, counts
+        self.sites: dict[int, dict] = {}  # node id: name, counts, of the sites still taking part
+        self.roster: list[dict] = []  # every site that passed the check (a dropped one says after which round)
         self.history: list[dict] = []
         self.previous: list[np.ndarray] = []  # the last round's head
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
         strategy = self.strategy()
-        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(initial), num_rounds=self.federation.rounds,
+        result = strategy.start(grid=CheckedSites(self.grid, self.sites), initial_arrays=ArrayRecord(initial), num_rounds=self.federation.rounds,
                        train_config=ConfigRecord({"local-steps": self.federation.local_steps,
                                                   "batch-size": self.config.batch_size,
                                                   **self.local_optimizer(),
@@ -248,9 +268,10 @@ class Coordinator:
             entry.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
         best = self.best_round()
         weights = self.round_weights(best)
+        fit = self.fit_statistics(weights)
         write_json(self.folder / "history.json", {"rounds": self.history, "best_round": best,
-                                                  "sites": list(self.sites.values())})
-        self.fit_statistics(weights).save(self.folder)
+                                                  "sites": self.roster})
+        fit.save(self.folder)
 
     # The steps.
     def check_sites(self) -> None:
@@ -264,14 +285,18 @@ class Coordinator:
             self.sites[node] = {"name": reply.content["config"]["name"], "train": int(metrics["num-examples"]),
                                 "validation": int(metrics["validation"]),
                                 "train_by_class": [int(metrics[f"films-{i}"]) for i in range(self.num_classes)]}
+            self.roster.append(self.sites[node])
         log.info("federation: %d sites (%s)", len(self.sites), ", ".join(s["name"] for s in self.sites.values()))
 
     def wait_for_sites(self) -> list[int]:
+        """Every expected site, or after 10 minutes those connected if they are `min_sites` or more."""
         import time
 
         deadline = time.monotonic() + 600
-        while len(nodes := list(self.grid.get_node_ids())) < self.federation.min_sites:
+        while len(nodes := list(self.grid.get_node_ids())) < self.expected_sites:
             if time.monotonic() > deadline:
+                if len(nodes) >= self.federation.min_sites:
+                    break
                 raise ConfigError(f"{len(nodes)} site(s) connected in 10 minutes; --min-sites is "
                                   f"{self.federation.min_sites}")
             time.sleep(1)
@@ -316,9 +341,8 @@ class Coordinator:
         rounds = self.folder / "rounds"
         rounds.mkdir(parents=True, exist_ok=True)
         save_weights(rounds / f"round-{server_round:04d}.npz", weights)
-        replies = self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights)
-        summary = self.summarise(server_round, {n: r.content["metrics"] for n, r in replies.items()
-                                                if not r.has_error()})
+        replies = self.answers(self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights))
+        summary = self.summarise(server_round, {r.metadata.src_node_id: r.content["metrics"] for r in replies})
         self.history.append(summary)
         log.info("round %d: val_loss %.4f, val_accuracy %.4f, worst class x site %.4f", server_round,
                  summary["val_loss"], summary["val_accuracy"], summary["val_worst_group_accuracy"])
@@ -347,7 +371,15 @@ class Coordinator:
         return load_weights(self.folder / "rounds" / f"round-{server_round:04d}.npz")
 
     def fit_statistics(self, weights: list[np.ndarray]) -> FederatedFit:
-        nodes = list(self.sites)
+        """The statistics of the sites that answer every step; a site lost on the way means again
+        from the start without it (the steps build on each other's sums)."""
+        while True:
+            nodes = list(self.sites)
+            fit = self.fit_statistics_of(nodes, weights)
+            if list(self.sites) == nodes:
+                return fit
+
+    def fit_statistics_of(self, nodes: list[int], weights: list[np.ndarray]) -> FederatedFit:
         replies = self.answers(self.ask(nodes, "query.calibration", {"head": self.head_settings}, weights))
         nll, histograms, sums = (sum(r.content["arrays"].to_numpy_ndarrays()[i] for r in replies) for i in range(3))
         count = int(sum(r.content["metrics"]["num-examples"] for r in replies))
@@ -375,8 +407,14 @@ class Coordinator:
         return {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages)}
 
     def answers(self, replies: dict[int, Message]) -> list[Message]:
-        """The replies without error; an error is the end of the federation's statistics."""
-        failed = [reply.error.reason for reply in replies.values() if reply.has_error()]
-        if failed:
-            raise RuntimeError(f"a site could not compute its statistics: {'; '.join(failed)}")
-        return list(replies.values())
+        """The replies without error. A site that replied with one takes no further part; too few
+        sites left is the end of the federation."""
+        for node, reply in replies.items():
+            if reply.has_error() and node in self.sites:
+                dropped = self.sites.pop(node)
+                dropped["dropped_after_round"] = len(self.history)
+                log.warning("federation: site %s dropped out after round %d (%s)", dropped["name"], len(self.history),
+                            reply.error.reason)
+        if len(self.sites) < self.federation.min_sites:
+            raise RuntimeError(f"{len(self.sites)} site(s) remain; --min-sites is {self.federation.min_sites}")
+        return [reply for reply in replies.values() if not reply.has_error()]

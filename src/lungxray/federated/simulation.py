@@ -22,28 +22,21 @@ import numpy as np
 from lungxray.config import Config, Federation
 from lungxray.data.records import Dataset
 from lungxray.errors import ConfigError, DataError
-from lungxray.evaluate.plots import plot_history
-from lungxray.federated.result import FederatedFit
+from lungxray.federated.result import (FEDERATION, FOLDER, FederatedFit, federation_summary, save_federated_model,
+                                      sites_section)
 from lungxray.federated.site import SiteTables, fingerprint
-from lungxray.infer.keras_predictor import KerasPredictor
 from lungxray.infer.monitoring_record import reference_records, write_records
-from lungxray.io import read_json, write_json, write_text
+from lungxray.io import write_json, write_text
 from lungxray.training.engines import CachedEngine, TrainingPlan
 from lungxray.training.recipe import evaluate_run, network, provenance, start_run, timed, training_data
 from lungxray.training.run_report import TrainResult, write_run_report
-
-FEDERATION = "federation.json"  # the Federation settings, beside config.json
-FOLDER = "federation"  # what the server kept: rounds/, history.json, head.npz, fitted.json, ood.npz
-
 
 def simulate(data, out: str | Path | None = None, config: Config | None = None,
              federation: Federation | None = None, cache_dir: Path | None = None) -> TrainResult:
     """Train the recipe's head by federation over the sites named in `data`'s `site_column`, each a
     simulated Flower client, into the run folder `out`."""
     config, federation = config or Config(), federation or Federation()
-    if config.fine_tune_epochs or config.engine == "keras" or config.crop != "none":
-        raise ConfigError("a federation trains the head on cached features: fine_tune_epochs 0, engine auto or "
-                          "cached, crop none")
+    check_recipe(config)
     keras.utils.set_random_seed(config.seed)
     started, timings = time.perf_counter(), {}
     dataset, external = training_data(data, config)
@@ -56,25 +49,15 @@ def simulate(data, out: str | Path | None = None, config: Config | None = None,
         plan = engine.plan(dataset)
     recipe = fingerprint(dataset.classes, config.views, engine.extractor.cache.meta)
     with tempfile.TemporaryDirectory(prefix="lungxray-sites-") as scratch, timed(timings, "federation"):
-        tables = [site_tables(plan, federation.site_column, name, recipe) for name in names]
+        tables = [site_tables(plan, name, recipe, federation.site_column) for name in names]
         paths = []
         for index, table in enumerate(tables):
             paths.append(str(Path(scratch) / f"site-{index}.npz"))
             table.save(Path(paths[-1]))
         run_federation(run.path(FOLDER), config, federation, dataset.classes,
                        model.get_layer("head").get_weights(), recipe, paths)
-    fit = FederatedFit.load(run.path(FOLDER), dataset.classes)
-    model.get_layer("head").set_weights(fit.head_weights)
-    history = read_json(run.path(FOLDER) / "history.json", DataError, "does not exist")
-    info = {**provenance("federated", dataset, config), "federation": {
-        **federation.to_dict(), "sites": history["sites"], "best_round": history["best_round"]}}
-    predictor = KerasPredictor(model, dataset.classes, config.image_size, config.interpolation, config.intensity,
-                               temperature=fit.temperature, conformal=fit.conformal, ood=fit.gate, train_hashes=set(),
-                               info=info, extractor=engine.extractor)
-    predictor.save(run)
-    by_round = rounds_as_history(history["rounds"])
-    plot_history(by_round, "loss", run.plot("loss"))
-    plot_history(by_round, "accuracy", run.plot("accuracy"))
+    predictor, history, by_round = save_federated_model(run, model, engine.extractor, config, federation,
+                                                        dataset.classes, provenance("federated", dataset, config))
     with timed(timings, "evaluation"):
         test_metrics, external_metrics = evaluate_run(predictor, dataset, external, run, config)
     write_records(run.path(run.REFERENCE), reference_records(predictor, [r.path for r in dataset.split("val")]))
@@ -87,21 +70,6 @@ def simulate(data, out: str | Path | None = None, config: Config | None = None,
     report = run.path(run.REPORT)
     write_text(report, report.read_text() + "\n" + "\n".join(sites_section(history, dataset.classes)) + "\n")
     return result
-
-
-def sites_section(history: dict, classes: list[str]) -> list[str]:
-    """The report's table of sites: what each trained on, and how the chosen round did on its
-    validation films."""
-    chosen = next(r for r in history["rounds"] if r["round"] == history["best_round"])
-    lines = ["## Sites", "", f"Federated: {len(history['sites'])} sites; the head of round {history['best_round']} "
-             "was chosen ([federation/history.json](federation/history.json) has every round).", "",
-             "| site | " + " | ".join(f"train {c}" for c in classes) + " | validation films | validation accuracy |",
-             "|---|" + "---|" * (len(classes) + 2)]
-    for site in sorted(history["sites"], key=lambda s: s["name"]):
-        accuracy = chosen["val_accuracy_by_site"].get(site["name"])
-        lines.append(f"| {site['name']} | " + " | ".join(str(n) for n in site["train_by_class"]) +
-                     f" | {site['validation']} | {'-' if accuracy is None else f'{accuracy:.3f}'} |")
-    return lines
 
 
 def site_names(dataset: Dataset, federation: Federation) -> list[str]:
@@ -118,10 +86,17 @@ def site_names(dataset: Dataset, federation: Federation) -> list[str]:
     return names
 
 
-def site_tables(plan: TrainingPlan, column: str, name: str, recipe: str) -> SiteTables:
-    """One site's share of the plan's features: what that site would have computed itself."""
-    train = np.array([r.extra[column] == name for r in plan.train])
-    val = np.array([r.extra[column] == name for r in plan.val])
+def check_recipe(config: Config) -> None:
+    if config.fine_tune_epochs or config.engine == "keras" or config.crop != "none":
+        raise ConfigError("a federation trains the head on cached features: fine_tune_epochs 0, engine auto or "
+                          "cached, crop none")
+
+
+def site_tables(plan: TrainingPlan, name: str, recipe: str, column: str | None = None) -> SiteTables:
+    """Site `name`'s share of the plan's features (the rows whose `column` names it; without a column,
+    all of them): what that site computes itself."""
+    train = np.array([column is None or r.extra[column] == name for r in plan.train], dtype=bool)
+    val = np.array([column is None or r.extra[column] == name for r in plan.val], dtype=bool)
     return SiteTables(name, plan.classes, plan.train_table[train], np.asarray(plan.train_labels)[train],
                       plan.val_table[val][:, 0], np.asarray(plan.val_labels)[val], recipe)
 
@@ -135,21 +110,9 @@ def run_federation(folder: Path, config: Config, federation: Federation, classes
     from lungxray.federated.apps import client_app, server_app
 
     folder.mkdir(parents=True, exist_ok=True)
-    run_simulation(server_app(folder, config, federation, classes, initial, recipe), client_app(tables),
+    run_simulation(server_app(folder, config, federation, classes, initial, recipe, len(tables)), client_app(tables),
                    num_supernodes=len(tables),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
     if not (folder / FederatedFit.FITTED).exists():
         raise DataError("the federation stopped before it finished; its log above says why")
-
-
-def rounds_as_history(rounds: list[dict]) -> dict[str, list[float]]:
-    """The rounds in the shape of Keras' history (one value per round), for the plots and the report."""
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "val_worst_group_accuracy")
-    return {key: [float(r.get(key, np.nan)) for r in rounds] for key in keys}
-
-
-def federation_summary(federation: Federation, sites: int) -> str:
-    return (f"{sites} sites by '{federation.site_column}', {federation.rounds} rounds of {federation.local_steps} "
-            f"local batches, {federation.aggregation}" +
-            (f" (mu {federation.proximal_mu:g})" if federation.aggregation == "fedprox" else ""))

@@ -105,9 +105,10 @@ def timed(timings: dict[str, float], step: str):
     timings[step] = time.perf_counter() - started
 
 
-def training_data(data, config: Config) -> tuple[Dataset, Dataset | None]:
-    """The data with a split for every image, and the held-out source (if configured) apart."""
-    dataset = assign_splits(load_dataset(data), config.split_ratios, config.seed)
+def training_data(data, config: Config, classes: list[str] | None = None) -> tuple[Dataset, Dataset | None]:
+    """The data with a split for every image, and the held-out source (if configured) apart;
+    `classes` fixes the class list (a federation's site may hold some of them only)."""
+    dataset = assign_splits(load_dataset(data, classes), config.split_ratios, config.seed)
     dataset, external = hold_out_source(dataset, config.holdout_source)
     for split, row in dataset.counts().items():
         log.info("%-5s %s", split, "  ".join(f"{c}: {n}" for c, n in row.items()))
