@@ -250,7 +250,7 @@ class Coordinator:
         self.head_settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout,
                                          "seed": config.seed})
         self.sites: dict[int, dict] = {}  # node id: name, counts, of the sites still taking part
-        self.roster: list[dict] = []  # every site that passed the check (a dropped one says after which round)
+        self.roster: list[dict] = []  # every site that passed the check (a dropped one says when it left)
         self.history: list[dict] = []
         self.previous: list[np.ndarray] = []  # the last round's head
 
@@ -276,7 +276,8 @@ class Coordinator:
     # The steps.
     def check_sites(self) -> None:
         nodes = self.wait_for_sites()
-        replies = self.ask(nodes, "query.check", {"fingerprint": self.fingerprint})
+        replies = {node: reply for node, reply in self.ask(nodes, "query.check", {"fingerprint": self.fingerprint}).items()
+                   if reply is not None}  # a site gone before it answered is not one of the federation's
         refusals = [reply.error.reason for reply in replies.values() if reply.has_error()]
         if refusals:
             raise ConfigError("; ".join(refusals))
@@ -404,17 +405,23 @@ class Coordinator:
         if arrays is not None:
             content["arrays"] = ArrayRecord([np.asarray(a) for a in arrays])
         messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
-        return {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages)}
+        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages)}
+        return {node: replies.get(node) for node in nodes}  # None: the site left without a reply
 
-    def answers(self, replies: dict[int, Message]) -> list[Message]:
-        """The replies without error. A site that replied with one takes no further part; too few
-        sites left is the end of the federation."""
+    def step(self) -> str:
+        """Where the federation is: the round under way, or the statistics after the last."""
+        done = len(self.history)
+        return f"round {done + 1}" if done < self.federation.rounds else "the statistics"
+
+    def answers(self, replies: dict[int, Message | None]) -> list[Message]:
+        """The replies without error. A site that replied with one, or not at all, takes no further
+        part; too few sites left is the end of the federation."""
         for node, reply in replies.items():
-            if reply.has_error() and node in self.sites:
-                dropped = self.sites.pop(node)
-                dropped["dropped_after_round"] = len(self.history)
-                log.warning("federation: site %s dropped out after round %d (%s)", dropped["name"], len(self.history),
-                            reply.error.reason)
+            if (reply is None or reply.has_error()) and node in self.sites:
+                dropped, during = self.sites.pop(node), self.step()
+                dropped["dropped_during"] = during
+                log.warning("federation: site %s dropped out during %s (%s)", dropped["name"], during,
+                            "no reply" if reply is None else reply.error.reason)
         if len(self.sites) < self.federation.min_sites:
             raise RuntimeError(f"{len(self.sites)} site(s) remain; --min-sites is {self.federation.min_sites}")
-        return [reply for reply in replies.values() if not reply.has_error()]
+        return [reply for reply in replies.values() if reply is not None and not reply.has_error()]
