@@ -1,7 +1,7 @@
 """Simulated deployments for `lungxray monitor`: the test split's films, then a shift switched on.
 
     python benchmarks/monitor_shifts.py --model RUN [--data ../shared/cxr] [--window 100] [--before 500] [--after 500]
-        [--through predict,serve,dicom]
+        [--through predict,serve,dicom] [--silent-trial N]
 
 Each deployment is the same `--before` films of the run's internal test split in random order, then
 up to `--after` films of one shift, drawn from the rest of the split: pediatric films only; one source hospital only (kermany_224); the test
@@ -16,7 +16,10 @@ cropped, turned and sized afresh). The films go, in order, through the run's exp
 - dicom: a `lungxray dicom listen --records FILE` process, each film sent to it by C-STORE as a CR
   (its reports go to a Storage SCP standing in for the PACS); the reads are keyed by SOP Instance UID.
 
-Then they are monitored with the films' reads (none for the non-chest images). Printed per path and
+Then they are monitored with the films' reads (none for the non-chest images), against the run's
+reference or, with `--silent-trial N`, against the records of N of the run's validation films sent
+through the same path first (a silent trial: the reference recorded the way the deployment records).
+Printed per path and
 shift: false alarms before the switch, the films after it until the first alarmed window ("-" for
 none), the mean out-of-distribution rate and label-free estimate and the mean realised accuracy over
 the shifted windows.
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--before", type=int, default=500)
     parser.add_argument("--after", type=int, default=500)
     parser.add_argument("--through", default="predict", help=f"a comma-separated list of {', '.join(THROUGH)}")
+    parser.add_argument("--silent-trial", type=int, default=0, metavar="N",
+                        help="the reference: N validation films through the same path (default 0: the run's)")
     args = parser.parse_args()
     paths = args.through.split(",")
     if not set(paths) <= set(THROUGH):
@@ -191,7 +196,15 @@ def main() -> None:
     export = Path(args.model) / "export" / "model.tflite"
     print("path | shift | films after | alarms before the switch | films until alarm | OOD rate | estimated "
           "| realised (shifted windows)")
+    trial = tempfile.TemporaryDirectory()
+    validation = [r for r in csv.DictReader(open(data / "manifest.csv", newline="")) if r["split"] == "val"]
     for through in paths:
+        reference = None
+        if args.silent_trial:
+            folder = Path(trial.name) / through
+            folder.mkdir()
+            sample = random.Random(1).sample(validation, args.silent_trial)
+            reference, _ = THROUGH[through](export, [(data / r["file"], None) for r in sample], folder)
         rng = random.Random(0)  # the same deployments by every path
         # The films before the switch are drawn first, from the whole split: drawn from what a shift
         # left, they would lack its films (the pediatric ones, say) and be shifted themselves.
@@ -201,7 +214,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 films = deployment(base, shifted, change, data, Path(folder))
                 records, reads = THROUGH[through](export, films, Path(folder))
-                result = monitor(records, args.model, args.window, reads, Path(folder) / "monitoring")
+                result = monitor(records, args.model, args.window, reads, Path(folder) / "monitoring", reference)
             size = int(args.window)
             before = [w for i, w in enumerate(result.windows) if (i + 1) * size <= args.before]
             after = result.windows[len(before):]

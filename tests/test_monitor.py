@@ -19,10 +19,10 @@ from PIL import Image
 from scipy import stats
 
 from lungxray.cli import main
-from lungxray.errors import ConfigError
+from lungxray.errors import ConfigError, DataError
 from lungxray.infer.batch import PART_GLOB, score
 from lungxray.monitor.drift import DriftScorer, kolmogorov_smirnov
-from lungxray.monitor.monitoring import Alarms, windows_of
+from lungxray.monitor.monitoring import Alarms, monitor as monitor_records, windows_of
 from lungxray.monitor.performance import realised, window_summary
 from lungxray.monitor.records import reference_of
 
@@ -79,6 +79,27 @@ def test_a_window_alarms_when_the_gate_flags_more_films_than_the_reference_allow
 
     assert alarms.of(window(1)) == [] and alarms.of(window(3)) == []  # P(>= 3 | 1%) = 0.08
     assert alarms.of(window(20)) == ["out of distribution"]  # one film in five another kind of image
+
+
+def test_a_silent_trials_records_can_be_the_reference(tmp_path):
+    """A deployment whose films are brighter than the run's: every window alarms against the run's
+    reference, and none against a silent trial recorded at the deployment itself."""
+    rng = np.random.default_rng(5)
+    run, trial, deployment = tmp_path / "run", tmp_path / "trial.jsonl", tmp_path / "deployment.jsonl"
+    run.mkdir()
+    (run / "model.keras").touch()  # what RunDir.open asks of a run folder
+    (run / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(2000, rng)))
+    start = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    trial.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(2000, rng, 140.0)))
+    deployment.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(600, rng, 140.0, start)))
+    against_run = monitor_records([deployment], run, "100", out=tmp_path / "m-run")
+    against_trial = monitor_records([deployment], run, "100", out=tmp_path / "m-trial", reference=[trial])
+    assert all("drift" in w["alarms"] for w in against_run.windows)
+    assert sum(bool(w["alarms"]) for w in against_trial.windows) <= 1
+    assert json.loads((tmp_path / "m-trial" / "monitoring.json").read_text())["reference"]["n"] == 2000
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(50, rng)))
+    with pytest.raises(DataError, match="200 or more"):
+        monitor_records([deployment], run, "100", out=tmp_path / "m-short", reference=[tmp_path / "short.jsonl"])
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.1, 0.3])

@@ -37,6 +37,7 @@ ACCURACY_DROP = 0.05  # an estimated accuracy this far below the reference's ala
 # Flags this unlikely at the reference's rate alarm: 1 window in 1,000 of an unchanged deployment.
 OOD_P_VALUE = 0.001
 MIN_WINDOW = 30  # records: a window with fewer is not scored (its tests would say nothing)
+MIN_REFERENCE = 200  # records: what a reference other than the run's must hold
 SPANS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
 RESULT_FILE, REPORT_FILE = "monitoring.json", "report.html"
 
@@ -100,9 +101,17 @@ def windows_of(records: Iterable[dict], window: str) -> Iterator[list[dict]]:
 
 
 def monitor(items: list[str | Path], run: str | Path, window: str = "500", labels: str | Path | None = None,
-            out: str | Path = "monitoring") -> MonitorResult:
-    """Score the records `items` name against `run`'s reference; write the result to `out`."""
-    reference = read_reference(run)
+            out: str | Path = "monitoring", reference: list[str | Path] | None = None) -> MonitorResult:
+    """Score the records `items` name against `run`'s reference, or against the records `reference`
+    names (a silent trial's, recorded the way the deployment records); write the result to `out`."""
+    reference_items = reference
+    if reference_items:
+        reference = list(stream_records(reference_items))
+        if len(reference) < MIN_REFERENCE:
+            raise DataError(f"the reference holds {len(reference)} records; a reference needs {MIN_REFERENCE} or more "
+                            "(a silent trial of a few days, or the run's own)")
+    else:
+        reference = read_reference(run)
     classes = classes_of(reference)
     alarms, scorer = Alarms(reference, classes), DriftScorer(reference, classes)
     reads = read_labels(labels) if labels else None
@@ -118,7 +127,9 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(run), "window": window, "classes": classes,
-              "reference": {"n": len(reference), "estimated": alarms.expected, "ood_rate": alarms.ood_rate},
+              "reference": {"records": "the run's validation split" if not reference_items else
+                            ", ".join(map(str, reference_items)), "n": len(reference),
+                            "estimated": alarms.expected, "ood_rate": alarms.ood_rate},
               "accuracy_drop": ACCURACY_DROP, "ood_p_value": OOD_P_VALUE,
               "windows": windows, "alarm": any(w["alarms"] for w in windows)}
     with atomic_path(out / RESULT_FILE) as temporary:
