@@ -4,12 +4,13 @@
         [--through predict,serve,dicom] [--silent-trial N]
 
 Each deployment is the same `--before` films of the run's internal test split in random order, then
-up to `--after` films of one shift, drawn from the rest of the split: pediatric films only; one source hospital only (kermany_224); the test
-films with a gamma of 0.5 (a contrast change); with noise and JPEG quality 15 (a scanner change);
-pneumonia at twice its share (a prevalence shift); one film in five not a chest film (CT and MR slices
-from pydicom's test files, fundus and microscopy images and photographs from scikit-image's, each
-cropped, turned and sized afresh). The films go, in order, through the run's export by each path of
-`--through`, each writing the records a deployment would:
+up to `--after` films of one shift, drawn from the rest of the split: pediatric films only; one
+source hospital only (kermany_224); the test films with a gamma of 0.5 (a contrast change); with
+noise and JPEG quality 15 (a scanner change); pneumonia at twice its share (a prevalence shift); one
+film in five not a chest film (CT and MR slices from pydicom's test files, fundus and microscopy
+images and photographs from scikit-image's, each cropped, turned and sized afresh). The films go,
+in order, through the run's export by each path of `--through`, each writing the records a
+deployment would:
 
 - predict: `lungxray predict --out` (`infer.batch.score`);
 - serve: a `lungxray serve --records FILE` process, each film uploaded to /api/predict;
@@ -19,10 +20,9 @@ cropped, turned and sized afresh). The films go, in order, through the run's exp
 Then they are monitored with the films' reads (none for the non-chest images), against the run's
 reference or, with `--silent-trial N`, against the records of N of the run's validation films sent
 through the same path first (a silent trial: the reference recorded the way the deployment records).
-Printed per path and
-shift: false alarms before the switch, the films after it until the first alarmed window ("-" for
-none), the mean out-of-distribution rate and label-free estimate and the mean realised accuracy over
-the shifted windows.
+Printed per path and shift: false alarms before the switch, the films after it until the first
+alarmed window ("-" for none), the mean out-of-distribution rate and label-free estimate and the
+mean realised accuracy over the shifted windows.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def shifts(rows: list[dict], after: int, rng: random.Random) -> dict[str, tuple[
             "1 in 5 not a chest film": (mixed, None)}
 
 
-def deployment(base: list[dict], shifted: list[dict | None], change, data: Path, folder: Path) -> list[tuple[Path, str | None]]:
+def deployment(base: list[dict], shifted: list[dict | None], change, data: Path,
+               folder: Path) -> list[tuple[Path, str | None]]:
     """The films in order (changed and non-chest ones written to `folder`), each with its read."""
     rng, pool = np.random.default_rng(0), None
     films = []

@@ -74,7 +74,8 @@ def test_a_deployed_federation_survives_a_killed_site_refuses_a_stranger_and_equ
                                    stdout=open(tmp_path / f"site-{name}.log", "w"), stderr=subprocess.STDOUT)
         # A SuperNode with a key the server was not given, over the same TLS: refused before it joins.
         sites["stranger"] = subprocess.Popen(
-            supernode_command(tmp_path / "none.npz", f"127.0.0.1:{port}", Path(cert), keys["stranger"][0], node_ports[3]),
+            supernode_command(tmp_path / "none.npz", f"127.0.0.1:{port}", Path(cert), keys["stranger"][0],
+                              node_ports[3]),
             env=flower_environment(), stdout=open(tmp_path / "site-stranger.log", "w"), stderr=subprocess.STDOUT)
         first = run / "federation" / "rounds" / "round-0001.npz"
         deadline = time.monotonic() + 300

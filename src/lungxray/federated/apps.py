@@ -257,12 +257,13 @@ class Coordinator:
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
         strategy = self.strategy()
-        result = strategy.start(grid=CheckedSites(self.grid, self.sites), initial_arrays=ArrayRecord(initial), num_rounds=self.federation.rounds,
-                       train_config=ConfigRecord({"local-steps": self.federation.local_steps,
-                                                  "batch-size": self.config.batch_size,
-                                                  **self.local_optimizer(),
-                                                  "seed": self.config.seed, "head": self.head_settings}),
-                       evaluate_fn=self.after_round)
+        result = strategy.start(grid=CheckedSites(self.grid, self.sites), initial_arrays=ArrayRecord(initial),
+                                num_rounds=self.federation.rounds,
+                                train_config=ConfigRecord({"local-steps": self.federation.local_steps,
+                                                           "batch-size": self.config.batch_size,
+                                                           **self.local_optimizer(),
+                                                           "seed": self.config.seed, "head": self.head_settings}),
+                                evaluate_fn=self.after_round)
         for entry in self.history:  # the sites' training loss and accuracy, averaged by Flower
             trained = result.train_metrics_clientapp.get(entry["round"], {})
             entry.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
@@ -276,8 +277,8 @@ class Coordinator:
     # The steps.
     def check_sites(self) -> None:
         nodes = self.wait_for_sites()
-        replies = {node: reply for node, reply in self.ask(nodes, "query.check", {"fingerprint": self.fingerprint}).items()
-                   if reply is not None}  # a site gone before it answered is not one of the federation's
+        asked = self.ask(nodes, "query.check", {"fingerprint": self.fingerprint})
+        replies = {node: reply for node, reply in asked.items() if reply is not None}  # one gone is not a site
         refusals = [reply.error.reason for reply in replies.values() if reply.has_error()]
         if refusals:
             raise ConfigError("; ".join(refusals))

@@ -45,7 +45,7 @@ SITE_TABLES_FILE = "site-tables.npz"  # in a site's folder: its features, for it
 # The ClientApp each SuperNode runs, on the SiteTables its node config names.
 client = client_app()
 
-# The ServerApp the SuperLink runs: the job `serve_federation` left in the run folder.
+# The ServerApp the SuperLink runs: the job `coordinate` left in the run folder.
 server = ServerApp()
 
 
@@ -93,7 +93,8 @@ def flower_command(name: str) -> str:
     """A Flower executable of this Python's environment (the SuperLink starts others by name)."""
     found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if found is None:
-        raise ConfigError(f"{name} was not found: install lungxray's federated extra (pip install 'lungxray[federated]')")
+        raise ConfigError(f"{name} was not found: install lungxray's federated extra "
+                          "(pip install 'lungxray[federated]')")
     return found
 
 
@@ -134,13 +135,13 @@ class SuperLink:
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{self.local_address}"\nroot-certificates = "{self.ca.resolve()}"\n')
-        log = open(self.home / "superlink.log", "ab")
-        self.process = subprocess.Popen(
-            [flower_command("flower-superlink"), "--ssl-certfile", str(self.certificate), "--ssl-keyfile",
-             str(self.key), "--ssl-ca-certfile", str(self.ca), "--enable-supernode-auth",
-             "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port),
-             "--database", str(self.home / "state.db")],
-            env=flower_environment(self.home), stdout=log, stderr=subprocess.STDOUT)
+        with open(self.home / "superlink.log", "ab") as output:  # the child keeps its own copy of the file
+            self.process = subprocess.Popen(
+                [flower_command("flower-superlink"), "--ssl-certfile", str(self.certificate), "--ssl-keyfile",
+                 str(self.key), "--ssl-ca-certfile", str(self.ca), "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port),
+                 "--database", str(self.home / "state.db")],
+                env=flower_environment(self.home), stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not _accepts(self.local_address):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -280,6 +281,7 @@ def join(data, name: str, out: str | Path, superlink: str, ca: Path, key: Path, 
 
     from lungxray.federated.simulation import check_recipe, site_tables
     from lungxray.federated.site import fingerprint
+    from lungxray.rundir import RunDir
     from lungxray.training.engines import CachedEngine
     from lungxray.training.recipe import network, start_run, training_data
 
@@ -287,7 +289,7 @@ def join(data, name: str, out: str | Path, superlink: str, ca: Path, key: Path, 
     command = supernode_command(Path(out).resolve() / SITE_TABLES_FILE, superlink, ca, key, port)  # bad paths first
     keras.utils.set_random_seed(config.seed)
     dataset, _ = training_data(data, config, classes)
-    run = start_run(out, config, dataset, resume=(Path(out) / "config.json").exists())
+    run = start_run(out, config, dataset, resume=(Path(out) / RunDir.CONFIG).exists())  # a site joins again
     engine = CachedEngine(network(config, len(dataset.classes)), config, run, cache_dir)
     plan = engine.plan(dataset)
     tables = site_tables(plan, name, fingerprint(dataset.classes, config.views, engine.extractor.cache.meta))

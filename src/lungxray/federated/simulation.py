@@ -87,6 +87,7 @@ def site_names(dataset: Dataset, federation: Federation) -> list[str]:
 
 
 def check_recipe(config: Config) -> None:
+    """A federation trains the head alone, on the sites' cached features."""
     if config.fine_tune_epochs or config.engine == "keras" or config.crop != "none":
         raise ConfigError("a federation trains the head on cached features: fine_tune_epochs 0, engine auto or "
                           "cached, crop none")

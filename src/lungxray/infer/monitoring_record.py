@@ -63,7 +63,8 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
         grey, colour = pixels.ravel(), 0.0
     else:
         channels = [pixels[..., c].astype(np.int16) for c in range(pixels.shape[-1])]
-        grey = (sum(channels) // len(channels)).ravel()  # channel by channel: numpy's reduction over a last axis of 3 is slow
+        # Channel by channel: numpy's reduction over a last axis of 3 is slow.
+        grey = (sum(channels) // len(channels)).ravel()
         colour = float(sum(np.abs(channel.ravel() - grey).mean() for channel in channels) / len(channels))
     counts = np.bincount(grey, minlength=256)[:256] / grey.size
     mean = float(counts @ LEVELS)
