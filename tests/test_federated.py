@@ -174,6 +174,28 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert json.loads((out / "federation.json").read_text())["rounds"] == 3
 
 
+def test_a_differentially_private_federation_reports_the_epsilon_its_noise_gives(tmp_path, ray_alone):
+    """Flower's central DP around FedAvg: the sites' updates clipped, noise added, and the epsilon in
+    the history and the report the one Google's dp-accounting gives for that noise and those rounds."""
+    import dp_accounting
+
+    from lungxray.config import Config
+    from lungxray.federated import simulate
+    from tests.conftest import TINY
+
+    federation = Federation(aggregation="fedavg", rounds=2, local_steps=2, dp_noise_multiplier=1.2,
+                            dp_clipping_norm=0.5, dp_delta=1e-4)
+    config = Config(weights="none", image_size=TINY, dense_units=16, batch_size=8, monitor="val_loss")
+    simulate(sites_manifest(tmp_path), tmp_path / "run", config, federation, cache_dir=tmp_path / "cache")
+    privacy = json.loads((tmp_path / "run" / "federation" / "history.json").read_text())["privacy"]
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.2), 2)
+    assert privacy["rounds"] == 2 and privacy["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-6)
+    assert f"epsilon {privacy['epsilon']:.3g} at delta 0.0001" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="SCAFFOLD"):
+        Federation(dp_noise_multiplier=1.0)
+
+
 def test_a_federation_with_a_site_whose_features_differ_stops_naming_the_difference(tmp_path, ray_alone):
     from lungxray.config import Config
     from lungxray.federated.simulation import run_federation

@@ -223,9 +223,21 @@ class Federation:
     local_learning_rate: float = setting(0.1, "FedAdam's sites' learning rate (plain gradient steps; FedAvg and "
                                               "FedProx sites use the recipe's Adam and learning_rate)", Interval(0, None))
     min_sites: int = setting(2, "sites that must take part in every round", Interval(1))
+    dp_noise_multiplier: float = setting(0.0, "differential privacy for each site (Flower's central DP): Gaussian "
+                                              "noise of this many clipping norms added to each round's summed "
+                                              "update, and the epsilon it gives reported (0: off; with fedavg, "
+                                              "fedprox or fedadam)", Interval(0, None))
+    dp_clipping_norm: float = setting(1.0, "differential privacy: the L2 norm each site's update to the head is "
+                                           "clipped to", Interval(1e-12, None))
+    dp_delta: float = setting(1e-5, "differential privacy: the delta the epsilon is reported at",
+                              Interval(1e-12, 1, open_high=True))
 
     def __post_init__(self):
         _check_settings(self)
+        if self.dp_noise_multiplier and self.aggregation == "scaffold":
+            raise ConfigError("differential privacy covers the heads the sites send, and SCAFFOLD's sites send "
+                              "their gradients too: with --dp-noise-multiplier, choose --aggregation fedavg, "
+                              "fedprox or fedadam")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

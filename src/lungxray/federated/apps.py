@@ -31,7 +31,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM,
+                                     FedProx)
 
 from lungxray.config import Config, Federation
 from lungxray.errors import ConfigError
@@ -91,8 +92,9 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
             site, weights, steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
             seed=seed, correction=correction)
-        return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "loss": loss,
-                                                        "accuracy": accuracy})
+        # "site-weight": the same for every site, by which a differentially private federation averages.
+        return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "site-weight": 1,
+                                                        "loss": loss, "accuracy": accuracy})
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
@@ -253,6 +255,7 @@ class Coordinator:
         self.roster: list[dict] = []  # every site that passed the check (a dropped one says when it left)
         self.history: list[dict] = []
         self.previous: list[np.ndarray] = []  # the last round's head
+        self.privacy = None  # with differential privacy, its accountant
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
@@ -271,8 +274,19 @@ class Coordinator:
         weights = self.round_weights(best)
         fit = self.fit_statistics(weights)
         write_json(self.folder / "history.json", {"rounds": self.history, "best_round": best,
-                                                  "sites": self.roster})
+                                                  "sites": self.roster, "privacy": self.privacy_spent()})
         fit.save(self.folder)
+
+    def privacy_spent(self) -> dict | None:
+        """The (epsilon, delta) differential privacy of what the sites' heads reveal, or None without."""
+        if self.privacy is None:
+            return None
+        spent = self.privacy.get_privacy_spent()
+        log.info("federation: differential privacy epsilon %.3g at delta %g over %d rounds", spent.epsilon,
+                 spent.delta, spent.num_releases)
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "rounds": spent.num_releases,
+                "noise_multiplier": self.federation.dp_noise_multiplier,
+                "clipping_norm": self.federation.dp_clipping_norm, "accounting": spent.accounting_method}
 
     # The steps.
     def check_sites(self) -> None:
@@ -305,16 +319,36 @@ class Coordinator:
         return nodes
 
     def strategy(self):
-        common = dict(fraction_evaluate=0.0, min_train_nodes=self.federation.min_sites,
-                      min_available_nodes=self.federation.min_sites)
-        if self.federation.aggregation == "fedprox":
-            return FedProx(proximal_mu=self.federation.proximal_mu, **common)
-        if self.federation.aggregation == "fedadam":
-            return FedAdam(eta=self.federation.server_learning_rate, **common)
-        if self.federation.aggregation == "scaffold":
-            return Scaffold(self.mean_gradient, server_learning_rate=1.0,
-                            server_momentum=self.federation.server_momentum, **common)
-        return FedAvg(**common)
+        federation = self.federation
+        common = dict(fraction_evaluate=0.0, min_train_nodes=federation.min_sites,
+                      min_available_nodes=federation.min_sites)
+        if federation.dp_noise_multiplier:  # the sites weigh alike: the noise is calibrated to one site's update
+            common["weighted_by_key"] = "site-weight"
+        if federation.aggregation == "fedprox":
+            strategy = FedProx(proximal_mu=federation.proximal_mu, **common)
+        elif federation.aggregation == "fedadam":
+            strategy = FedAdam(eta=federation.server_learning_rate, **common)
+        elif federation.aggregation == "scaffold":
+            strategy = Scaffold(self.mean_gradient, server_learning_rate=1.0,
+                                server_momentum=federation.server_momentum, **common)
+        else:
+            strategy = FedAvg(**common)
+        if not federation.dp_noise_multiplier:
+            return strategy
+        return DifferentialPrivacyServerSideFixedClipping(
+            strategy, federation.dp_noise_multiplier, federation.dp_clipping_norm, len(self.sites),
+            accountant=self.accountant())
+
+    def accountant(self):
+        """Flower's Renyi-DP accountant of site-level privacy: every site in every round (no sampling to
+        amplify it), neighbouring federations differing by one site."""
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+        self.privacy = RdpAccountant(PrivacyConfig(
+            target_delta=self.federation.dp_delta, population_size=len(self.sites),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        return self.privacy
 
     def mean_gradient(self, server_round: int, weights: list[np.ndarray]) -> list[np.ndarray]:
         """The sites' gradients at the global head, averaged weighted by their counts."""

@@ -96,6 +96,13 @@ def sites_section(history: dict, classes: list[str]) -> list[str]:
         accuracy = chosen["val_accuracy_by_site"].get(site["name"])
         lines.append(f"| {site['name']} | " + " | ".join(str(n) for n in site["train_by_class"]) +
                      f" | {site['validation']} | {'-' if accuracy is None else f'{accuracy:.3f}'} |")
+    privacy = history.get("privacy")
+    if privacy:
+        lines += ["", f"Differential privacy for each site: **epsilon {privacy['epsilon']:.3g} at delta "
+                      f"{privacy['delta']:g}** over {privacy['rounds']} rounds (Gaussian noise of "
+                      f"{privacy['noise_multiplier']:g} x the clipping norm {privacy['clipping_norm']:g}, "
+                      f"{privacy['accounting'].upper()} accounting). It bounds what the heads the sites sent "
+                      "reveal of a site's taking part, not their validation reports or statistics."]
     return lines
 
 
