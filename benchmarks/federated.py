@@ -2,11 +2,14 @@
 
     python benchmarks/federated.py [--data ../shared/cxr/manifest.csv] [--rounds 30] [--local-steps 5]
                                    [--aggregations fedavg,fedprox,fedadam] [--holdout SOURCE] [--out FOLDER]
+                                   [--dp-noise-multipliers 1,4 [--dp-clipping-norm 2]]
 
 Every model starts from the same recipe (the reference preset, seed 21) and the same feature cache.
 Printed: one row per model with its macro AUROC (95% interval) on the internal test split and, when
 `--holdout` names a source, on that source, never seen in training; its wall time; and, for the
 federations, the seconds per round and the bytes each site sends per round against the head's size.
+`--dp-noise-multipliers` adds a FedAvg row for each noise multiplier under differential privacy, with
+the epsilon it gave at delta 1e-5.
 A site holding one class cannot train a three-class model alone: its row says so.
 """
 
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--holdout", help="a source left out of training and tested on")
     parser.add_argument("--alone", action="store_true", help="also train each site alone")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="federated-bench-")))
+    parser.add_argument("--dp-noise-multipliers", default="", help="FedAvg under differential privacy, e.g. 1,4")
+    parser.add_argument("--dp-clipping-norm", type=float, default=1.0)
     args = parser.parse_args()
     config = Config(holdout_source=args.holdout)
     rows = []
@@ -129,6 +134,15 @@ def main() -> None:
                   f"bytes/round (head {head_bytes(result.run_dir):,})")
         rows.append((f"{aggregation} ({args.rounds} x {args.local_steps})", result.test_metrics,
                      result.external_metrics, seconds, detail))
+    for noise in filter(None, args.dp_noise_multipliers.split(",")):
+        federation = Federation(aggregation="fedavg", rounds=args.rounds, local_steps=args.local_steps,
+                                dp_noise_multiplier=float(noise), dp_clipping_norm=args.dp_clipping_norm)
+        started = time.perf_counter()
+        result = simulate(args.data, args.out / f"dp-{noise}", config, federation)
+        privacy = json.loads((result.run_dir / "federation" / "history.json").read_text())["privacy"]
+        rows.append((f"fedavg, DP noise {noise} x clipping {args.dp_clipping_norm:g}", result.test_metrics,
+                     result.external_metrics, time.perf_counter() - started,
+                     f"epsilon {privacy['epsilon']:.1f} at delta {privacy['delta']:g}"))
     if args.alone:
         rows += sites_alone(args, config)
 
