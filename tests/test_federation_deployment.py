@@ -115,3 +115,19 @@ def assert_first_round_equals_a_simulation(run, tables) -> None:
     deployed = load_weights(run / "federation" / "rounds" / "round-0001.npz")
     for ours, theirs in zip(deployed, load_weights(simulated / "rounds" / "round-0001.npz")):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_the_server_says_what_is_missing_before_it_starts(tmp_path, capsys):
+    from lungxray.cli import main
+
+    cert, key = certificate(tmp_path, "server")
+    _, public = site_key(tmp_path, "A")
+    common = ["federate", "server", "--tls-cert", cert, "--tls-key", key, "--tls-ca", cert]
+    assert main([*common, "--out", str(tmp_path / "run"), "--site-key", str(public),
+                 "--site-key", str(tmp_path / "B.pub")]) == 2
+    assert f"--site-key: no such file: {tmp_path / 'B.pub'}" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "run"), "--site-key", str(public)]) == 2
+    assert "1 site key(s) given; --min-sites is 2" in capsys.readouterr().err
+    assert main(["federate", "server", "--tls-cert", cert, "--tls-key", str(tmp_path / "none.key"), "--tls-ca", cert,
+                 "--out", str(tmp_path / "run"), "--site-key", str(public), "--site-key", str(public)]) == 2
+    assert "--tls-key" in capsys.readouterr().err and not (tmp_path / "run" / "config.json").exists()

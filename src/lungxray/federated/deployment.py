@@ -212,32 +212,41 @@ def coordinate(out: str | Path | None, config: Config, federation: Federation, c
     test films with `lungxray evaluate`."""
     import datetime
 
-    import keras
-
     from lungxray.federated.simulation import check_recipe
-    from lungxray.federated.site import fingerprint
     from lungxray.rundir import RunDir
-    from lungxray.training.engines import CachedEngine
-    from lungxray.training.recipe import network, timed
-    from lungxray.training.run_report import TrainResult
 
     check_recipe(config)
     if len(site_keys) < federation.min_sites:
         raise ConfigError(f"{len(site_keys)} site key(s) given; --min-sites is {federation.min_sites}")
+    missing = [str(path) for path in site_keys if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"--site-key: no such file: {', '.join(missing)}")
+    if out is not None and (Path(out) / RunDir.CONFIG).exists() and not (Path(out) / RunDir.MODEL).exists():
+        raise DataError(f"{out} holds a federation that did not finish; choose another --out (a server does not "
+                        "resume yet)")
     started, timings = time.perf_counter(), {}
-    keras.utils.set_random_seed(config.seed)
     run = RunDir.create(out)
+    folder = run.path(FOLDER)
+    link = SuperLink(folder / "flower", host, port, certificate, key, ca)  # its files checked before any work
+
+    import keras  # the checks above are said before TensorFlow loads
+
+    from lungxray.federated.site import fingerprint
+    from lungxray.training.engines import CachedEngine
+    from lungxray.training.recipe import network, timed
+    from lungxray.training.run_report import TrainResult
+
+    keras.utils.set_random_seed(config.seed)
     config.save(run.path(run.CONFIG))
     federation.save(run.path(FEDERATION))
     model = network(config, len(classes))
     engine = CachedEngine(model, config, run, cache_dir)  # its feature cache's key: what the sites' must be
-    folder = run.path(FOLDER)
     folder.mkdir(exist_ok=True)
     save_weights(folder / INITIAL, model.get_layer("head").get_weights())
     write_json(folder / JOB, {"config": config.to_dict(), "federation": federation.to_dict(), "classes": classes,
                               "fingerprint": fingerprint(classes, config.views, engine.extractor.cache.meta),
                               "sites": len(site_keys)})
-    with timed(timings, "federation"), SuperLink(folder / "flower", host, port, certificate, key, ca) as link:
+    with timed(timings, "federation"), link:
         for site_key in site_keys:
             link.admit(Path(site_key))
         log.info("federation: the SuperLink admits %d site(s) at %s:%d; start them now", len(site_keys), host, port)
