@@ -36,9 +36,10 @@ reference: setup
 	data="$${LUNGXRAY_DATA:-$$($(BIN)/lungxray data fetch --print-path)}" && \
 	$(BIN)/lungxray train --data "$$data" --out $(RUN)
 
-# One worker per core (pytest-xdist), each test file on one worker so that its fixtures are made once.
+# One worker per core (pytest-xdist), each test file on one worker so that its fixtures are made once,
+# in the order conftest.py gives them (the longest files first).
 test: setup system $(LABELS) $(TORCH)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # What the tests run beside lungxray, from Debian's packages, installed where missing: Chromium (the
 # browser test, through Selenium), Orthanc (a real PACS) with its DICOMweb plugin, DCMTK (a second

@@ -222,6 +222,10 @@ def test_serve_workers_show_the_windows_of_every_worker(run, export, tmp_path):
                 assert sent < 600, f"one worker took nearly every film: {counts}"
                 assert set(pool.map(predict, range(sent, sent + 20))) == {200}
                 sent += 20
+        deadline = time.monotonic() + 30
+        while sum((counts := answered_by_worker()).values()) < sent:  # a request is audited after its answer
+            assert time.monotonic() < deadline, (sent, counts)
+            time.sleep(0.1)
         expected = sum(count // 30 for count in counts.values())
         deadline = time.monotonic() + 60
         while f"lungxray_monitor_windows {expected:.1f}" not in (scraped := httpx.get(f"{url}/metrics").text):

@@ -216,14 +216,7 @@ def coordinate(out: str | Path | None, config: Config, federation: Federation, c
     from lungxray.rundir import RunDir
 
     check_recipe(config)
-    if len(site_keys) < federation.min_sites:
-        raise ConfigError(f"{len(site_keys)} site key(s) given; --min-sites is {federation.min_sites}")
-    missing = [str(path) for path in site_keys if not Path(path).is_file()]
-    if missing:
-        raise ConfigError(f"--site-key: no such file: {', '.join(missing)}")
-    if out is not None and (Path(out) / RunDir.CONFIG).exists() and not (Path(out) / RunDir.MODEL).exists():
-        raise DataError(f"{out} holds a federation that did not finish; choose another --out (a server does not "
-                        "resume yet)")
+    check_server(out, federation, site_keys)
     started, timings = time.perf_counter(), {}
     run = RunDir.create(out)
     folder = run.path(FOLDER)
@@ -264,6 +257,20 @@ def coordinate(out: str | Path | None, config: Config, federation: Federation, c
                          rounds.index(history["best_round"]), None, timings)
     write_text(run.path(run.REPORT), "\n".join(server_report(run, result, history, config, classes)) + "\n")
     return result
+
+
+def check_server(out, federation: Federation, site_keys: list[Path]) -> None:
+    """What the server needs before it starts: enough site keys, each a file, and a new run folder."""
+    from lungxray.rundir import RunDir
+
+    if len(site_keys) < federation.min_sites:
+        raise ConfigError(f"{len(site_keys)} site key(s) given; --min-sites is {federation.min_sites}")
+    missing = [str(path) for path in site_keys if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"--site-key: no such file: {', '.join(missing)}")
+    if out is not None and (Path(out) / RunDir.CONFIG).exists() and not (Path(out) / RunDir.MODEL).exists():
+        raise DataError(f"{out} holds a federation that did not finish; choose another --out (a server does not "
+                        "resume yet)")
 
 
 def server_report(run, result, history: dict, config: Config, classes: list[str]) -> list[str]:

@@ -104,16 +104,12 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
             out: str | Path = "monitoring", reference: list[str | Path] | None = None) -> MonitorResult:
     """Score the records `items` name against `run`'s reference, or against the records `reference`
     names (a silent trial's, recorded the way the deployment records); write the result to `out`."""
-    reference_items = reference
-    if reference_items:
-        reference = list(stream_records(reference_items))
-        if len(reference) < MIN_REFERENCE:
-            raise DataError(f"the reference holds {len(reference)} records; a reference needs {MIN_REFERENCE} or more "
-                            "(a silent trial of a few days, or the run's own)")
-    else:
-        reference = read_reference(run)
-    classes = classes_of(reference)
-    alarms, scorer = Alarms(reference, classes), DriftScorer(reference, classes)
+    baseline = list(stream_records(reference)) if reference else read_reference(run)
+    if reference and len(baseline) < MIN_REFERENCE:
+        raise DataError(f"the reference holds {len(baseline)} records; a reference needs {MIN_REFERENCE} or more "
+                        "(a silent trial of a few days, or the run's own)")
+    classes = classes_of(baseline)
+    alarms, scorer = Alarms(baseline, classes), DriftScorer(baseline, classes)
     reads = read_labels(labels) if labels else None
     windows = []
     for records in windows_of(stream_records(items), window):
@@ -127,9 +123,8 @@ def monitor(items: list[str | Path], run: str | Path, window: str = "500", label
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(run), "window": window, "classes": classes,
-              "reference": {"records": "the run's validation split" if not reference_items else
-                            ", ".join(map(str, reference_items)), "n": len(reference),
-                            "estimated": alarms.expected, "ood_rate": alarms.ood_rate},
+              "reference": {"records": ", ".join(map(str, reference)) if reference else "the run's validation split",
+                            "n": len(baseline), "estimated": alarms.expected, "ood_rate": alarms.ood_rate},
               "accuracy_drop": ACCURACY_DROP, "ood_p_value": OOD_P_VALUE,
               "windows": windows, "alarm": any(w["alarms"] for w in windows)}
     with atomic_path(out / RESULT_FILE) as temporary:
