@@ -159,13 +159,15 @@ def write_records(path: str | Path, records: list[dict]) -> Path:
 class RecordWriter:
     """Appends records to `path` as JSON lines (the file created private, 0600), moving it to
     `path.1` (and older ones along, `keep` in all) once it passes `max_mb`. Several processes may
-    write one file (`serve --workers N`): each line is written under an flock, and a writer whose
-    file another has rotated reopens the new one. A record that cannot be written is logged and
-    dropped: monitoring must not stop an answer."""
+    write one file (`serve --workers N`): each line is written under an flock of a lock file beside
+    it (`.NAME.lock`, never rotated: a lock on the records file itself would move with it), and a
+    writer whose file another has rotated reopens the new one. A record that cannot be written is
+    logged and dropped: monitoring must not stop an answer."""
 
     def __init__(self, path: str | Path, max_mb: float = DEFAULT_MAX_MB, keep: int = DEFAULT_KEEP):
         self.path, self.max_bytes, self.keep = Path(path), int(max_mb * 2**20), keep
         self._lock = threading.Lock()
+        self._lock_file = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
         self._descriptor = self._open()
 
     def _open(self) -> int:
@@ -175,12 +177,12 @@ class RecordWriter:
         line = record_line(record).encode()
         with self._lock:
             try:
-                fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
                 try:
                     self._follow_rotation()
                     os.write(self._descriptor, line)  # unbuffered: a line is in the file once written
                 finally:
-                    fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             except OSError as error:
                 log.warning("a monitoring record could not be written to %s (%s)", self.path, error.strerror or error)
 
@@ -203,16 +205,15 @@ class RecordWriter:
             self._reopen()
 
     def _reopen(self) -> None:
-        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
         os.close(self._descriptor)
         self._descriptor = self._open()
-        fcntl.flock(self._descriptor, fcntl.LOCK_EX)
 
     def close(self) -> None:
         with self._lock:
             if self._descriptor >= 0:
                 os.close(self._descriptor)
-                self._descriptor = -1  # a record written after this is logged and dropped
+                os.close(self._lock_file)
+                self._descriptor = self._lock_file = -1  # a record written after this is logged and dropped
 
     def __enter__(self) -> "RecordWriter":
         return self
