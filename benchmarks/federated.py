@@ -69,7 +69,7 @@ def sent_per_round(run: Path, aggregation: str) -> int:
 
     head = load_weights(run / "federation" / FederatedFit.HEAD)
     weights = ArrayRecord(head)
-    train = MetricRecord({"num-examples": 1, "loss": 0.0, "accuracy": 0.0})
+    train = MetricRecord({"num-examples": 1, "site-weight": 1, "loss": 0.0, "accuracy": 0.0})
     report = MetricRecord({"num-examples": 1, "loss-sum": 0.0, **{f"{k}-{i}": 0.0 for k in ("films", "right")
                                                                    for i in range(3)}})
     sent = weights.count_bytes() + train.count_bytes() + report.count_bytes()
