@@ -91,7 +91,7 @@ def app_project(folder: Path) -> Path:
 
 def flower_command(name: str) -> str:
     """A Flower executable of this Python's environment (the SuperLink starts others by name)."""
-    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    found = shutil.which(name, path=flower_environment()["PATH"])
     if found is None:
         raise ConfigError(f"{name} was not found: install lungxray's federated extra "
                           "(pip install 'lungxray[federated]')")

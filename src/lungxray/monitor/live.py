@@ -49,7 +49,7 @@ class LiveMonitor:
         self._records: list[dict] = []
         self._lock = threading.Lock()
         self._gauges: dict[str, Gauge] | None = None
-        self.windows, self.latest = 0, None
+        self.windows = 0
 
     def add(self, record: dict) -> None:
         """Keep an answer's record; every `window` records, score them in a thread of their own."""
@@ -69,7 +69,7 @@ class LiveMonitor:
             log.exception("scoring a monitoring window failed")
             return
         with self._lock:
-            self.latest, self.windows = summary, self.windows + 1
+            self.windows += 1
             self._show(summary)
         if summary["alarms"]:
             log.warning("monitoring: the last %d answers alarmed (%s; drift score %.2f, threshold %.2f)", len(records),
