@@ -215,3 +215,35 @@ def test_a_federation_with_a_site_whose_features_differ_stops_naming_the_differe
         run_federation(tmp_path / "server", Config(dense_units=4), Federation(rounds=1), CLASSES,
                        build_head(8, 3, 4).get_weights(), server, paths)
     assert not (tmp_path / "server" / "head.npz").exists()
+
+
+def test_a_checkpoint_gives_flowers_strategies_back_what_they_carry_between_rounds(tmp_path):
+    """A restarted server's strategy resumes with the momentum (FedAvgM) or moments (FedAdam, also
+    inside differential privacy) that the crashed one held, and the head in its own precision."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvgM
+
+    from lungxray.federated.checkpoint import Checkpoint, restore_strategy, strategy_state
+
+    rng = np.random.default_rng(3)
+    shapes = [(4, 3), (3,)]
+    momentum, adam, private = (FedAvgM(server_momentum=0.9), FedAdam(),
+                               DifferentialPrivacyServerSideFixedClipping(FedAdam(), 1.0, 1.0, 3))
+    momentum.momentum_vector = [rng.normal(size=s) for s in shapes]
+    for strategy in (adam, private.strategy):
+        strategy.m_t, strategy.v_t = ({str(i): rng.normal(size=s) for i, s in enumerate(shapes)} for _ in range(2))
+    head = [rng.normal(size=s) for s in shapes]  # FedAdam's head is float64
+    for crashed, restarted in ((momentum, FedAvgM(server_momentum=0.9)), (adam, FedAdam()),
+                               (private, DifferentialPrivacyServerSideFixedClipping(FedAdam(), 1.0, 1.0, 3))):
+        Checkpoint(2, head, strategy_state(crashed), [{"round": 1}, {"round": 2}], [{"name": "A"}], [1],
+                   None).save(tmp_path)
+        kept = Checkpoint.load(tmp_path)
+        assert (kept.round, kept.history[-1], kept.roster, kept.resumed_after) == (2, {"round": 2}, [{"name": "A"}], [1])
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(kept.head, head))
+        restore_strategy(restarted, kept.strategy_state)
+        for name in ("momentum_vector", "m_t", "v_t"):
+            theirs = getattr(getattr(crashed, "strategy", crashed), name, None)
+            ours = getattr(getattr(restarted, "strategy", restarted), name, None)
+            if isinstance(theirs, dict):
+                assert list(ours) == list(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+            elif theirs:
+                assert len(ours) == len(theirs) and all(np.array_equal(o, t) for o, t in zip(ours, theirs))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lungxray.cli.common import cache_dir
 from lungxray.cli.train import add_settings_arguments, config_from_args, print_run
-from lungxray.config import PRESETS, Federation
+from lungxray.config import PRESETS, Config, Federation
+from lungxray.errors import ConfigError
 
 RECIPE_CLASSES = "covid,normal,pneumonia"
 
@@ -29,6 +30,9 @@ def add_federate_commands(commands) -> None:
     server = modes.add_parser("server", help="coordinate sites across the network: Flower's SuperLink, TLS, "
                                              "only the sites whose keys are given (docs/federated.md)")
     server.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the federation in --out that a crash stopped, from its last finished round, "
+                             "with the settings saved there")
     server.add_argument("--site-key", action="append", required=True, metavar="PUBLIC_KEY",
                         help="a site's public key (ssh-keygen -t ecdsa -b 384); once per site")
     server.add_argument("--tls-cert", required=True, help="the server's TLS certificate (PEM), naming the address "
@@ -87,9 +91,15 @@ def run_simulate(args) -> int:
 def run_server(args) -> int:
     from lungxray.federated.deployment import coordinate
 
-    result = coordinate(args.out, config_from_args(args), federation_from_args(args), args.classes.split(","),
-                        [Path(key) for key in args.site_key], Path(args.tls_cert), Path(args.tls_key),
-                        Path(args.tls_ca), args.host, args.port, cache_dir=cache_dir(args))
+    settings = [f.name for f in (*dataclasses.fields(Config), *dataclasses.fields(Federation))
+                if getattr(args, f.name) is not None]
+    if args.resume and (settings or args.config):
+        raise ConfigError(f"--resume continues with the settings saved in --out; leave out "
+                          f"{', '.join('--' + name.replace('_', '-') for name in settings) or '--config'}")
+    config, federation = (None, None) if args.resume else (config_from_args(args), federation_from_args(args))
+    result = coordinate(args.out, config, federation, args.classes.split(","), [Path(key) for key in args.site_key],
+                        Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca), args.host, args.port,
+                        cache_dir=cache_dir(args), resume=args.resume)
     print_run(result)
     return 0
 

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping,
 from lungxray.config import Config, Federation
 from lungxray.errors import ConfigError
 from lungxray.federated import site as sites
+from lungxray.federated.checkpoint import CHECKPOINT, Checkpoint, restore_strategy, strategy_state
 from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
                                         temperature_from_nll)
 from lungxray.federated.result import FederatedFit, load_weights, save_weights
@@ -46,6 +47,8 @@ log = logging.getLogger("lungxray")
 
 SITE_TABLES = "site-tables"  # a SuperNode's --node-config key: the path of its SiteTables file
 REFUSED = 1  # the code of a site's refusal to join
+ROUND_TIMEOUT = 3600  # seconds the server waits for the sites' training replies (Flower's default)
+SITE_WAIT = 600  # seconds the server waits for every expected site before going on with --min-sites
 
 
 # --- The site -------------------------------------------------------------------------------------
@@ -254,28 +257,56 @@ class Coordinator:
         self.sites: dict[int, dict] = {}  # node id: name, counts, of the sites still taking part
         self.roster: list[dict] = []  # every site that passed the check (a dropped one says when it left)
         self.history: list[dict] = []
-        self.previous: list[np.ndarray] = []  # the last round's head
+        self.resumed_after: list[int] = []  # the rounds after which a restarted server resumed
+        self.strategy = None  # Flower's strategy, made once the sites are known
         self.privacy = None  # with differential privacy, its accountant
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
-        strategy = self.strategy()
-        result = strategy.start(grid=CheckedSites(self.grid, self.sites), initial_arrays=ArrayRecord(initial),
-                                num_rounds=self.federation.rounds,
-                                train_config=ConfigRecord({"local-steps": self.federation.local_steps,
-                                                           "batch-size": self.config.batch_size,
-                                                           **self.local_optimizer(),
-                                                           "seed": self.config.seed, "head": self.head_settings}),
-                                evaluate_fn=self.after_round)
-        for entry in self.history:  # the sites' training loss and accuracy, averaged by Flower
-            trained = result.train_metrics_clientapp.get(entry["round"], {})
-            entry.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
+        self.strategy = self.make_strategy()
+        arrays, done = self.resume() or (ArrayRecord(initial), 0)
+        grid = CheckedSites(self.grid, self.sites)
+        train_config = ConfigRecord({"local-steps": self.federation.local_steps, "batch-size": self.config.batch_size,
+                                     **self.local_optimizer(), "seed": self.config.seed, "head": self.head_settings})
+        for server_round in range(done + 1, self.federation.rounds + 1):
+            log.info("federation: round %d of %d", server_round, self.federation.rounds)
+            replies = grid.send_and_receive(self.strategy.configure_train(server_round, arrays, train_config, grid),
+                                            timeout=ROUND_TIMEOUT)
+            aggregated, trained = self.strategy.aggregate_train(server_round, replies)
+            if aggregated is None:
+                raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
+            arrays = aggregated
+            self.after_round(server_round, arrays, trained or {})
         best = self.best_round()
         weights = self.round_weights(best)
         fit = self.fit_statistics(weights)
-        write_json(self.folder / "history.json", {"rounds": self.history, "best_round": best,
-                                                  "sites": self.roster, "privacy": self.privacy_spent()})
+        write_json(self.folder / "history.json", {"rounds": self.history, "best_round": best, "sites": self.roster,
+                                                  "resumed_after": self.resumed_after,
+                                                  "privacy": self.privacy_spent()})
         fit.save(self.folder)
+
+    def resume(self) -> tuple[ArrayRecord, int] | None:
+        """The head, strategy state, history and privacy ledger of the last finished round, if an
+        earlier server kept one (`checkpoint.py`). The sites are those that passed the check now; one
+        that took part before and not now is recorded as dropped at the restart."""
+        checkpoint = Checkpoint.load(self.folder)
+        if checkpoint is None:
+            return None
+        here = {site["name"]: site for site in self.sites.values()}
+        absent = {site["name"]: {**site, "dropped_during": site.get("dropped_during") or
+                                 f"the restart after round {checkpoint.round}"} for site in checkpoint.roster}
+        self.roster = [here.get(name, absent[name]) for name in absent] + [s for n, s in here.items() if n not in absent]
+        self.history = checkpoint.history
+        self.resumed_after = [*checkpoint.resumed_after, checkpoint.round]
+        restore_strategy(self.strategy, checkpoint.strategy_state)
+        if self.privacy is not None:
+            try:
+                self.privacy.load_state_dict(checkpoint.privacy)
+            except ValueError as error:  # e.g. another number of sites than the rounds before were accounted for
+                raise ConfigError(f"the privacy accounting of the rounds before cannot go on: {error}") from None
+        log.info("federation: resuming after round %d of %d, kept in %s", checkpoint.round, self.federation.rounds,
+                 self.folder / CHECKPOINT)
+        return ArrayRecord(checkpoint.head), checkpoint.round
 
     def privacy_spent(self) -> dict | None:
         """The (epsilon, delta) differential privacy of what the sites' heads reveal, or None without."""
@@ -290,9 +321,31 @@ class Coordinator:
 
     # The steps.
     def check_sites(self) -> None:
-        nodes = self.wait_for_sites()
+        """Every expected site checked, or after 10 minutes those checked if they are `min_sites` or
+        more. A site that does not answer is asked again: after a restart the SuperLink lists the
+        sites it knew before they have reconnected."""
+        import time
+
+        deadline = time.monotonic() + SITE_WAIT
+        while len(self.sites) < self.expected_sites:
+            unchecked = [node for node in self.grid.get_node_ids() if node not in self.sites]
+            if unchecked:
+                self.check(unchecked)
+            if len(self.sites) >= self.expected_sites:
+                break
+            if time.monotonic() > deadline:
+                if len(self.sites) >= self.federation.min_sites:
+                    break
+                raise ConfigError(f"{len(self.sites)} site(s) joined in {SITE_WAIT // 60} minutes; --min-sites is "
+                                  f"{self.federation.min_sites}")
+            time.sleep(1)
+        log.info("federation: %d sites (%s)", len(self.sites), ", ".join(s["name"] for s in self.sites.values()))
+
+    def check(self, nodes: list[int]) -> None:
+        """Ask `nodes` for their names, counts and fingerprints; those that answer join the federation,
+        and any refusal stops it."""
         asked = self.ask(nodes, "query.check", {"fingerprint": self.fingerprint})
-        replies = {node: reply for node, reply in asked.items() if reply is not None}  # one gone is not a site
+        replies = {node: reply for node, reply in asked.items() if reply is not None}
         refusals = [reply.error.reason for reply in replies.values() if reply.has_error()]
         if refusals:
             raise ConfigError("; ".join(refusals))
@@ -302,23 +355,8 @@ class Coordinator:
                                 "validation": int(metrics["validation"]),
                                 "train_by_class": [int(metrics[f"films-{i}"]) for i in range(self.num_classes)]}
             self.roster.append(self.sites[node])
-        log.info("federation: %d sites (%s)", len(self.sites), ", ".join(s["name"] for s in self.sites.values()))
 
-    def wait_for_sites(self) -> list[int]:
-        """Every expected site, or after 10 minutes those connected if they are `min_sites` or more."""
-        import time
-
-        deadline = time.monotonic() + 600
-        while len(nodes := list(self.grid.get_node_ids())) < self.expected_sites:
-            if time.monotonic() > deadline:
-                if len(nodes) >= self.federation.min_sites:
-                    break
-                raise ConfigError(f"{len(nodes)} site(s) connected in 10 minutes; --min-sites is "
-                                  f"{self.federation.min_sites}")
-            time.sleep(1)
-        return nodes
-
-    def strategy(self):
+    def make_strategy(self):
         federation = self.federation
         common = dict(fraction_evaluate=0.0, min_train_nodes=federation.min_sites,
                       min_available_nodes=federation.min_sites)
@@ -366,23 +404,22 @@ class Coordinator:
             return {"local-optimizer": "sgd", "learning-rate": self.federation.local_learning_rate}
         return {"local-optimizer": "adam", "learning-rate": self.config.learning_rate}
 
-    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """After each round (and before the first): every site's validation report; the head kept."""
+    def after_round(self, server_round: int, arrays: ArrayRecord, trained: MetricRecord) -> None:
+        """After each round: the head kept, every site's validation report, and the checkpoint a
+        restarted server resumes from."""
         weights = [w.astype(np.float32) for w in arrays.to_numpy_ndarrays()]  # FedAdam's are float64
-        if server_round > 0 and all(np.array_equal(w, v) for w, v in zip(weights, self.previous)):
-            raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
-        self.previous = weights
-        if server_round == 0:
-            return None
         rounds = self.folder / "rounds"
         rounds.mkdir(parents=True, exist_ok=True)
         save_weights(rounds / f"round-{server_round:04d}.npz", weights)
         replies = self.answers(self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights))
         summary = self.summarise(server_round, {r.metadata.src_node_id: r.content["metrics"] for r in replies})
+        summary.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
         self.history.append(summary)
         log.info("round %d: val_loss %.4f, val_accuracy %.4f, worst class x site %.4f", server_round,
                  summary["val_loss"], summary["val_accuracy"], summary["val_worst_group_accuracy"])
-        return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float)})
+        Checkpoint(server_round, arrays.to_numpy_ndarrays(), strategy_state(self.strategy), self.history,
+                   self.roster, self.resumed_after,
+                   None if self.privacy is None else self.privacy.state_dict()).save(self.folder)
 
     def summarise(self, server_round: int, reports: dict[int, MetricRecord]) -> dict:
         films = np.array([[r[f"films-{i}"] for i in range(self.num_classes)] for r in reports.values()])

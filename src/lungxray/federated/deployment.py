@@ -17,6 +17,7 @@ commands at each site.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -51,10 +52,33 @@ server = ServerApp()
 
 @server.main()
 def _coordinate(grid: Grid, context: Context) -> None:
+    import fcntl
+
     folder = Path(str(context.run_config["folder"]))
+    _end_with(int(context.run_config["server-pid"]))
     job = read_json(folder / JOB, DataError, "does not exist")
-    Coordinator(grid, Config.from_dict(job["config"]), Federation(**job["federation"]), job["classes"],
-                job["fingerprint"], folder, expected_sites=job["sites"]).run(load_weights(folder / INITIAL))
+    with open(folder / ".coordinator.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one ServerApp writes a run folder at a time
+        Coordinator(grid, Config.from_dict(job["config"]), Federation(**job["federation"]), job["classes"],
+                    job["fingerprint"], folder, expected_sites=job["sites"]).run(load_weights(folder / INITIAL))
+
+
+def _end_with(server: int) -> None:
+    """End this ServerApp as soon as the `lungxray federate server` process that submitted it is gone.
+    Flower's ServerApp outlives its SuperLink (it ignores SIGTERM and waits to reconnect), and would
+    otherwise go on beside the ServerApp of a server restarted with --resume."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(server, 0)
+            except ProcessLookupError:
+                log.error("federation: the server process %d is gone; this ServerApp ends with it", server)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
 
 
 APP_PROJECT = """\
@@ -79,6 +103,7 @@ clientapp = "lungxray.federated.deployment:client"
 
 [tool.flwr.app.config]
 folder = ""
+server-pid = 0
 """
 
 
@@ -141,7 +166,8 @@ class SuperLink:
                  str(self.key), "--ssl-ca-certfile", str(self.ca), "--enable-supernode-auth",
                  "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port),
                  "--database", str(self.home / "state.db")],
-                env=flower_environment(self.home), stdout=output, stderr=subprocess.STDOUT)
+                env=flower_environment(self.home), stdout=output, stderr=subprocess.STDOUT,
+                preexec_fn=_ended_with_this_process())
         deadline = time.monotonic() + 60
         while not _accepts(self.local_address):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -161,20 +187,39 @@ class SuperLink:
                 self.process.wait()
 
     def admit(self, public_key: Path) -> None:
-        """Register a site's public key (OpenSSH ECDSA, `ssh-keygen -t ecdsa -b 384`)."""
-        self._flwr(["supernode", "register", str(public_key), CONNECTION], f"the site key {public_key}")
+        """Register a site's public key (OpenSSH ECDSA, `ssh-keygen -t ecdsa -b 384`). A key registered
+        before is left as it is: the SuperLink of a resumed federation keeps its keys in its database."""
+        from flwr.common.constant import PUBLIC_KEY_ALREADY_IN_USE_MESSAGE
 
-    def run(self, project: Path, run_config: dict[str, str]) -> None:
+        try:
+            self._flwr(["supernode", "register", str(public_key), CONNECTION], f"the site key {public_key}")
+        except ConfigError as refusal:
+            if PUBLIC_KEY_ALREADY_IN_USE_MESSAGE not in str(refusal):
+                raise
+
+    def run(self, project: Path, run_config: dict[str, str | int]) -> None:
         """Submit the Flower App `project` and stream its log here until the run ends."""
-        overrides = " ".join(f'{key}="{value}"' for key, value in run_config.items())
+        overrides = " ".join(f'{key}={json.dumps(value)}' for key, value in run_config.items())
         self._flwr(["run", str(project), CONNECTION, "--stream", "--run-config", overrides], "the federation",
                    stream=True)
 
     def _flwr(self, arguments: list[str], what: str, stream: bool = False) -> None:
         done = subprocess.run([flower_command("flwr"), *arguments], env=flower_environment(self.home),
-                              capture_output=not stream, text=True)
+                              capture_output=not stream, text=True, preexec_fn=_ended_with_this_process())
         if done.returncode != 0:
             raise ConfigError(f"Flower refused {what}: {(done.stdout or '')[-1500:]}{(done.stderr or '')[-1500:]}")
+
+
+def _ended_with_this_process():
+    """For a child process: on Linux, have it sent SIGTERM when this process dies, even by SIGKILL, so that
+    a server restarted after a crash finds its port free (the SuperLink then stops the ServerApp it runs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _accepts(address: str) -> bool:
@@ -203,23 +248,26 @@ def supernode_command(tables: Path, superlink: str, ca: Path, key: Path, port: i
 
 # --- The commands ---------------------------------------------------------------------------------
 
-def coordinate(out: str | Path | None, config: Config, federation: Federation, classes: list[str],
+def coordinate(out: str | Path | None, config: Config | None, federation: Federation | None, classes: list[str],
                site_keys: list[Path], certificate: Path, key: Path, ca: Path, host: str = "0.0.0.0",
-               port: int = 9092, cache_dir: Path | None = None):
+               port: int = 9092, cache_dir: Path | None = None, resume: bool = False):
     """`lungxray federate server`: a SuperLink admitting the sites of `site_keys`, the federation run
     on it, and its result as the run folder `out`. The server holds no films: the run is evaluated by
     the sites' validation reports (its report's table of sites), and a site evaluates it on its own
-    test films with `lungxray evaluate`."""
+    test films with `lungxray evaluate`. `resume` continues the federation in `out` that a crash
+    stopped, with the settings saved there (config and federation None), from its last finished round."""
     import datetime
 
     from lungxray.federated.simulation import check_recipe
     from lungxray.rundir import RunDir
 
+    if resume:
+        config, federation, classes = saved_settings(out)
     check_recipe(config)
-    check_server(out, federation, site_keys)
-    started, timings = time.perf_counter(), {}
-    run = RunDir.create(out)
+    check_server(federation, site_keys)
+    run = RunDir.create(out, resume)  # a folder holding an unfinished federation is continued with --resume only
     folder = run.path(FOLDER)
+    started, timings = time.perf_counter(), {}
     link = SuperLink(folder / "flower", host, port, certificate, key, ca)  # its files checked before any work
 
     import keras  # the checks above are said before TensorFlow loads
@@ -230,20 +278,21 @@ def coordinate(out: str | Path | None, config: Config, federation: Federation, c
     from lungxray.training.run_report import TrainResult
 
     keras.utils.set_random_seed(config.seed)
-    config.save(run.path(run.CONFIG))
-    federation.save(run.path(FEDERATION))
     model = network(config, len(classes))
     engine = CachedEngine(model, config, run, cache_dir)  # its feature cache's key: what the sites' must be
-    folder.mkdir(exist_ok=True)
-    save_weights(folder / INITIAL, model.get_layer("head").get_weights())
-    write_json(folder / JOB, {"config": config.to_dict(), "federation": federation.to_dict(), "classes": classes,
-                              "fingerprint": fingerprint(classes, config.views, engine.extractor.cache.meta),
-                              "sites": len(site_keys)})
+    if not resume:
+        config.save(run.path(run.CONFIG))
+        federation.save(run.path(FEDERATION))
+        folder.mkdir(exist_ok=True)
+        save_weights(folder / INITIAL, model.get_layer("head").get_weights())
+        write_json(folder / JOB, {"config": config.to_dict(), "federation": federation.to_dict(), "classes": classes,
+                                  "fingerprint": fingerprint(classes, config.views, engine.extractor.cache.meta),
+                                  "sites": len(site_keys)})
     with timed(timings, "federation"), link:
         for site_key in site_keys:
             link.admit(Path(site_key))
         log.info("federation: the SuperLink admits %d site(s) at %s:%d; start them now", len(site_keys), host, port)
-        link.run(app_project(folder / "app"), {"folder": str(folder.resolve())})
+        link.run(app_project(folder / "app"), {"folder": str(folder.resolve()), "server-pid": os.getpid()})
     if not (folder / FederatedFit.FITTED).exists():
         raise DataError(f"the federation stopped before it finished; its log above (and {folder / 'flower'}) "
                         "says why")
@@ -259,18 +308,22 @@ def coordinate(out: str | Path | None, config: Config, federation: Federation, c
     return result
 
 
-def check_server(out, federation: Federation, site_keys: list[Path]) -> None:
-    """What the server needs before it starts: enough site keys, each a file, and a new run folder."""
-    from lungxray.rundir import RunDir
+def saved_settings(out) -> tuple[Config, Federation, list[str]]:
+    """The recipe, federation settings and classes of the federation in `out`, to resume it."""
+    if out is None:
+        raise ConfigError("--resume continues the federation in --out: give it")
+    job = read_json(Path(out) / FOLDER / JOB, DataError, "does not exist: the federation stopped before it began; "
+                                                         "start it again without --resume")
+    return Config.from_dict(job["config"]), Federation(**job["federation"]), job["classes"]
 
+
+def check_server(federation: Federation, site_keys: list[Path]) -> None:
+    """What the server needs before it starts: enough site keys, each a file."""
     if len(site_keys) < federation.min_sites:
         raise ConfigError(f"{len(site_keys)} site key(s) given; --min-sites is {federation.min_sites}")
     missing = [str(path) for path in site_keys if not Path(path).is_file()]
     if missing:
         raise ConfigError(f"--site-key: no such file: {', '.join(missing)}")
-    if out is not None and (Path(out) / RunDir.CONFIG).exists() and not (Path(out) / RunDir.MODEL).exists():
-        raise DataError(f"{out} holds a federation that did not finish; choose another --out (a server does not "
-                        "resume yet)")
 
 
 def server_report(run, result, history: dict, config: Config, classes: list[str]) -> list[str]:
