@@ -274,7 +274,7 @@ def _commands(parser, path=()):
 def test_every_flag_is_in_the_readme_synopsis_of_its_command():
     """The README's command-line block names every flag of every command beside that command (the
     settings of `train` and `federate`, one per Config field, stand there as
-    `[--SETTING VALUE ...]`)."""
+    `[--SETTING VALUE ...]`; a boolean flag's `--no-` form goes without saying)."""
     root = PACKAGE.parents[1]
     readme = (root / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
@@ -285,7 +285,8 @@ def test_every_flag_is_in_the_readme_synopsis_of_its_command():
         synopsis = " ".join(e for e in entries if e.lstrip().startswith(path[0]) and all(w in e for w in path[1:]))
         assert synopsis, f"no synopsis of lungxray {' '.join(path)} in the README"
         missing += [f"{' '.join(path)} {flag}" for flag in sorted(flags) if flag not in synopsis
-                    and not ((path == ("train",) or path[0] == "federate") and flag in settings)]
+                    and not ((path == ("train",) or path[0] == "federate") and flag in settings)
+                    and not (flag.startswith("--no-") and f"--{flag[5:]}" in synopsis)]  # a listed flag's negation
     assert not missing, missing
 
 

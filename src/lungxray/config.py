@@ -231,6 +231,9 @@ class Federation:
                                            "clipped to", Interval(1e-12, None))
     dp_delta: float = setting(1e-5, "differential privacy: the delta the epsilon is reported at",
                               Interval(1e-12, 1, open_high=True))
+    secure_aggregation: bool = setting(False, "average the sites' heads by Flower's SecAgg+, so that the server "
+                                              "sees their weighted sum and never one site's head (with fedavg or "
+                                              "fedprox)")
 
     def __post_init__(self):
         _check_settings(self)
@@ -238,6 +241,11 @@ class Federation:
             raise ConfigError("differential privacy covers the heads the sites send, and SCAFFOLD's sites send "
                               "their gradients too: with --dp-noise-multiplier, choose --aggregation fedavg, "
                               "fedprox or fedadam")
+        if self.secure_aggregation and (self.aggregation not in ("fedavg", "fedprox") or self.dp_noise_multiplier):
+            raise ConfigError("secure aggregation hides each site's head from the server, which FedAdam's and "
+                              "SCAFFOLD's steps and central differential privacy's clipping need: with "
+                              "--secure-aggregation, choose --aggregation fedavg or fedprox and no "
+                              "--dp-noise-multiplier")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,8 +8,9 @@ A federation, as the server drives it:
                backbone or input pipeline differs from the server's is refused, naming what differs
     rounds     Flower's strategy (FedAvg, FedProx, FedAdam, or SCAFFOLD: FedAvg with server momentum
                and the sites' mean gradient sent out first) sends the head, each site trains it for a few batches
-               and sends it back with its count; after each round every site reports on its
-               validation films, and the round's head is kept (`RUN/federation/rounds/`)
+               and sends it back with its count (with secure aggregation, masked: `secure_aggregation.py`);
+               after each round every site reports on its validation films, and the round's head and a
+               checkpoint to resume from are kept (`RUN/federation/rounds/`, `checkpoint.py`)
     select     the best round by the recipe's monitor (pooled over sites; the worst class x site
                cell for val_worst_group_accuracy)
     statistics the selected head's calibration, conformal and gate statistics (`fitting.py`)
@@ -41,6 +42,7 @@ from lungxray.federated.checkpoint import CHECKPOINT, Checkpoint, restore_strate
 from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
                                         temperature_from_nll)
 from lungxray.federated.result import FederatedFit, load_weights, save_weights
+from lungxray.federated.secure_aggregation import secure_aggregation_mod, secure_round
 from lungxray.io import write_json
 
 log = logging.getLogger("lungxray")
@@ -56,7 +58,7 @@ SITE_WAIT = 600  # seconds the server waits for every expected site before going
 def client_app(tables: list[str] | None = None) -> ClientApp:
     """The ClientApp. A site finds its features at its node config's `site-tables`, or (simulation)
     at `tables[partition-id]`."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_aggregation_mod])
 
     def site_of(context: Context) -> sites.SiteTables:
         path = context.node_config.get(SITE_TABLES) or tables[int(context.node_config["partition-id"])]
@@ -270,9 +272,7 @@ class Coordinator:
                                      **self.local_optimizer(), "seed": self.config.seed, "head": self.head_settings})
         for server_round in range(done + 1, self.federation.rounds + 1):
             log.info("federation: round %d of %d", server_round, self.federation.rounds)
-            replies = grid.send_and_receive(self.strategy.configure_train(server_round, arrays, train_config, grid),
-                                            timeout=ROUND_TIMEOUT)
-            aggregated, trained = self.strategy.aggregate_train(server_round, replies)
+            aggregated, trained = self.train_round(grid, server_round, arrays, train_config)
             if aggregated is None:
                 raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
             arrays = aggregated
@@ -284,6 +284,18 @@ class Coordinator:
                                                   "resumed_after": self.resumed_after,
                                                   "privacy": self.privacy_spent()})
         fit.save(self.folder)
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord
+                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The sites' heads trained from `arrays` and averaged by Flower's strategy, or with secure
+        aggregation by SecAgg+ (FedAvg, FedProx's term added at the sites)."""
+        if not self.federation.secure_aggregation:
+            replies = grid.send_and_receive(self.strategy.configure_train(server_round, arrays, train_config, grid),
+                                            timeout=ROUND_TIMEOUT)
+            return self.strategy.aggregate_train(server_round, replies)
+        proximal = {"proximal-mu": self.federation.proximal_mu} if self.federation.aggregation == "fedprox" else {}
+        return secure_round(grid, {node: site["train"] for node, site in self.sites.items()}, server_round, arrays,
+                            {**train_config, **proximal}, ROUND_TIMEOUT)
 
     def resume(self) -> tuple[ArrayRecord, int] | None:
         """The head, strategy state, history and privacy ledger of the last finished round, if an
