@@ -89,10 +89,8 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
         site, settings = site_of(context), message.content["config"]
         trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], settings["local-optimizer"])
         weights, seed = message.content["arrays"].to_numpy_ndarrays(), _seed(site, settings)
-        correction = None
-        if "control" in message.content:  # SCAFFOLD: the federation's gradient at the global head, less ours
-            own = trainer.gradient(site, weights, batch_size=int(settings["batch-size"]), seed=seed)
-            correction = [c - g for c, g in zip(message.content["control"].to_numpy_ndarrays(), own)]
+        # SCAFFOLD: the federation's gradient at the global head less ours, from the server, which has both
+        correction = message.content["correction"].to_numpy_ndarrays() if "correction" in message.content else None
         weights, loss, accuracy = trainer.update(
             site, weights, steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
@@ -211,21 +209,25 @@ def server_app(folder: Path, config: Config, federation: Federation, classes: li
 class Scaffold(FedAvgM):
     """FedAvg whose sites correct their drift: SCAFFOLD (Karimireddy et al., 2020) with the control
     variates of its "option I" made afresh each round. Before a round every site sends its gradient
-    at the global head; their average, weighted by counts, goes out with the head, and each local
-    step follows its own gradient minus its site's gradient at the global head plus that average.
-    A site holding one class then stops pulling the head towards it. It costs a second message of
-    the head's size each round. The server adds momentum to the averaged step (Flower's FedAvgM):
-    the federation underfits in 30 rounds more than it drifts (docs/federated.md)."""
+    at the global head; each is sent back its correction, the average of those gradients (weighted by
+    counts) less its own, and each local step follows the site's gradient plus its correction. A site
+    holding one class then stops pulling the head towards it. It costs a second message of the
+    head's size each round. The server adds momentum to the averaged step (Flower's FedAvgM): the
+    federation underfits in 30 rounds more than it drifts (docs/federated.md)."""
 
-    def __init__(self, mean_gradient, **options):
+    def __init__(self, site_gradients, **options):
         super().__init__(**options)
-        self.mean_gradient = mean_gradient
+        self.site_gradients = site_gradients
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        control = ArrayRecord(self.mean_gradient(server_round, arrays.to_numpy_ndarrays()))
+        counts, gradients = self.site_gradients(server_round, arrays.to_numpy_ndarrays())
+        mean = [sum(counts[node] * gradients[node][i] for node in gradients) / sum(counts.values())
+                for i in range(len(next(iter(gradients.values()))))]
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # the sites that answered
         for message in messages:
-            message.content["control"] = control
+            content = RecordDict(dict(message.content))  # the strategy's messages share one record
+            content["correction"] = ArrayRecord([m - g for m, g in zip(mean, gradients[message.metadata.dst_node_id])])
+            message.content = content
         return messages
 
 
@@ -379,7 +381,7 @@ class Coordinator:
         elif federation.aggregation == "fedadam":
             strategy = FedAdam(eta=federation.server_learning_rate, **common)
         elif federation.aggregation == "scaffold":
-            strategy = Scaffold(self.mean_gradient, server_learning_rate=1.0,
+            strategy = Scaffold(self.site_gradients, server_learning_rate=1.0,
                                 server_momentum=federation.server_momentum, **common)
         else:
             strategy = FedAvg(**common)
@@ -400,14 +402,14 @@ class Coordinator:
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
         return self.privacy
 
-    def mean_gradient(self, server_round: int, weights: list[np.ndarray]) -> list[np.ndarray]:
-        """The sites' gradients at the global head, averaged weighted by their counts."""
+    def site_gradients(self, server_round: int, weights: list[np.ndarray]
+                       ) -> tuple[dict[int, float], dict[int, list[np.ndarray]]]:
+        """Each site's training count and mean gradient at the global head."""
         replies = self.answers(self.ask(list(self.sites), "query.gradient",
                                         {"head": self.head_settings, "batch-size": self.config.batch_size,
                                          "seed": self.config.seed, "server-round": server_round}, weights))
-        counts = [float(r.content["metrics"]["num-examples"]) for r in replies]
-        gradients = [r.content["arrays"].to_numpy_ndarrays() for r in replies]
-        return [sum(n * g[i] for n, g in zip(counts, gradients)) / sum(counts) for i in range(len(gradients[0]))]
+        return ({r.metadata.src_node_id: float(r.content["metrics"]["num-examples"]) for r in replies},
+                {r.metadata.src_node_id: r.content["arrays"].to_numpy_ndarrays() for r in replies})
 
     def local_optimizer(self) -> dict:
         """FedAdam's sites take plain gradient steps, so that the server's Adam sees their average
