@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import os
 import random
@@ -21,7 +22,7 @@ TINY = 32  # the smallest input MobileNetV3Small accepts: keeps unit tests fast
 # The files that take longest (2026-12-06, AMD EPYC, 2 workers: 239, 234, 150 and 95 s), which `make test`
 # hands to its workers first: under --dist loadfile a long file begun last keeps one worker busy while
 # the other waits (longest first is the classic way to share jobs among machines).
-LONGEST_FIRST = ("test_federated.py", "test_train.py", "test_federation_deployment.py", "test_crash.py")
+LONGEST_FIRST = ("test_federation_deployment.py", "test_federated.py", "test_train.py", "test_crash.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -64,14 +65,25 @@ def shared_conversions(tmp_path_factory):
 
 
 @pytest.fixture
-def ray_alone(tmp_path_factory):
-    """Held by a test that starts a local Ray instance or needs none running: Ray does not support two
-    local instances on one machine, and the suite runs in parallel workers (`make test`), which share
-    the folder above their own temporary folders."""
+def ray_lock(tmp_path_factory):
+    """`with ray_lock():` around the part of a test that starts a local Ray instance or needs none
+    running: Ray does not support two local instances on one machine, and the suite runs in parallel
+    workers (`make test`), which share the folder above their own temporary folders."""
     import fcntl
 
-    with open(tmp_path_factory.getbasetemp().parent / "ray.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    @contextlib.contextmanager
+    def held():
+        with open(tmp_path_factory.getbasetemp().parent / "ray.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    return held
+
+
+@pytest.fixture
+def ray_alone(ray_lock):
+    """`ray_lock` held for a whole test."""
+    with ray_lock():
         yield
 
 

@@ -168,6 +168,9 @@ def test_a_report_the_pacs_refuses_is_set_aside_and_the_others_go_on(node_and_pa
             assert len(refusing.wait_for(5, timeout=30)) == 5
         assert time.monotonic() - started < 20 and refusing.refusals == 1  # refused once, never retried
         refused_uid = str(pydicom.dcmread(films[0]).SOPInstanceUID)
+        deadline = time.monotonic() + 10
+        while node.spool.undelivered() and time.monotonic() < deadline:  # the PACS holds the last report a moment
+            time.sleep(0.05)                                               # before the node hears it was stored
         assert (tmp_path / "spool" / "refused" / f"{refused_uid}.dcm").is_file() and not node.spool.undelivered()
         assert any("refused the report" in r.getMessage() and "0xC000" in r.getMessage() for r in caplog.records)
         events = [json.loads(line) for line in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
