@@ -67,7 +67,7 @@ def head_bytes(run: Path) -> int:
 def sent_per_round(run: Path, aggregation: str) -> int:
     """What one site sends in a round: its trained head (an ArrayRecord) and its two MetricRecords
     (training and validation report), as Flower counts them; with SCAFFOLD, its gradient too (an
-    ArrayRecord of the trainable weights' size)."""
+    ArrayRecord of the trainable weights' size, in its validation report's message)."""
     from flwr.app import ArrayRecord, MetricRecord
 
     head = load_weights(run / "federation" / FederatedFit.HEAD)
@@ -79,7 +79,7 @@ def sent_per_round(run: Path, aggregation: str) -> int:
     if aggregation == "scaffold":
         model = build_head(head[0].shape[0], head[-1].shape[0], head[0].shape[1])
         trainable = [np.zeros(w.shape, np.float32) for w in model.trainable_weights]
-        sent += ArrayRecord(trainable).count_bytes() + MetricRecord({"num-examples": 1}).count_bytes()
+        sent += ArrayRecord(trainable).count_bytes()
     return sent
 
 

@@ -78,17 +78,15 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
 
     @app.query("gradient")
     def gradient(message: Message, context: Context) -> Message:
-        site, settings = site_of(context), message.content["config"]
-        own = _trainer(len(site.classes), site.train.shape[-1], settings["head"], "adam").gradient(
-            site, message.content["arrays"].to_numpy_ndarrays(), batch_size=int(settings["batch-size"]),
-            seed=_seed(site, settings))
-        return _reply(message, arrays=own, metrics={"num-examples": len(site.train)})
+        site = site_of(context)
+        return _reply(message, arrays=_gradient(site, message), metrics={"num-examples": len(site.train)})
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         site, settings = site_of(context), message.content["config"]
         trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], settings["local-optimizer"])
-        weights, seed = message.content["arrays"].to_numpy_ndarrays(), _seed(site, settings)
+        weights = message.content["arrays"].to_numpy_ndarrays()
+        seed = _seed(site, int(settings["seed"]), int(settings["server-round"]))
         # SCAFFOLD: the federation's gradient at the global head less ours, from the server, which has both
         correction = message.content["correction"].to_numpy_ndarrays() if "correction" in message.content else None
         weights, loss, accuracy = trainer.update(
@@ -103,8 +101,11 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         site, settings = site_of(context), message.content["config"]
         raw = _raw(site, settings, message)
-        return _reply(message, metrics={"num-examples": len(site.val),
-                                        **sites.validation_report(raw, site.val_labels, len(site.classes))})
+        report = {"num-examples": len(site.val), **sites.validation_report(raw, site.val_labels, len(site.classes))}
+        if "gradient-round" not in settings:
+            return _reply(message, metrics=report)
+        # SCAFFOLD: the gradient at this head that the next round needs, in this message rather than another
+        return _reply(message, arrays=_gradient(site, message), metrics=report)
 
     add_statistics_queries(app, site_of)
     return app
@@ -139,10 +140,18 @@ def add_statistics_queries(app: ClientApp, site_of) -> None:
         return _reply(message, arrays=[histogram], metrics={"num-examples": len(site.val)})
 
 
-def _seed(site: sites.SiteTables, settings: ConfigRecord) -> int:
+def _seed(site: sites.SiteTables, seed: int, server_round: int) -> int:
     """A site's seed for a round: the recipe's, the round and the site's name (not its node id,
     which a simulation draws anew)."""
-    return int(settings["seed"]) * 1_000_003 + int(settings["server-round"]) * 1009 + zlib.crc32(site.name.encode())
+    return seed * 1_000_003 + server_round * 1009 + zlib.crc32(site.name.encode())
+
+
+def _gradient(site: sites.SiteTables, message: Message) -> list[np.ndarray]:
+    """The site's mean gradient at the message's head, for SCAFFOLD's round `gradient-round`."""
+    settings = message.content["config"]
+    trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], "adam")
+    return trainer.gradient(site, message.content["arrays"].to_numpy_ndarrays(), batch_size=int(settings["batch-size"]),
+                            seed=_seed(site, int(settings["seed"]), int(settings["gradient-round"])))
 
 
 @functools.lru_cache(maxsize=4)
@@ -209,10 +218,10 @@ def server_app(folder: Path, config: Config, federation: Federation, classes: li
 class Scaffold(FedAvgM):
     """FedAvg whose sites correct their drift: SCAFFOLD (Karimireddy et al., 2020) with the control
     variates of its "option I" made afresh each round. Before a round every site sends its gradient
-    at the global head; each is sent back its correction, the average of those gradients (weighted by
-    counts) less its own, and each local step follows the site's gradient plus its correction. A site
-    holding one class then stops pulling the head towards it. It costs a second message of the
-    head's size each round. The server adds momentum to the averaged step (Flower's FedAvgM): the
+    at the global head (with its report on that head, in one message); each is sent back its
+    correction, the average of those gradients (weighted by counts) less its own, and each local step
+    follows the site's gradient plus its correction. A site holding one class then stops pulling the
+    head towards it. It costs each site a second head's size a round. The server adds momentum to the averaged step (Flower's FedAvgM): the
     federation underfits in 30 rounds more than it drifts (docs/federated.md)."""
 
     def __init__(self, site_gradients, **options):
@@ -264,6 +273,7 @@ class Coordinator:
         self.resumed_after: list[int] = []  # the rounds after which a restarted server resumed
         self.strategy = None  # Flower's strategy, made once the sites are known
         self.privacy = None  # with differential privacy, its accountant
+        self.next_gradients = None  # SCAFFOLD: (round, each site's gradient at the head that round starts from)
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
@@ -404,12 +414,18 @@ class Coordinator:
 
     def site_gradients(self, server_round: int, weights: list[np.ndarray]
                        ) -> tuple[dict[int, float], dict[int, list[np.ndarray]]]:
-        """Each site's training count and mean gradient at the global head."""
-        replies = self.answers(self.ask(list(self.sites), "query.gradient",
-                                        {"head": self.head_settings, "batch-size": self.config.batch_size,
-                                         "seed": self.config.seed, "server-round": server_round}, weights))
-        return ({r.metadata.src_node_id: float(r.content["metrics"]["num-examples"]) for r in replies},
-                {r.metadata.src_node_id: r.content["arrays"].to_numpy_ndarrays() for r in replies})
+        """Each site's training count and mean gradient at the global head, for SCAFFOLD: from the
+        last round's evaluation, which carried them, or asked for (in the first round, or resumed)."""
+        if self.next_gradients is None or self.next_gradients[0] != server_round:
+            replies = self.answers(self.ask(list(self.sites), "query.gradient",
+                                            {"head": self.head_settings, **self.gradient_config(server_round)}, weights))
+            self.next_gradients = server_round, {r.metadata.src_node_id: r.content["arrays"].to_numpy_ndarrays()
+                                                 for r in replies}
+        gradients = {node: gradient for node, gradient in self.next_gradients[1].items() if node in self.sites}
+        return {node: float(self.sites[node]["train"]) for node in gradients}, gradients
+
+    def gradient_config(self, server_round: int) -> dict:
+        return {"batch-size": self.config.batch_size, "seed": self.config.seed, "gradient-round": server_round}
 
     def local_optimizer(self) -> dict:
         """FedAdam's sites take plain gradient steps, so that the server's Adam sees their average
@@ -425,7 +441,13 @@ class Coordinator:
         rounds = self.folder / "rounds"
         rounds.mkdir(parents=True, exist_ok=True)
         save_weights(rounds / f"round-{server_round:04d}.npz", weights)
-        replies = self.answers(self.ask(list(self.sites), "evaluate", {"head": self.head_settings}, weights))
+        config = {"head": self.head_settings}
+        if self.federation.aggregation == "scaffold" and server_round < self.federation.rounds:
+            config.update(self.gradient_config(server_round + 1))  # the next round's gradients, in the same message
+        replies = self.answers(self.ask(list(self.sites), "evaluate", config, weights))
+        if "gradient-round" in config:
+            self.next_gradients = server_round + 1, {r.metadata.src_node_id: r.content["arrays"].to_numpy_ndarrays()
+                                                     for r in replies}
         summary = self.summarise(server_round, {r.metadata.src_node_id: r.content["metrics"] for r in replies})
         summary.update({key: float(trained[key]) for key in ("loss", "accuracy") if key in trained})
         self.history.append(summary)
