@@ -19,7 +19,7 @@ CXR = environment_path("LUNGXRAY_DATA") or SHARED / "cxr"
 WEIGHTS = SHARED / "weights" / "mobilenet_v3_small_imagenet_tv_no_top.weights.h5"
 CLASSES = ("covid", "normal", "pneumonia")
 TINY = 32  # the smallest input MobileNetV3Small accepts: keeps unit tests fast
-# The files that take longest (2026-12-06, AMD EPYC, 2 workers: 239, 234, 150 and 95 s), which `make test`
+# The files that take longest (2026-12-06, AMD EPYC: 257 s alone, and about 240, 234 and 95 s), which `make test`
 # hands to its workers first: under --dist loadfile a long file begun last keeps one worker busy while
 # the other waits (longest first is the classic way to share jobs among machines).
 LONGEST_FIRST = ("test_federation_deployment.py", "test_federated.py", "test_train.py", "test_crash.py")

@@ -212,7 +212,7 @@ class SuperLink:
 
 def _ended_with_this_process():
     """For a child process: on Linux, have it sent SIGTERM when this process dies, even by SIGKILL, so that
-    a server restarted after a crash finds its port free (the SuperLink then stops the ServerApp it runs)."""
+    a server restarted after a crash finds its port free (the ServerApp ends itself: `_end_with`)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
