@@ -437,7 +437,8 @@ class Coordinator:
     def after_round(self, server_round: int, arrays: ArrayRecord, trained: MetricRecord) -> None:
         """After each round: the head kept, every site's validation report, and the checkpoint a
         restarted server resumes from."""
-        weights = [w.astype(np.float32) for w in arrays.to_numpy_ndarrays()]  # FedAdam's are float64
+        head = arrays.to_numpy_ndarrays()  # the next round starts from it as it is (FedAdam's is float64)
+        weights = [w.astype(np.float32) for w in head]
         rounds = self.folder / "rounds"
         rounds.mkdir(parents=True, exist_ok=True)
         save_weights(rounds / f"round-{server_round:04d}.npz", weights)
@@ -453,7 +454,7 @@ class Coordinator:
         self.history.append(summary)
         log.info("round %d: val_loss %.4f, val_accuracy %.4f, worst class x site %.4f", server_round,
                  summary["val_loss"], summary["val_accuracy"], summary["val_worst_group_accuracy"])
-        Checkpoint(server_round, arrays.to_numpy_ndarrays(), strategy_state(self.strategy), self.history,
+        Checkpoint(server_round, head, strategy_state(self.strategy), self.history,
                    self.roster, self.resumed_after,
                    None if self.privacy is None else self.privacy.state_dict()).save(self.folder)
 
