@@ -94,16 +94,46 @@ def test_local_training_with_a_proximal_term_stays_closer_to_the_global_head():
     one_class = sites.SiteTables("A", CLASSES, rng.normal(size=(64, 2, 8)).astype(np.float32), np.zeros(64, int),
                                  rng.normal(size=(10, 8)).astype(np.float32), np.zeros(10, int), "{}")
     trainer = sites.LocalTrainer(build_head(8, 3, 16, 0.2, 21))
+    standardisation = sites.Standardisation.from_sums(*sites.standardisation_sums(one_class.train[:, 0]))
     start = [w.copy() for w in trainer.head.get_weights()]
     distance = {}
     for mu in (0.0, 10.0, 0.0):  # the same trainer: each round starts afresh from the weights given
-        weights, loss, accuracy = trainer.update(one_class, start, steps=20, batch_size=16, learning_rate=1e-2,
-                                                 proximal_mu=mu, seed=0)
+        weights, loss, accuracy = trainer.update(one_class, start, standardisation, steps=20, batch_size=16,
+                                                 learning_rate=1e-2, proximal_mu=mu, seed=0)
         if mu in distance:
             assert distance[mu] == sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start))
         distance[mu] = sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start))
         assert np.isfinite(loss) and 0 <= accuracy <= 1
     assert 0 < distance[10.0] < distance[0.0]
+
+
+def test_the_sites_train_the_same_head_in_the_federations_standardised_coordinates():
+    """The standardisation made from the sites' sums is the pooled features' mean and deviation, and
+    the head carried into its coordinates is the same function of the films."""
+    from lungxray.model.network import build_head
+
+    rng = np.random.default_rng(8)
+    features = [f.astype(np.float32) for f in three_sites(rng)]
+    features[1][:, 3] = features[0][:, 3] = features[2][:, 3] = 2.5  # a feature that never varies
+    summed = [sites.standardisation_sums(f) for f in features]
+    standardisation = sites.Standardisation.from_sums(sum(c for c, _, _ in summed), sum(s for _, s, _ in summed),
+                                                      sum(q for _, _, q in summed))
+    pooled = np.concatenate(features).astype(np.float64)
+    deviation = pooled.std(axis=0)
+    deviation[3] = 1.0
+    np.testing.assert_allclose(standardisation.mean, pooled.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(standardisation.scale, deviation, rtol=1e-9)
+    assert np.abs(standardisation.features(pooled)[:, 3]).max() < 1e-6
+    head = build_head(12, 3, 16, 0.2, 21)
+    head.layers[1].set_weights([rng.normal(size=16), rng.normal(size=16), rng.normal(size=16), 1 + rng.random(16)])
+    weights = head.get_weights()
+    on_features = head.predict(pooled.astype(np.float32), verbose=0)
+    head.set_weights(standardisation.to_standardised(weights))
+    np.testing.assert_allclose(head.predict(standardisation.features(pooled), verbose=0), on_features, atol=1e-5)
+    for back, original in zip(standardisation.from_standardised(standardisation.to_standardised(weights)), weights):
+        np.testing.assert_allclose(back, original, atol=1e-6)
+    again = sites.Standardisation.from_config(standardisation.to_config())
+    assert np.array_equal(again.mean, standardisation.mean) and np.array_equal(again.scale, standardisation.scale)
 
 
 def test_federation_settings_are_checked_like_the_recipe():
@@ -276,8 +306,10 @@ def test_secure_aggregation_averages_the_heads_as_fedavg_does_within_its_quantis
                    CLASSES, initial, recipe, paths)
     heads = {True: load_weights(tmp_path / "secure" / "rounds" / "round-0001.npz")}
     settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout, "seed": config.seed})
+    summed = [sites.standardisation_sums(table.train[:, 0]) for table in tables]
+    standardisation = sites.Standardisation.from_sums(*(sum(parts) for parts in zip(*summed)))
     trained = [apps._trainer(3, 8, settings, "adam").update(
-        table, initial, steps=3, batch_size=8, learning_rate=config.learning_rate, proximal_mu=0.0,
+        table, initial, standardisation, steps=3, batch_size=8, learning_rate=config.learning_rate, proximal_mu=0.0,
         seed=apps._seed(table, config.seed, 1))[0] for table in tables]
     heads[False] = [sum(n * w[i] for n, w in zip(counts.values(), trained)) / sum(counts.values())
                     for i in range(len(initial))]

@@ -6,6 +6,8 @@ A federation, as the server drives it:
 
     check      every site says its name, its counts and the fingerprint of its features; a site whose
                backbone or input pipeline differs from the server's is refused, naming what differs
+    standardise the sites' sums of their features give the federation's mean and deviation of each,
+               in which every site takes its training steps (`site.Standardisation`)
     rounds     Flower's strategy (FedAvg, FedProx, FedAdam, or SCAFFOLD: FedAvg with server momentum
                and the sites' mean gradient sent out first) sends the head, each site trains it for a few batches
                and sends it back with its count (with secure aggregation, masked: `secure_aggregation.py`);
@@ -76,6 +78,11 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
                                         **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
                       config={"name": site.name, "classes": json.dumps(site.classes)})
 
+    @app.query("standardisation")
+    def standardisation(message: Message, context: Context) -> Message:
+        count, sums, squares = sites.standardisation_sums(site_of(context).train[:, 0])
+        return _reply(message, arrays=[sums, squares], metrics={"num-examples": count})
+
     @app.query("gradient")
     def gradient(message: Message, context: Context) -> Message:
         site = site_of(context)
@@ -90,7 +97,7 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
         # SCAFFOLD: the federation's gradient at the global head less ours, from the server, which has both
         correction = message.content["correction"].to_numpy_ndarrays() if "correction" in message.content else None
         weights, loss, accuracy = trainer.update(
-            site, weights, steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
+            site, weights, sites.Standardisation.from_config(settings), steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
             seed=seed, correction=correction)
         # "site-weight": the same for every site, by which a differentially private federation averages.
@@ -150,7 +157,8 @@ def _gradient(site: sites.SiteTables, message: Message) -> list[np.ndarray]:
     """The site's mean gradient at the message's head, for SCAFFOLD's round `gradient-round`."""
     settings = message.content["config"]
     trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], "adam")
-    return trainer.gradient(site, message.content["arrays"].to_numpy_ndarrays(), batch_size=int(settings["batch-size"]),
+    return trainer.gradient(site, message.content["arrays"].to_numpy_ndarrays(),
+                            sites.Standardisation.from_config(settings), batch_size=int(settings["batch-size"]),
                             seed=_seed(site, int(settings["seed"]), int(settings["gradient-round"])))
 
 
@@ -274,14 +282,17 @@ class Coordinator:
         self.strategy = None  # Flower's strategy, made once the sites are known
         self.privacy = None  # with differential privacy, its accountant
         self.next_gradients = None  # SCAFFOLD: (round, each site's gradient at the head that round starts from)
+        self.standardisation = None  # the federation's, once the sites are known
 
     def run(self, initial: list[np.ndarray]) -> None:
         self.check_sites()
+        self.standardisation = self.standardise()
         self.strategy = self.make_strategy()
         arrays, done = self.resume() or (ArrayRecord(initial), 0)
         grid = CheckedSites(self.grid, self.sites)
         train_config = ConfigRecord({"local-steps": self.federation.local_steps, "batch-size": self.config.batch_size,
-                                     **self.local_optimizer(), "seed": self.config.seed, "head": self.head_settings})
+                                     **self.local_optimizer(), "seed": self.config.seed, "head": self.head_settings,
+                                     **self.standardisation.to_config()})
         for server_round in range(done + 1, self.federation.rounds + 1):
             log.info("federation: round %d of %d", server_round, self.federation.rounds)
             aggregated, trained = self.train_round(grid, server_round, arrays, train_config)
@@ -380,6 +391,16 @@ class Coordinator:
                                 "train_by_class": [int(metrics[f"films-{i}"]) for i in range(self.num_classes)]}
             self.roster.append(self.sites[node])
 
+    def standardise(self) -> sites.Standardisation:
+        """The federation's mean and deviation of each feature, from the sites' sums (added in the
+        order of their names, so that every run of the same sites adds them alike). A restarted
+        server makes it again from the sites it has."""
+        replies = sorted(self.answers(self.ask(list(self.sites), "query.standardisation", {})),
+                         key=lambda reply: self.sites[reply.metadata.src_node_id]["name"])
+        sums, squares = (sum(r.content["arrays"].to_numpy_ndarrays()[i] for r in replies) for i in range(2))
+        return sites.Standardisation.from_sums(int(sum(r.content["metrics"]["num-examples"] for r in replies)),
+                                               sums, squares)
+
     def make_strategy(self):
         federation = self.federation
         common = dict(fraction_evaluate=0.0, min_train_nodes=federation.min_sites,
@@ -425,7 +446,8 @@ class Coordinator:
         return {node: float(self.sites[node]["train"]) for node in gradients}, gradients
 
     def gradient_config(self, server_round: int) -> dict:
-        return {"batch-size": self.config.batch_size, "seed": self.config.seed, "gradient-round": server_round}
+        return {"batch-size": self.config.batch_size, "seed": self.config.seed, "gradient-round": server_round,
+                **self.standardisation.to_config()}
 
     def local_optimizer(self) -> dict:
         """FedAdam's sites take plain gradient steps, so that the server's Adam sees their average
@@ -518,7 +540,10 @@ class Coordinator:
         return {node: replies.get(node) for node in nodes}  # None: the site left without a reply
 
     def step(self) -> str:
-        """Where the federation is: the round under way, or the statistics after the last."""
+        """Where the federation is: the standardisation before the rounds, the round under way, or the
+        statistics after the last."""
+        if self.standardisation is None:
+            return "the standardisation"
         done = len(self.history)
         return f"round {done + 1}" if done < self.federation.rounds else "the statistics"
 

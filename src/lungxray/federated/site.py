@@ -2,6 +2,8 @@
 on them when the server asks. Nothing here sends anything: the ClientApp (`apps.py`) returns what
 these functions return, and that is the whole of what leaves a site (docs/federated.md):
 
+- `standardisation_sums`: the count, sum and sum of squares of each backbone feature over its
+  training films, from which the server makes the federation's `Standardisation`;
 - `LocalTrainer.update`: the head's weights after a few batches of local training, and the count;
 - `LocalTrainer.gradient` (SCAFFOLD): the mean gradient of its training films' loss at the global head;
 - `validation_report`: per class, how many validation films and how many were right, and the loss;
@@ -53,6 +55,55 @@ class SiteTables:
         with np.load(path, allow_pickle=False) as stored:
             return cls(str(stored["name"]), [str(c) for c in stored["classes"]], stored["train"],
                        stored["train_labels"], stored["val"], stored["val_labels"], str(stored["fingerprint"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardisation:
+    """The federation's mean and standard deviation of each backbone feature over every site's
+    training films, in which every site trains the head (`LocalTrainer`).
+
+    The head's first layer is Dense: on standardised features z = (x - mean) / scale its kernel and
+    bias are K' = scale * K (row by row) and b' = b + mean @ K, the same function of x. The sites send
+    and receive the head as the recipe has it (K, b); only the coordinates a site takes its steps in
+    change. Those matter: the raw features have a mean of 2.4 and a norm of 72, and local steps in
+    their coordinates are badly conditioned, so that 30 rounds underfit (docs/federated.md). The map
+    is linear in (K, b), so averaging heads, server momentum and FedAdam's steps commute with it; the
+    sites' gradients and SCAFFOLD's corrections are in the standardised coordinates, the same at every
+    site."""
+
+    mean: np.ndarray  # float64, (features,)
+    scale: np.ndarray  # float64, (features,): the standard deviation, 1 where a feature never varies
+
+    @classmethod
+    def from_sums(cls, count: int, sums: np.ndarray, squares: np.ndarray) -> "Standardisation":
+        """From the sites' summed `feature_sums` (float64)."""
+        mean = sums / count
+        deviation = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        return cls(mean, np.where(deviation > 0, deviation, 1.0))
+
+    def features(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.scale).astype(np.float32)
+
+    def to_standardised(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The head's weights (the recipe's: first the Dense kernel and bias) for standardised features."""
+        kernel, bias = np.asarray(weights[0], np.float64), np.asarray(weights[1], np.float64)
+        return [(kernel * self.scale[:, None]).astype(np.float32), (bias + self.mean @ kernel).astype(np.float32),
+                *weights[2:]]
+
+    def from_standardised(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The inverse of `to_standardised`: the head for the backbone's features as they are."""
+        kernel = np.asarray(weights[0], np.float64) / self.scale[:, None]
+        return [kernel.astype(np.float32), (np.asarray(weights[1], np.float64) - self.mean @ kernel).astype(np.float32),
+                *weights[2:]]
+
+    def to_config(self) -> dict[str, bytes]:
+        """For a message's ConfigRecord (bytes travel exactly, in Flower's legacy messages too)."""
+        return {"feature-mean": self.mean.astype(np.float64).tobytes(),
+                "feature-scale": self.scale.astype(np.float64).tobytes()}
+
+    @classmethod
+    def from_config(cls, config) -> "Standardisation":
+        return cls(np.frombuffer(config["feature-mean"], np.float64), np.frombuffer(config["feature-scale"], np.float64))
 
 
 class LocalTrainer:
@@ -107,16 +158,18 @@ class LocalTrainer:
 
         self.step, self.batch_gradient = step, gradient
 
-    def gradient(self, site: SiteTables, weights: list[np.ndarray], *, batch_size: int, seed: int) -> list[np.ndarray]:
-        """The mean gradient of the loss over the site's training films (each as itself), at `weights`:
-        what SCAFFOLD's control variates are made of."""
-        self.head.set_weights(weights)
+    def gradient(self, site: SiteTables, weights: list[np.ndarray], standardisation: Standardisation, *,
+                 batch_size: int, seed: int) -> list[np.ndarray]:
+        """The mean gradient of the loss over the site's training films (each as itself), at `weights`,
+        in the standardised coordinates: what SCAFFOLD's control variates are made of."""
+        self.head.set_weights(standardisation.to_standardised(weights))
         self.reseed(seed)
         one_hot = np.eye(len(site.classes), dtype=np.float32)
+        films = standardisation.features(site.train[:, 0])
         total = [np.zeros(v.shape, np.float64) for v in self.head.trainable_variables]
         for start in range(0, len(site.train), batch_size):
             rows = slice(start, start + batch_size)
-            gradients = self.batch_gradient(site.train[rows, 0], one_hot[site.train_labels[rows]])
+            gradients = self.batch_gradient(films[rows], one_hot[site.train_labels[rows]])
             for accumulated, g in zip(total, gradients):
                 accumulated += np.asarray(g, np.float64) * len(site.train_labels[rows])
         return [(t / len(site.train)).astype(np.float32) for t in total]
@@ -126,16 +179,17 @@ class LocalTrainer:
         for layer in self.seeded:
             layer.seed_generator.state.assign([seed % 2**62, 0])
 
-    def update(self, site: SiteTables, weights: list[np.ndarray], *, steps: int, batch_size: int,
-               learning_rate: float, proximal_mu: float, seed: int, correction: list[np.ndarray] | None = None
-               ) -> tuple[list[np.ndarray], float, float]:
+    def update(self, site: SiteTables, weights: list[np.ndarray], standardisation: Standardisation, *, steps: int,
+               batch_size: int, learning_rate: float, proximal_mu: float, seed: int,
+               correction: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], float, float]:
         """The head's weights after `steps` batches on the site's training films, starting from the
-        round's global `weights`, with the mean training loss and accuracy over those batches. Each
-        batch draws films at random (seeded by `seed`) and shows each as one of its views, as the
-        cached engine's epochs do. `proximal_mu` > 0 adds FedProx's term mu/2 * ||w - w_global||^2
-        to the loss, so that a site holding one class cannot drag the head far from what the others
-        agreed. `correction` (SCAFFOLD) is added to every gradient."""
-        self.head.set_weights(weights)
+        round's global `weights`, with the mean training loss and accuracy over those batches. The
+        steps are taken on standardised features (`standardisation`); the weights come and go as the
+        recipe's head has them. Each batch draws films at random (seeded by `seed`) and shows each as
+        one of its views, as the cached engine's epochs do. `proximal_mu` > 0 adds FedProx's term
+        mu/2 * ||w - w_global||^2 to the loss, so that a site holding one class cannot drag the head
+        far from what the others agreed. `correction` (SCAFFOLD) is added to every gradient."""
+        self.head.set_weights(standardisation.to_standardised(weights))
         for anchor, variable in zip(self.anchors, self.head.trainable_variables):
             anchor.assign(variable)
         for variable in self.optimizer.variables:
@@ -150,9 +204,10 @@ class LocalTrainer:
         for _ in range(steps):
             rows = rng.choice(len(site.train), min(batch_size, len(site.train)), replace=False)
             views = rng.integers(site.train.shape[1], size=len(rows))
-            results.append([float(v) for v in self.step(site.train[rows, views], one_hot[site.train_labels[rows]])])
+            results.append([float(v) for v in self.step(standardisation.features(site.train[rows, views]),
+                                                        one_hot[site.train_labels[rows]])])
         loss, accuracy = np.mean(results, axis=0)
-        return [np.asarray(w, np.float32) for w in self.head.get_weights()], float(loss), float(accuracy)
+        return standardisation.from_standardised(self.head.get_weights()), float(loss), float(accuracy)
 
 
 def probabilities(head, features: np.ndarray) -> np.ndarray:
@@ -185,6 +240,12 @@ def conformal_histograms(raw: np.ndarray, labels: np.ndarray, num_classes: int) 
     """(classes, bins): how many validation films of each class have each conformal score."""
     scores = 1 - raw[np.arange(len(labels)), labels]
     return np.stack([np.histogram(scores[labels == index], CONFORMAL_EDGES)[0] for index in range(num_classes)])
+
+
+def standardisation_sums(features: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The count, and the sum and sum of squares (float64) of each feature over the training films."""
+    features = np.asarray(features, np.float64)
+    return len(features), features.sum(axis=0), np.square(features).sum(axis=0)
 
 
 def feature_sums(features: np.ndarray) -> tuple[int, np.ndarray]:
