@@ -217,10 +217,10 @@ class Federation:
                                ("fedavg", "fedprox", "fedadam", "scaffold"))
     proximal_mu: float = setting(0.1, "FedProx's proximal weight: how hard a site's head is pulled back "
                                       "towards the round's global head", Interval(0, None))
-    server_learning_rate: float = setting(0.01, "FedAdam's server learning rate", Interval(0, None))
+    server_learning_rate: float = setting(0.003, "FedAdam's server learning rate", Interval(0, None))
     server_momentum: float = setting(0.9, "SCAFFOLD's server momentum on the averaged step (0: none)",
                                      Interval(0, 1, open_high=True))
-    local_learning_rate: float = setting(0.1, "FedAdam's sites' learning rate (plain gradient steps; FedAvg and "
+    local_learning_rate: float = setting(0.01, "FedAdam's sites' learning rate (plain gradient steps; FedAvg and "
                                               "FedProx sites use the recipe's Adam and learning_rate)", Interval(0, None))
     min_sites: int = setting(2, "sites that must take part in every round", Interval(1))
     dp_noise_multiplier: float = setting(0.0, "differential privacy for each site (Flower's central DP): Gaussian "

@@ -97,9 +97,9 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
         # SCAFFOLD: the federation's gradient at the global head less ours, from the server, which has both
         correction = message.content["correction"].to_numpy_ndarrays() if "correction" in message.content else None
         weights, loss, accuracy = trainer.update(
-            site, weights, sites.Standardisation.from_config(settings), steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
-            learning_rate=float(settings["learning-rate"]), proximal_mu=float(settings.get("proximal-mu", 0.0)),
-            seed=seed, correction=correction)
+            site, weights, sites.Standardisation.from_config(settings), steps=int(settings["local-steps"]),
+            batch_size=int(settings["batch-size"]), learning_rate=float(settings["learning-rate"]),
+            proximal_mu=float(settings.get("proximal-mu", 0.0)), seed=seed, correction=correction)
         # "site-weight": the same for every site, by which a differentially private federation averages.
         return _reply(message, arrays=weights, metrics={"num-examples": len(site.train), "site-weight": 1,
                                                         "loss": loss, "accuracy": accuracy})
@@ -158,11 +158,11 @@ def _gradient(site: sites.SiteTables, message: Message) -> list[np.ndarray]:
     settings = message.content["config"]
     trainer = _trainer(len(site.classes), site.train.shape[-1], settings["head"], "adam")
     return trainer.gradient(site, message.content["arrays"].to_numpy_ndarrays(),
-                            sites.Standardisation.from_config(settings), batch_size=int(settings["batch-size"]),
+                            sites.Standardisation.from_config(settings),
                             seed=_seed(site, int(settings["seed"]), int(settings["gradient-round"])))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.cache  # a simulation's worker plays every site in turn: four kept of nine were read again and again
 def _load_site(path: str) -> sites.SiteTables:
     return sites.SiteTables.load(Path(path))
 
@@ -446,7 +446,7 @@ class Coordinator:
         return {node: float(self.sites[node]["train"]) for node in gradients}, gradients
 
     def gradient_config(self, server_round: int) -> dict:
-        return {"batch-size": self.config.batch_size, "seed": self.config.seed, "gradient-round": server_round,
+        return {"seed": self.config.seed, "gradient-round": server_round,
                 **self.standardisation.to_config()}
 
     def local_optimizer(self) -> dict:
