@@ -79,7 +79,7 @@ class Standardisation:
 
     @classmethod
     def from_sums(cls, count: int, sums: np.ndarray, squares: np.ndarray) -> "Standardisation":
-        """From the sites' summed `feature_sums` (float64)."""
+        """From the sites' summed `standardisation_sums` (float64)."""
         mean = sums / count
         deviation = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
         return cls(mean, np.where(deviation > 0, deviation, 1.0))
