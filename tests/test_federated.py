@@ -10,6 +10,7 @@ from sklearn.covariance import LedoitWolf
 
 from lungxray.config import Federation
 from lungxray.errors import ConfigError
+from lungxray.federated import apps
 from lungxray.federated import site as sites
 from lungxray.federated.fitting import (conformal_from_histograms, gate_from_moments, quantile_from_histogram,
                                         temperature_from_nll)
@@ -141,6 +142,8 @@ def test_federation_settings_are_checked_like_the_recipe():
         Federation(aggregation="fedsgd")
     with pytest.raises(ConfigError, match="'rounds' must be an int in the range"):
         Federation(rounds=0)
+    with pytest.raises(ConfigError, match="SCAFFOLD"):
+        Federation(dp_noise_multiplier=1.0)  # SCAFFOLD by default
 
 
 def sites_manifest(root, seed=0):
@@ -171,7 +174,11 @@ def sites_manifest(root, seed=0):
 def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_path, ray_alone):
     """Three sites on Flower's simulation engine, through the command line: an ordinary run folder
     whose model was fitted from the sites' replies (rounds kept, the best chosen, calibration, sets
-    and gate fitted across sites), which `load_predictor` takes."""
+    and gate fitted across sites), which `load_predictor` takes. The federation is FedAvg under
+    Flower's central DP: the sites' updates clipped, noise added, and the epsilon in the history and
+    the report the one Google's dp-accounting gives for that noise and those rounds."""
+    import dp_accounting
+
     from lungxray.cli import main
     from lungxray.infer.answer import answer_files
     from lungxray.infer.loader import load_predictor
@@ -181,7 +188,8 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     manifest, out = sites_manifest(tmp_path), tmp_path / "run"
     code = main(["federate", "simulate", "--data", str(manifest), "--out", str(out), "--cache", str(tmp_path / "cache"),
                  "--weights", "none", "--image-size", str(TINY), "--dense-units", "16", "--batch-size", "8",
-                 "--rounds", "3", "--local-steps", "2", "--monitor", "val_loss"])
+                 "--rounds", "3", "--local-steps", "2", "--monitor", "val_loss", "--aggregation", "fedavg",
+                 "--dp-noise-multiplier", "1.2", "--dp-clipping-norm", "0.5", "--dp-delta", "1e-4"])
     assert code == 0
     history = json.loads((out / "federation" / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
@@ -192,7 +200,7 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert all(0 <= r["loss"] and 0 <= r["accuracy"] <= 1 for r in history["rounds"])
     assert len(list((out / "federation" / "rounds").glob("round-*.npz"))) == 3
     described = json.loads((out / "model.json").read_text())
-    assert described["engine"] == "federated" and described["federation"]["aggregation"] == "scaffold"
+    assert described["engine"] == "federated" and described["federation"]["aggregation"] == "fedavg"
     assert 0.05 <= described["temperature"] <= 20
     predictor = load_predictor(out, tmp_path / "cache")
     answer = answer_files(predictor, sorted((tmp_path / "films").glob("A-normal-test-*.png"))[:1])[0]
@@ -202,28 +210,11 @@ def test_a_simulated_federation_makes_a_run_that_predicts_like_any_other(tmp_pat
     assert (out / RunDir.REFERENCE).stat().st_size > 0 and "**federated**" in report
     assert "| C | 0 | 0 | 8 | 4 |" in report  # the sites' table: C trained on 8 pneumonia films, validated on 4
     assert json.loads((out / "federation.json").read_text())["rounds"] == 3
-
-
-def test_a_differentially_private_federation_reports_the_epsilon_its_noise_gives(tmp_path, ray_alone):
-    """Flower's central DP around FedAvg: the sites' updates clipped, noise added, and the epsilon in
-    the history and the report the one Google's dp-accounting gives for that noise and those rounds."""
-    import dp_accounting
-
-    from lungxray.config import Config
-    from lungxray.federated import simulate
-    from tests.conftest import TINY
-
-    federation = Federation(aggregation="fedavg", rounds=2, local_steps=2, dp_noise_multiplier=1.2,
-                            dp_clipping_norm=0.5, dp_delta=1e-4)
-    config = Config(weights="none", image_size=TINY, dense_units=16, batch_size=8, monitor="val_loss")
-    simulate(sites_manifest(tmp_path), tmp_path / "run", config, federation, cache_dir=tmp_path / "cache")
-    privacy = json.loads((tmp_path / "run" / "federation" / "history.json").read_text())["privacy"]
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(1.2), 2)
-    assert privacy["rounds"] == 2 and privacy["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-6)
-    assert f"epsilon {privacy['epsilon']:.3g} at delta 0.0001" in (tmp_path / "run" / "report.md").read_text()
-    with pytest.raises(ConfigError, match="SCAFFOLD"):
-        Federation(dp_noise_multiplier=1.0)
+    accountant.compose(dp_accounting.GaussianDpEvent(1.2), 3)
+    privacy = history["privacy"]
+    assert privacy["rounds"] == 3 and privacy["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-6)
+    assert f"epsilon {privacy['epsilon']:.3g} at delta 0.0001" in report
 
 
 def test_a_federation_with_a_site_whose_features_differ_stops_naming_the_difference(tmp_path, ray_alone):
@@ -284,37 +275,80 @@ def test_secure_aggregation_averages_the_heads_as_fedavg_does_within_its_quantis
     round-1 head as FedAvg's average of the sites' own training (done here, by the sites' trainer
     and seeds), to within the documented quantisation, and not bit for bit (the heads were masked
     and quantised on the way)."""
-    from lungxray.config import Config
-    from lungxray.federated import apps
     from lungxray.federated.result import load_weights
     from lungxray.federated.secure_aggregation import quantisation_bound
     from lungxray.federated.simulation import run_federation
+
+    config, tables, paths, initial = unequal_sites(tmp_path)
+    run_federation(tmp_path / "secure", config, Federation(aggregation="fedavg", rounds=1, local_steps=3,
+                                                            secure_aggregation=True),
+                   CLASSES, initial, tables[0].fingerprint, paths)
+    heads = {True: load_weights(tmp_path / "secure" / "rounds" / "round-0001.npz")}
+    heads[False] = sites_first_round(config, tables, initial)
+    counts = [len(table.train) for table in tables]
+    differences = [float(np.abs(a - b).max()) for a, b in zip(heads[False], heads[True])]
+    assert 0 < max(differences) <= quantisation_bound(counts), differences
+    assert max(float(np.abs(a - b).max()) for a, b in zip(heads[False], initial)) > 100 * max(differences)
+    with pytest.raises(ConfigError, match="with --secure-aggregation, choose --aggregation fedavg or fedprox"):
+        Federation(secure_aggregation=True)  # SCAFFOLD by default
+
+
+def test_scaffold_corrects_every_sites_steps_by_the_federations_gradient(tmp_path, ray_alone):
+    """SCAFFOLD's first round on Flower's engine: every site's steps follow its gradient plus its
+    correction (the sites' mean gradient at the global head, weighted by films, less its own), in the
+    federation's standardised coordinates; the round's head is the sites' heads averaged by films
+    (FedAvgM's first step). Done here by the sites' trainer, it is the head Flower's engine made, and
+    not FedAvg's."""
+    from lungxray.federated.result import load_weights
+    from lungxray.federated.simulation import run_federation
+
+    config, tables, paths, initial = unequal_sites(tmp_path)
+    run_federation(tmp_path / "scaffold", config, Federation(aggregation="scaffold", rounds=1, local_steps=3),
+                   CLASSES, initial, tables[0].fingerprint, paths)
+    made = load_weights(tmp_path / "scaffold" / "rounds" / "round-0001.npz")
+    counts = np.array([len(table.train) for table in tables], float)
+    trainer, standardisation = site_trainer(config, tables)
+    gradients = [trainer.gradient(table, initial, standardisation, seed=apps._seed(table, config.seed, 1)) for table in tables]
+    mean = [sum(n * g[i] for n, g in zip(counts, gradients)) / counts.sum() for i in range(len(gradients[0]))]
+    corrected = sites_first_round(config, tables, initial, [[m - g for m, g in zip(mean, own)] for own in gradients])
+    for ours, flowers in zip(corrected, made):
+        np.testing.assert_allclose(ours, flowers, rtol=0, atol=1e-5)
+    fedavg = sites_first_round(config, tables, initial)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(fedavg, made)) > 1e-3
+
+
+def unequal_sites(folder):
+    """Three sites of unequal size and class mix, as site tables saved in `folder`: (config, tables,
+    their paths, the initial head)."""
+    from lungxray.config import Config
     from lungxray.model.network import build_head
 
     rng = np.random.default_rng(6)
     recipe = sites.fingerprint(CLASSES, 2, {"backbone_fingerprint": "aa"})
-    counts, tables, paths = {"A": 40, "B": 25, "C": 12}, [], []
-    for name, n in counts.items():
+    tables, paths = [], []
+    for name, n in {"A": 40, "B": 25, "C": 12}.items():
         tables.append(sites.SiteTables(name, CLASSES, np.abs(rng.normal(size=(n, 2, 8))).astype(np.float32),
                                        rng.integers(3, size=n), np.abs(rng.normal(size=(6, 8))).astype(np.float32),
                                        np.arange(6) % 3, recipe))
-        paths.append(str(tmp_path / f"{name}.npz"))
-        tables[-1].save(tmp_path / f"{name}.npz")
-    config, initial = Config(dense_units=4, batch_size=8, monitor="val_loss"), build_head(8, 3, 4).get_weights()
-    run_federation(tmp_path / "secure", config, Federation(aggregation="fedavg", rounds=1, local_steps=3,
-                                                            secure_aggregation=True),
-                   CLASSES, initial, recipe, paths)
-    heads = {True: load_weights(tmp_path / "secure" / "rounds" / "round-0001.npz")}
+        paths.append(str(folder / f"{name}.npz"))
+        tables[-1].save(folder / f"{name}.npz")
+    return Config(dense_units=4, batch_size=8, monitor="val_loss"), tables, paths, build_head(8, 3, 4).get_weights()
+
+
+def site_trainer(config, tables):
+    """The sites' trainer, and the federation's standardisation of the tables' features."""
     settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout, "seed": config.seed})
     summed = [sites.standardisation_sums(table.train[:, 0]) for table in tables]
-    standardisation = sites.Standardisation.from_sums(*(sum(parts) for parts in zip(*summed)))
-    trained = [apps._trainer(3, 8, settings, "adam").update(
-        table, initial, standardisation, steps=3, batch_size=8, learning_rate=config.learning_rate, proximal_mu=0.0,
-        seed=apps._seed(table, config.seed, 1))[0] for table in tables]
-    heads[False] = [sum(n * w[i] for n, w in zip(counts.values(), trained)) / sum(counts.values())
-                    for i in range(len(initial))]
-    differences = [float(np.abs(a - b).max()) for a, b in zip(heads[False], heads[True])]
-    assert 0 < max(differences) <= quantisation_bound(list(counts.values())), differences
-    assert max(float(np.abs(a - b).max()) for a, b in zip(heads[False], initial)) > 100 * max(differences)
-    with pytest.raises(ConfigError, match="with --secure-aggregation, choose --aggregation fedavg or fedprox"):
-        Federation(secure_aggregation=True)  # SCAFFOLD by default
+    return apps._trainer(3, 8, settings, "adam"), sites.Standardisation.from_sums(*(sum(p) for p in zip(*summed)))
+
+
+def sites_first_round(config, tables, initial, corrections=None):
+    """The sites' heads after 3 local steps of round 1 (each with its SCAFFOLD correction, if given),
+    averaged by their films, as the sites and FedAvg compute them."""
+    trainer, standardisation = site_trainer(config, tables)
+    trained = [trainer.update(table, initial, standardisation, steps=3, batch_size=config.batch_size,
+                              learning_rate=config.learning_rate, proximal_mu=0.0, seed=apps._seed(table, config.seed, 1),
+                              correction=None if corrections is None else corrections[k])[0]
+               for k, table in enumerate(tables)]
+    counts = [len(table.train) for table in tables]
+    return [sum(n * w[i] for n, w in zip(counts, trained)) / sum(counts) for i in range(len(initial))]

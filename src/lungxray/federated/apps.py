@@ -5,9 +5,9 @@ and SuperNodes (`deployment.py`).
 A federation, as the server drives it:
 
     check      every site says its name, its counts and the fingerprint of its features; a site whose
-               backbone or input pipeline differs from the server's is refused, naming what differs
-    standardise the sites' sums of their features give the federation's mean and deviation of each,
-               in which every site takes its training steps (`site.Standardisation`)
+               backbone or input pipeline differs from the server's is refused, naming what differs;
+               and the sums of its features, from which the server makes the federation's mean and
+               deviation of each, in which every site takes its training steps (`site.Standardisation`)
     rounds     Flower's strategy (FedAvg, FedProx, FedAdam, or SCAFFOLD: FedAvg with server momentum
                and the sites' mean gradient sent out first) sends the head, each site trains it for a few batches
                and sends it back with its count (with secure aggregation, masked: `secure_aggregation.py`);
@@ -74,14 +74,11 @@ def client_app(tables: list[str] | None = None) -> ClientApp:
             return Message(Error(REFUSED, f"site {site.name}: its features were made with another {differs}; make "
                                           "them again with the federation's recipe"), reply_to=message)
         counts = np.bincount(site.train_labels, minlength=len(site.classes))
-        return _reply(message, metrics={"num-examples": len(site.train), "validation": len(site.val),
-                                        **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
+        _, sums, squares = sites.standardisation_sums(site.train[:, 0])
+        return _reply(message, arrays=[sums, squares],
+                      metrics={"num-examples": len(site.train), "validation": len(site.val),
+                               **{f"films-{i}": int(n) for i, n in enumerate(counts)}},
                       config={"name": site.name, "classes": json.dumps(site.classes)})
-
-    @app.query("standardisation")
-    def standardisation(message: Message, context: Context) -> Message:
-        count, sums, squares = sites.standardisation_sums(site_of(context).train[:, 0])
-        return _reply(message, arrays=[sums, squares], metrics={"num-examples": count})
 
     @app.query("gradient")
     def gradient(message: Message, context: Context) -> Message:
@@ -282,6 +279,7 @@ class Coordinator:
         self.strategy = None  # Flower's strategy, made once the sites are known
         self.privacy = None  # with differential privacy, its accountant
         self.next_gradients = None  # SCAFFOLD: (round, each site's gradient at the head that round starts from)
+        self.feature_sums: dict[int, list[np.ndarray]] = {}  # node id: the sum and sum of squares of its features
         self.standardisation = None  # the federation's, once the sites are known
 
     def run(self, initial: list[np.ndarray]) -> None:
@@ -389,17 +387,16 @@ class Coordinator:
             self.sites[node] = {"name": reply.content["config"]["name"], "train": int(metrics["num-examples"]),
                                 "validation": int(metrics["validation"]),
                                 "train_by_class": [int(metrics[f"films-{i}"]) for i in range(self.num_classes)]}
+            self.feature_sums[node] = reply.content["arrays"].to_numpy_ndarrays()
             self.roster.append(self.sites[node])
 
     def standardise(self) -> sites.Standardisation:
-        """The federation's mean and deviation of each feature, from the sites' sums (added in the
-        order of their names, so that every run of the same sites adds them alike). A restarted
+        """The federation's mean and deviation of each feature, from the checked sites' sums (added in
+        the order of their names, so that every run of the same sites adds them alike). A restarted
         server makes it again from the sites it has."""
-        replies = sorted(self.answers(self.ask(list(self.sites), "query.standardisation", {})),
-                         key=lambda reply: self.sites[reply.metadata.src_node_id]["name"])
-        sums, squares = (sum(r.content["arrays"].to_numpy_ndarrays()[i] for r in replies) for i in range(2))
-        return sites.Standardisation.from_sums(int(sum(r.content["metrics"]["num-examples"] for r in replies)),
-                                               sums, squares)
+        nodes = sorted(self.sites, key=lambda node: self.sites[node]["name"])
+        sums, squares = (sum(self.feature_sums[node][i] for node in nodes) for i in range(2))
+        return sites.Standardisation.from_sums(sum(self.sites[node]["train"] for node in nodes), sums, squares)
 
     def make_strategy(self):
         federation = self.federation
@@ -540,10 +537,7 @@ class Coordinator:
         return {node: replies.get(node) for node in nodes}  # None: the site left without a reply
 
     def step(self) -> str:
-        """Where the federation is: the standardisation before the rounds, the round under way, or the
-        statistics after the last."""
-        if self.standardisation is None:
-            return "the standardisation"
+        """Where the federation is: the round under way, or the statistics after the last."""
         done = len(self.history)
         return f"round {done + 1}" if done < self.federation.rounds else "the statistics"
 
