@@ -308,7 +308,8 @@ def test_scaffold_corrects_every_sites_steps_by_the_federations_gradient(tmp_pat
     made = load_weights(tmp_path / "scaffold" / "rounds" / "round-0001.npz")
     counts = np.array([len(table.train) for table in tables], float)
     trainer, standardisation = site_trainer(config, tables)
-    gradients = [trainer.gradient(table, initial, standardisation, seed=apps._seed(table, config.seed, 1)) for table in tables]
+    gradients = [trainer.gradient(table, initial, standardisation, seed=apps._seed(table, config.seed, 1))
+                 for table in tables]
     mean = [sum(n * g[i] for n, g in zip(counts, gradients)) / counts.sum() for i in range(len(gradients[0]))]
     corrected = sites_first_round(config, tables, initial, [[m - g for m, g in zip(mean, own)] for own in gradients])
     for ours, flowers in zip(corrected, made):
@@ -347,7 +348,8 @@ def sites_first_round(config, tables, initial, corrections=None):
     averaged by their films, as the sites and FedAvg compute them."""
     trainer, standardisation = site_trainer(config, tables)
     trained = [trainer.update(table, initial, standardisation, steps=3, batch_size=config.batch_size,
-                              learning_rate=config.learning_rate, proximal_mu=0.0, seed=apps._seed(table, config.seed, 1),
+                              learning_rate=config.learning_rate, proximal_mu=0.0,
+                              seed=apps._seed(table, config.seed, 1),
                               correction=None if corrections is None else corrections[k])[0]
                for k, table in enumerate(tables)]
     counts = [len(table.train) for table in tables]

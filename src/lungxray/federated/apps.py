@@ -226,8 +226,9 @@ class Scaffold(FedAvgM):
     at the global head (with its report on that head, in one message); each is sent back its
     correction, the average of those gradients (weighted by counts) less its own, and each local step
     follows the site's gradient plus its correction. A site holding one class then stops pulling the
-    head towards it. It costs each site a second head's size a round. The server adds momentum to the averaged step (Flower's FedAvgM): the
-    federation underfits in 30 rounds more than it drifts (docs/federated.md)."""
+    head towards it. It costs each site a second head's size a round. The server adds momentum to
+    the averaged step (Flower's FedAvgM): the federation underfits in 30 rounds more than it drifts
+    (docs/federated.md)."""
 
     def __init__(self, site_gradients, **options):
         super().__init__(**options)

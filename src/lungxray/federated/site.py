@@ -107,7 +107,8 @@ class Standardisation:
 
     @classmethod
     def from_config(cls, config) -> "Standardisation":
-        return cls(np.frombuffer(config["feature-mean"], np.float64), np.frombuffer(config["feature-scale"], np.float64))
+        return cls(np.frombuffer(config["feature-mean"], np.float64),
+                   np.frombuffer(config["feature-scale"], np.float64))
 
 
 class LocalTrainer:
