@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,10 @@ SITE_TABLES = "site-tables"  # a SuperNode's --node-config key: the path of its 
 REFUSED = 1  # the code of a site's refusal to join
 ROUND_TIMEOUT = 3600  # seconds the server waits for the sites' training replies (Flower's default)
 SITE_WAIT = 600  # seconds the server waits for every expected site before going on with --min-sites
+# Seconds between the server's looks for the sites' replies. Flower's grids look every 0.1 s in a
+# simulation, where a look costs microseconds and a round's two exchanges take 0.4 s each, and every
+# 3 s deployed, longer than a small round's work.
+SIMULATION_PULL_INTERVAL, DEPLOYMENT_PULL_INTERVAL = 0.01, 0.2
 
 
 # --- The site -------------------------------------------------------------------------------------
@@ -215,7 +220,8 @@ def server_app(folder: Path, config: Config, federation: Federation, classes: li
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(grid, config, federation, classes, fingerprint, folder, sites).run(initial)
+        Coordinator(grid, config, federation, classes, fingerprint, folder, sites,
+                    pull_interval=SIMULATION_PULL_INTERVAL).run(initial)
 
     return app
 
@@ -248,14 +254,29 @@ class Scaffold(FedAvgM):
 
 class CheckedSites:
     """The grid as Flower's strategies see it: only the sites that passed the check and still take
-    part, so that a SuperNode connecting later, unchecked, is never sent the head."""
+    part, so that a SuperNode connecting later, unchecked, is never sent the head; and replies looked
+    for every `pull_interval` seconds."""
 
-    def __init__(self, grid: Grid, sites: dict):
-        self._grid, self._sites = grid, sites
+    def __init__(self, grid: Grid, sites: dict, pull_interval: float):
+        self._grid, self._sites, self.pull_interval = grid, sites, pull_interval
 
     def get_node_ids(self):
         connected = set(self._grid.get_node_ids())
         return [node for node in self._sites if node in connected]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        """Flower's `Grid.send_and_receive` (push, then pull until every reply or the timeout is in),
+        at this grid's pull interval."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while True:
+            arrived = list(self._grid.pull_messages(waiting))
+            replies += arrived
+            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if not waiting or (deadline is not None and time.monotonic() > deadline):
+                return replies
+            time.sleep(self.pull_interval)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -267,13 +288,14 @@ class Coordinator:
     federation goes on while `federation.min_sites` remain."""
 
     def __init__(self, grid: Grid, config: Config, federation: Federation, classes: list[str], fingerprint: str,
-                 folder: Path, expected_sites: int | None = None):
+                 folder: Path, expected_sites: int | None = None, pull_interval: float = DEPLOYMENT_PULL_INTERVAL):
         self.grid, self.config, self.federation, self.folder = grid, config, federation, folder
         self.classes, self.fingerprint = list(classes), fingerprint
         self.expected_sites = max(expected_sites or 0, federation.min_sites)
         self.head_settings = json.dumps({"dense_units": config.dense_units, "dropout": config.dropout,
                                          "seed": config.seed})
         self.sites: dict[int, dict] = {}  # node id: name, counts, of the sites still taking part
+        self.checked_sites = CheckedSites(grid, self.sites, pull_interval)  # the grid the rounds go through
         self.roster: list[dict] = []  # every site that passed the check (a dropped one says when it left)
         self.history: list[dict] = []
         self.resumed_after: list[int] = []  # the rounds after which a restarted server resumed
@@ -288,13 +310,12 @@ class Coordinator:
         self.standardisation = self.standardise()
         self.strategy = self.make_strategy()
         arrays, done = self.resume() or (ArrayRecord(initial), 0)
-        grid = CheckedSites(self.grid, self.sites)
         train_config = ConfigRecord({"local-steps": self.federation.local_steps, "batch-size": self.config.batch_size,
                                      **self.local_optimizer(), "seed": self.config.seed, "head": self.head_settings,
                                      **self.standardisation.to_config()})
         for server_round in range(done + 1, self.federation.rounds + 1):
             log.info("federation: round %d of %d", server_round, self.federation.rounds)
-            aggregated, trained = self.train_round(grid, server_round, arrays, train_config)
+            aggregated, trained = self.train_round(self.checked_sites, server_round, arrays, train_config)
             if aggregated is None:
                 raise RuntimeError(f"round {server_round}: no site finished its training (their errors are in the log)")
             arrays = aggregated
@@ -534,7 +555,7 @@ class Coordinator:
         if arrays is not None:
             content["arrays"] = ArrayRecord([np.asarray(a) for a in arrays])
         messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
-        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages)}
+        replies = {reply.metadata.src_node_id: reply for reply in self.checked_sites.send_and_receive(messages)}
         return {node: replies.get(node) for node in nodes}  # None: the site left without a reply
 
     def step(self) -> str:
