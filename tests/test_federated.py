@@ -238,6 +238,32 @@ def test_a_federation_with_a_site_whose_features_differ_stops_naming_the_differe
     assert not (tmp_path / "server" / "head.npz").exists()
 
 
+def test_the_server_keeps_the_replies_that_came_before_its_timeout():
+    """`CheckedSites.send_and_receive`, Flower's push-then-pull at the server's own pull interval:
+    every reply once all are in; with a timeout, those that came in time."""
+    import time
+    from types import SimpleNamespace
+
+    class Grid:  # node "late" never replies; each reply is there at the second look
+        def __init__(self):
+            self.looks = 0
+
+        def push_messages(self, messages):
+            return [f"to-{node}" for node in messages]
+
+        def pull_messages(self, ids):
+            self.looks += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                    for i in ids if self.looks > 1 and i != "to-late"]
+
+    grid = Grid()
+    replies = apps.CheckedSites(grid, {}, pull_interval=0.001).send_and_receive(["a", "b"])
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["to-a", "to-b"] and grid.looks == 2
+    started = time.monotonic()
+    replies = apps.CheckedSites(Grid(), {}, pull_interval=0.001).send_and_receive(["a", "late"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["to-a"] and time.monotonic() - started >= 0.2
+
+
 def test_a_checkpoint_gives_flowers_strategies_back_what_they_carry_between_rounds(tmp_path):
     """A restarted server's strategy resumes with the momentum (FedAvgM) or moments (FedAdam, also
     inside differential privacy) that the crashed one held, and the head in its own precision."""
