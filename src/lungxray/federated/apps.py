@@ -55,7 +55,7 @@ REFUSED = 1  # the code of a site's refusal to join
 ROUND_TIMEOUT = 3600  # seconds the server waits for the sites' training replies (Flower's default)
 SITE_WAIT = 600  # seconds the server waits for every expected site before going on with --min-sites
 # Seconds between the server's looks for the sites' replies. Flower's grids look every 0.1 s in a
-# simulation, where a look costs microseconds and a round's two exchanges take 0.4 s each, and every
+# simulation, where a look costs microseconds and a round's two exchanges take 0.3-0.4 s each, and every
 # 3 s deployed, longer than a small round's work.
 SIMULATION_PULL_INTERVAL, DEPLOYMENT_PULL_INTERVAL = 0.01, 0.2
 
