@@ -12,8 +12,6 @@ centralised run is.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from lungxray.config import Config, Federation
 from lungxray.data.records import Dataset
+from lungxray.environment import variables_set
 from lungxray.errors import ConfigError, DataError
 from lungxray.federated.result import (FEDERATION, FOLDER, FederatedFit, federation_summary, save_federated_model,
                                       sites_section)
@@ -123,7 +122,7 @@ def run_federation(folder: Path, config: Config, federation: Federation, classes
     from lungxray.federated.apps import client_app, server_app
 
     folder.mkdir(parents=True, exist_ok=True)
-    with environment(ONE_THREAD_PER_SITE):
+    with variables_set(ONE_THREAD_PER_SITE):
         run_simulation(server_app(folder, config, federation, classes, initial, recipe, len(tables)),
                        client_app(tables), num_supernodes=len(tables),
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -132,17 +131,3 @@ def run_federation(folder: Path, config: Config, federation: Federation, classes
     if not (folder / FederatedFit.FITTED).exists():
         raise DataError("the federation stopped before it finished; its log above says why")
 
-
-@contextlib.contextmanager
-def environment(variables: dict[str, str]):
-    """`variables` set in this process's environment while the block runs, then as they were."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

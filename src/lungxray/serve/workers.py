@@ -25,6 +25,7 @@ import threading
 from multiprocessing.managers import BaseManager
 from pathlib import Path
 
+from lungxray.environment import variables_set
 from lungxray.errors import ConfigError
 from lungxray.serve.guards import Admission
 from lungxray.serve.operations import RateLimit
@@ -130,32 +131,27 @@ def serve_workers(model: str, host: str, port: int, workers: int, *, cache_dir: 
         manager = SharedRateLimit(authkey=authkey)
         manager.start(_hold, (app_options["rate"],))
         rate = {"address": manager.address, "authkey": authkey.hex()}
-    saved = {name: os.environ.get(name) for name in (SETTINGS_ENV, "PROMETHEUS_MULTIPROC_DIR")}
-    # The workers are spawned fresh and read both as they start; prometheus-client chooses its
-    # multiprocess mode when it is imported.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")
-    os.environ[SETTINGS_ENV] = json.dumps({
+    settings = json.dumps({
         "model": str(model), "cache_dir": str(cache_dir) if cache_dir else None, "runtime": runtime,
         "keys": str(keys) if keys else None, "app": app_options, "rate": rate,
         "connections": {**connection_limits, "total": max(1, math.ceil(connection_limits["total"] / workers))},
         "admission": str(folder / "admission")}, default=str)
-    config = uvicorn.Config("lungxray.serve.workers:app_from_environment", factory=True, host=host, port=port,
-                            workers=workers, **server_options)
     supervisor = None
-    try:
-        # uvicorn 0.49 (Flower's pin) is given each worker's target; from 0.50 on it makes its own.
-        target = {"target": uvicorn.Server(config).run} if "target" in inspect.signature(Multiprocess).parameters else {}
-        supervisor = Supervisor(config, sockets=[config.bind_socket()], **target)
-        supervisor.run()
-    finally:
-        if manager is not None:
-            manager.shutdown()
-        shutil.rmtree(folder, ignore_errors=True)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # The workers are spawned fresh and read both as they start; prometheus-client chooses its
+    # multiprocess mode when it is imported.
+    with variables_set({"PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"), SETTINGS_ENV: settings}):
+        try:
+            config = uvicorn.Config("lungxray.serve.workers:app_from_environment", factory=True, host=host,
+                                    port=port, workers=workers, **server_options)
+            # uvicorn 0.49 (Flower's pin) is given each worker's target; from 0.50 on it makes its own.
+            target = ({"target": uvicorn.Server(config).run} if "target" in inspect.signature(Multiprocess).parameters
+                      else {})
+            supervisor = Supervisor(config, sockets=[config.bind_socket()], **target)
+            supervisor.run()
+        finally:
+            if manager is not None:
+                manager.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
     if supervisor is not None and any(worker.process.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise ConfigError("a worker could not start (its error is above); the server stopped")
 
